@@ -1,0 +1,52 @@
+"""The Min cells: MinConvGRU, MinConvLSTM, MinConvExpLSTM.
+
+A Min cell convolves the *input only*, so the gates of all T frames come from one batched conv;
+its state then follows the linear recurrence h_t = a_t * h_{t-1} + b_t, solved by `gate_scan` over
+time (parallel form) or one step at a time (`step`, for closed-loop forecasting). Both forms use the
+same gate rule from `minconv_dist.ops.gates`.
+
+Initial state: when none is given the cell starts from h0 = g(0) = 0.5 everywhere. This is what the
+official parallel path does (it feeds log g(h0) with h0 = 0), so outputs match official checkpoints;
+the step form uses the same default so the two forms agree. A state passed in enters unchanged.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from minconv_dist.models.padding import PaddedConv2d
+from minconv_dist.ops.gates import gate_blocks, gate_rule
+from minconv_dist.ops.scan import gate_scan
+
+DEFAULT_H0 = 0.5  # g(0): the official parallel path's initial state
+
+
+class MinConvCell(nn.Module):
+    """One Min cell. kind: "gru" | "lstm" | "explstm". State: h [B, hidden, H, W]."""
+
+    def __init__(self, kind: str, hidden: int, padding: str = "zeros", scan_method: str = "auto"):
+        super().__init__()
+        self.kind = kind
+        self.hidden = hidden
+        self.scan_method = scan_method
+        self.conv = PaddedConv2d(hidden, gate_blocks(kind) * hidden, padding)
+
+    def initial_state(self, x: Tensor) -> Tensor:
+        """Default state for input x [B, (T,) hidden, H, W]."""
+        shape = (x.shape[0], self.hidden, *x.shape[-2:])
+        return torch.full(shape, DEFAULT_H0, dtype=x.dtype, device=x.device)
+
+    def forward(self, x: Tensor, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Parallel form. x: [B, T, hidden, H, W] -> (h [B, T, hidden, H, W], h_last [B, hidden, H, W])."""
+        h0 = self.initial_state(x) if h0 is None else h0
+        return gate_scan(self.kind, self.conv(x), h0, method=self.scan_method)
+
+    def step(self, x: Tensor, h: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Step form. x: [B, hidden, H, W], h: [B, hidden, H, W] -> (h_new, h_new)."""
+        h = self.initial_state(x) if h is None else h
+        a, b = gate_rule(self.kind)(self.conv(x))
+        h = a * h + b
+        return h, h
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, hidden={self.hidden}, scan_method={self.scan_method}"

@@ -1,0 +1,111 @@
+"""The network shared by all five cells: 1x1 encoder -> [cell + residual + post-norm] x L -> 1x1 decoder.
+
+Semantics follow the official implementation:
+- `forward(x, teacher_steps=k)`: frames 0..k-1 are read teacher-forced (Min cells: in parallel), then
+  T-k closed-loop steps each feed back the previous prediction. Output t predicts frame t+1.
+- Closed loop uses each cell's step form, continuing from the state the teacher-forced part left.
+- ConvGRU decodes its last cell's raw output rather than the normed residual (as the official code
+  does); the other four decode the normed residual stream.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+State = list[Any]  # one entry per layer: a tensor, or (h, c) for ConvLSTM
+
+
+def _per_frame(module: nn.Module, x: Tensor) -> Tensor:
+    """Apply a 4-D module to [..., C, H, W] by folding the leading dims into the batch."""
+    y = module(x.reshape(-1, *x.shape[-3:]))
+    return y.reshape(*x.shape[:-3], *y.shape[-3:])
+
+
+class Network(nn.Module):
+    """Encoder, L residual recurrent layers with post-norm, decoder. Stateless between calls."""
+
+    def __init__(
+        self,
+        cells: Sequence[nn.Module],
+        in_channels: int,
+        hidden: int,
+        norm: str = "layer",
+        grid: tuple[int, int] | None = None,
+        tanh_encoder: bool = False,
+        decode_cell_output: bool = False,
+    ):
+        super().__init__()
+        if norm not in ("layer", "group"):
+            raise ValueError(f"unknown norm {norm!r}; expected 'layer' (LayerNorm over [H, W]) or 'group'")
+        if norm == "layer" and grid is None:
+            raise ValueError("norm='layer' normalises over [H, W] and needs grid=(H, W)")
+        self.in_channels = in_channels
+        self.hidden = hidden
+        self.grid = tuple(grid) if norm == "layer" else None
+        encoder: list[nn.Module] = [nn.Conv2d(in_channels, hidden, kernel_size=1)]
+        if tanh_encoder:
+            encoder.append(nn.Tanh())
+        self.encoder = nn.Sequential(*encoder)
+        self.cells = nn.ModuleList(cells)
+        self.norms = nn.ModuleList(
+            nn.LayerNorm(list(grid)) if norm == "layer" else nn.GroupNorm(1, hidden) for _ in cells
+        )
+        self.decoder = nn.Conv2d(hidden, in_channels, kernel_size=1)
+        self.decode_cell_output = decode_cell_output
+
+    def _check(self, x: Tensor, name: str, rank: int) -> None:
+        if x.dim() != rank:
+            shape = "[B, T, C, H, W]" if rank == 5 else "[B, C, H, W]"
+            raise ValueError(f"{name}: expected a {rank}-D tensor {shape}, got shape {tuple(x.shape)}")
+        if x.shape[-3] != self.in_channels:
+            raise ValueError(f"{name}: has {x.shape[-3]} channels, the model expects {self.in_channels}")
+        if self.grid is not None and tuple(x.shape[-2:]) != self.grid:
+            raise ValueError(
+                f"{name}: grid {tuple(x.shape[-2:])} differs from the LayerNorm grid {self.grid}; "
+                "use norm='group' for a grid-free model"
+            )
+
+    def _layers(self, x: Tensor, state: State | None, parallel: bool) -> tuple[Tensor, State]:
+        """One pass through encoder, cells and decoder; x: [B, T, C, H, W] (parallel) or [B, C, H, W]."""
+        z = _per_frame(self.encoder, x)
+        new_state: State = []
+        for layer, (cell, norm) in enumerate(zip(self.cells, self.norms)):
+            run = cell if parallel else cell.step
+            out, s = run(z, None if state is None else state[layer])
+            z = _per_frame(norm, z + out)
+            new_state.append(s)
+        return _per_frame(self.decoder, out if self.decode_cell_output else z), new_state
+
+    def _closed_loop(self, y: Tensor, state: State, steps: int) -> tuple[list[Tensor], State]:
+        preds = []
+        for _ in range(steps):
+            y, state = self._layers(y, state, parallel=False)
+            preds.append(y)
+        return preds, state
+
+    def forward(self, x: Tensor, teacher_steps: int | None = None) -> Tensor:
+        """x: [B, T, C, H, W] -> predictions [B, T, C, H, W] (k = teacher_steps, default T)."""
+        self._check(x, "x", 5)
+        T = x.shape[1]
+        k = T if teacher_steps is None else teacher_steps
+        if not 1 <= k <= T:
+            raise ValueError(f"teacher_steps={k} must lie in [1, T={T}]")
+        y, state = self._layers(x[:, :k], None, parallel=True)
+        preds, _ = self._closed_loop(y[:, -1], state, T - k)
+        return torch.cat([y, *(p.unsqueeze(1) for p in preds)], dim=1)
+
+    def rollout(self, context: Tensor, steps: int, state: State | None = None) -> tuple[Tensor, State]:
+        """Warm up on context [B, Tc, C, H, W] (from `state` if given), then forecast `steps` frames.
+
+        Returns (forecast [B, steps, C, H, W], state). forecast[:, 0] predicts the frame after the
+        context. The state has consumed every frame but the last forecast, so
+        `rollout(forecast[:, -1:], m, state)` continues the same trajectory exactly.
+        """
+        self._check(context, "context", 5)
+        if steps < 1:
+            raise ValueError(f"steps={steps} must be >= 1")
+        y, state = self._layers(context, state, parallel=True)
+        preds, state = self._closed_loop(y[:, -1], state, steps - 1)
+        return torch.stack([y[:, -1], *preds], dim=1), state
