@@ -96,7 +96,7 @@ def from_official_checkpoint(
     norm, grid = ("layer", tuple(norm_weight.shape)) if norm_weight.dim() == 2 else ("group", None)
 
     model = build_model(arch, in_channels, [hidden] * len(layers), padding=padding, norm=norm, grid=grid,
-                        tanh_encoder=tanh_encoder, scan_method=scan_method)
+                        tanh_encoder=tanh_encoder, scan_method=scan_method).to(norm_weight.dtype)
     ours = {}
     for key, value in sd.items():
         m = _CELL_KEY.match(key)
@@ -104,7 +104,7 @@ def from_official_checkpoint(
     missing, unexpected = model.load_state_dict(ours, strict=False)
     if missing or unexpected:
         raise ValueError(f"weights don't fit arch {arch!r}: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    return model.to(norm_weight.dtype)
+    return model
 
 
 def to_official_state_dict(model: Network) -> dict[str, Tensor]:

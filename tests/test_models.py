@@ -1,0 +1,185 @@
+"""Models (issue 2): parallel == step, padding, network semantics, bad input."""
+import pytest
+import torch
+
+from minconv_dist.models import ARCHS, DEFAULT_H0, MinConvCell, build_model, pad
+
+MIN_KINDS = ["gru", "lstm", "explstm"]
+
+
+def _cell(kind, hidden, padding="zeros", seed=0):
+    torch.manual_seed(seed)
+    cell = MinConvCell(kind, hidden, padding).double()
+    with torch.no_grad():  # larger weights so gates span (0, 1) and g's two branches are both used
+        cell.conv.weight.mul_(3)
+    return cell
+
+
+@pytest.mark.parametrize("kind", MIN_KINDS)
+@pytest.mark.parametrize("shape", [(2, 7, 3, 5, 6), (1, 1, 2, 4, 4), (3, 12, 1, 3, 9)])
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_parallel_form_equals_step_form(kind, shape, with_h0):
+    B, T, C, H, W = shape
+    cell = _cell(kind, C, "circular")
+    x = torch.randn(shape, dtype=torch.float64)
+    h0 = torch.randn(B, C, H, W, dtype=torch.float64) if with_h0 else None
+    h_par, last_par = cell(x, h0)
+    h, steps = h0, []
+    for t in range(T):
+        out, h = cell.step(x[:, t], h)
+        steps.append(out)
+    h_seq = torch.stack(steps, 1)
+    assert torch.allclose(h_par, h_seq, rtol=1e-10, atol=1e-10)
+    assert torch.allclose(last_par, h, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", MIN_KINDS)
+def test_parallel_and_step_gradients_agree(kind):
+    cell = _cell(kind, 2)
+    x = torch.randn(2, 5, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 5, 2, 4, 4, dtype=torch.float64)
+    params = [x, h0, *cell.parameters()]
+    g_par = torch.autograd.grad((cell(x, h0)[0] * w).sum(), params)
+    h, outs = h0, []
+    for t in range(5):
+        out, h = cell.step(x[:, t], h)
+        outs.append(out)
+    g_seq = torch.autograd.grad((torch.stack(outs, 1) * w).sum(), params)
+    for a, b in zip(g_par, g_seq):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", MIN_KINDS)
+def test_min_cell_gradcheck(kind):
+    cell = _cell(kind, 1)
+    x = torch.randn(1, 3, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.rand(1, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, h0: cell(x, h0)[0], (x, h0))
+
+
+def test_default_initial_state_is_official_g0():
+    cell = _cell("gru", 2)
+    x = torch.randn(1, 3, 2, 4, 4, dtype=torch.float64)
+    explicit = cell(x, torch.full((1, 2, 4, 4), DEFAULT_H0, dtype=torch.float64))[0]
+    assert torch.equal(cell(x)[0], explicit)
+    assert not torch.allclose(cell(x, torch.zeros(1, 2, 4, 4, dtype=torch.float64))[0], explicit)
+
+
+def test_cylinder_padding_wraps_longitude_and_zero_pads_latitude():
+    field = torch.arange(12.0).reshape(1, 1, 3, 4)  # rows = latitude, columns = longitude
+    out = pad(field, "cylinder")
+    assert out.shape == (1, 1, 5, 6)
+    assert torch.equal(out[0, 0, 0], torch.zeros(6)) and torch.equal(out[0, 0, -1], torch.zeros(6))
+    assert torch.equal(out[0, 0, 1:-1, 0], field[0, 0, :, -1])  # west halo = easternmost column
+    assert torch.equal(out[0, 0, 1:-1, -1], field[0, 0, :, 0])  # east halo = westernmost column
+    assert torch.equal(out[0, 0, 1:-1, 1:-1], field[0, 0])
+    circ = pad(field, "circular")
+    assert torch.equal(circ[0, 0, 0, 1:-1], field[0, 0, -1])  # circular also wraps latitude
+    assert torch.equal(pad(field, "zeros")[0, 0, 0], torch.zeros(6))
+
+
+def test_cylinder_conv_sees_across_the_dateline():
+    net = build_model("minconvgru", 1, [2], padding="cylinder", norm="group")
+    conv = net.cells[0].conv
+    x = torch.zeros(1, 1, 2, 5, 8)
+    x[0, 0, :, 2, 0] = 1.0  # a spike on the westernmost column
+    y_cyl = conv(x.expand(-1, -1, 2, -1, -1).contiguous()) - conv(torch.zeros(1, 1, 2, 5, 8))
+    assert y_cyl[..., -1].abs().sum() > 0  # felt on the easternmost column
+    y_zero = build_model("minconvgru", 1, [2], padding="zeros", norm="group").cells[0].conv
+    y_zero.load_state_dict(conv.state_dict())
+    z = y_zero(x.expand(-1, -1, 2, -1, -1).contiguous()) - y_zero(torch.zeros(1, 1, 2, 5, 8))
+    assert z[..., -1].abs().sum() == 0
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("norm", ["layer", "group"])
+def test_network_shapes_multichannel(arch, norm):
+    model = build_model(arch, 3, [4, 4], padding="cylinder", norm=norm, grid=(6, 8))
+    x = torch.randn(2, 5, 3, 6, 8)
+    assert model(x, teacher_steps=3).shape == (2, 5, 3, 6, 8)
+    forecast, state = model.rollout(x[:, :2], steps=4)
+    assert forecast.shape == (2, 4, 3, 6, 8) and len(state) == 2
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_closed_loop_feeds_predictions_back(arch):
+    torch.manual_seed(0)
+    model = build_model(arch, 1, [3, 3], norm="group").double()
+    x = torch.randn(2, 6, 1, 5, 5, dtype=torch.float64)
+    y = model(x, teacher_steps=2)
+    # Teacher-forced outputs depend only on the frames seen so far.
+    assert torch.allclose(y[:, :2], model(x[:, :2], teacher_steps=2), rtol=1e-12)
+    # Closed-loop outputs ignore the true frames 2.. and equal feeding back each prediction by hand.
+    x_other = x.clone()
+    x_other[:, 2:] = 100.0
+    assert torch.allclose(model(x_other, teacher_steps=2), y, rtol=1e-12)
+    manual = x[:, :2]
+    for _ in range(4):
+        pred = model(manual, teacher_steps=manual.shape[1])[:, -1:]
+        manual = torch.cat([manual, pred], 1)
+    assert torch.allclose(manual[:, 2:], y[:, 1:5], rtol=1e-9, atol=1e-10)
+    # ... while with full teacher forcing they do depend on the true frames.
+    assert not torch.allclose(model(x_other, teacher_steps=6)[:, 3:], model(x, teacher_steps=6)[:, 3:])
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_rollout_continues_exactly(arch):
+    torch.manual_seed(1)
+    model = build_model(arch, 2, [3, 3], norm="layer", grid=(4, 5)).double()
+    ctx = torch.randn(1, 3, 2, 4, 5, dtype=torch.float64)
+    full, _ = model.rollout(ctx, 7)
+    first, state = model.rollout(ctx, 3)
+    rest, _ = model.rollout(first[:, -1:], 5, state)
+    assert torch.allclose(torch.cat([first, rest[:, :4]], 1), full, rtol=1e-10, atol=1e-12)
+    # forward with k teacher steps == rollout from the same context
+    x = torch.cat([ctx, torch.zeros(1, 4, 2, 4, 5, dtype=torch.float64)], 1)
+    assert torch.allclose(model(x, teacher_steps=3)[:, 2:], full[:, :5], rtol=1e-10, atol=1e-12)
+
+
+def test_batch_and_grid_sizes_are_free_per_call():
+    model = build_model("minconvlstm", 1, [4], norm="group", padding="circular")
+    for shape in [(1, 3, 1, 8, 8), (5, 2, 1, 16, 12)]:
+        assert model(torch.randn(shape), teacher_steps=1).shape == shape
+
+
+def test_torch_compile_friendly():
+    model = build_model("minconvgru", 1, [4, 4], norm="layer", grid=(8, 8))
+    x = torch.randn(2, 5, 1, 8, 8)
+    compiled = torch.compile(model, backend="eager", fullgraph=False)
+    assert torch.allclose(compiled(x, teacher_steps=3), model(x, teacher_steps=3), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda m: m(torch.randn(2, 1, 8, 8), teacher_steps=1), "5-D tensor"),
+        (lambda m: m(torch.randn(2, 3, 2, 8, 8), teacher_steps=1), "2 channels"),
+        (lambda m: m(torch.randn(2, 3, 1, 8, 8), teacher_steps=0), r"teacher_steps=0 must lie in \[1, T=3\]"),
+        (lambda m: m(torch.randn(2, 3, 1, 8, 8), teacher_steps=4), r"teacher_steps=4"),
+        (lambda m: m(torch.randn(2, 3, 1, 9, 8), teacher_steps=2), "LayerNorm grid"),
+        (lambda m: m.rollout(torch.randn(2, 3, 1, 8, 8), steps=0), "steps=0"),
+    ],
+)
+def test_bad_network_input(call, match):
+    model = build_model("minconvgru", 1, [4, 4], grid=(8, 8))
+    with pytest.raises(ValueError, match=match):
+        call(model)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(arch="rnn"), "unknown arch"),
+        (dict(hidden_sizes=[4, 8]), "equal sizes"),
+        (dict(hidden_sizes=[]), "non-empty"),
+        (dict(padding="reflect"), "unknown padding"),
+        (dict(norm="batch"), "unknown norm"),
+        (dict(grid=None), "needs grid"),
+        (dict(in_channels=0), "in_channels"),
+    ],
+)
+def test_bad_build_arguments(kwargs, match):
+    args = dict(arch="minconvgru", in_channels=1, hidden_sizes=[4, 4], grid=(8, 8)) | kwargs
+    with pytest.raises(ValueError, match=match):
+        build_model(**args)
