@@ -1,0 +1,135 @@
+"""Loader benchmark (issue 4): one epoch of stride-1 windows vs a raw zarr read and two common alternatives.
+
+For each store (time chunks of 1 and 24 frames; local and on a moto S3 server started here) it prints,
+measured in the same run: the raw read of the whole store (every chunk once, zarr's async concurrency),
+one WindowDataset epoch (time, windows/s, read amplification = frames read / frames in the store) and
+windows/s of xbatcher's BatchGenerator and of per-window `isel(...).values` on a sample of windows.
+
+    .venv/bin/python benchmarks/loader.py              # 2 years hourly, 32x64 (the issue's size)
+    .venv/bin/python benchmarks/loader.py --days 60    # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import numpy as np
+import pandas as pd
+import zarr
+
+from minconv_dist.data import WindowDataset, open_store, write_synthetic_era5
+from minconv_dist.data.store import zarr_store
+
+
+def timed(fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def raw_read(url: str, options: dict | None, concurrency: int) -> tuple[float, int]:
+    with zarr.config.set({"async.concurrency": concurrency}):
+        arr = zarr.open_group(zarr_store(url, options), mode="r")["z"]
+        seconds, values = timed(lambda: arr[:])
+    return seconds, values.nbytes
+
+
+def epoch(url: str, options: dict | None, window: int) -> tuple[float, int, float]:
+    frames_read = []
+
+    class Counting(WindowDataset):
+        def _read(self, layers, t_first, t_last):
+            frames_read.append(t_last - t_first)
+            return super()._read(layers, t_first, t_last)
+
+    ds = Counting(url, "z", window, storage_options=options, seed=0)
+    seconds, count = timed(lambda: sum(1 for _ in ds))
+    assert count == len(ds)
+    return seconds, count, sum(frames_read) / (ds.n_windows + window - 1)
+
+
+def alternatives(url: str, options: dict | None, window: int, sample: int) -> tuple[float, float]:
+    import xbatcher
+
+    ds = open_store(url, options)
+    gen = xbatcher.BatchGenerator(ds[["z"]], input_dims={"time": window, "lat": ds.sizes["lat"],
+                                  "lon": ds.sizes["lon"]}, input_overlap={"time": window - 1})
+    start = time.perf_counter()
+    for i, batch in enumerate(gen):
+        batch.z.values  # noqa: B018  (load it)
+        if i + 1 == sample:
+            break
+    xbatcher_rate = sample / (time.perf_counter() - start)
+    starts = np.random.default_rng(0).integers(0, ds.sizes["time"] - window, sample)
+    seconds, _ = timed(lambda: [ds.z.isel(time=slice(s, s + window)).values for s in starts])
+    return xbatcher_rate, sample / seconds
+
+
+def rate_text(rate: float) -> str:
+    return "-" if np.isnan(rate) else f"{rate:,.0f}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--days", type=int, default=731, help="store length (hourly frames); 731 = 2015-2016")
+    p.add_argument("--window", type=int, default=24)
+    p.add_argument("--sample", type=int, default=300, help="windows timed for the alternatives")
+    p.add_argument("--s3-days", type=int, default=30,
+                   help="length of the moto S3 stores (moto serves ~250 requests/s here); 0 skips S3")
+    args = p.parse_args()
+    end_of = lambda days: str((pd.Timestamp("2015-01-01") + pd.Timedelta(days=days)).date())  # noqa: E731
+
+    targets = []
+    tmp = tempfile.mkdtemp(prefix="loader-bench-")
+    server = None
+    if args.s3_days:
+        import logging
+        import socket
+
+        import boto3
+        from moto.server import ThreadedMotoServer
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        s3 = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing", "secret": "testing",
+              "client_kwargs": {"region_name": "us-east-1"}}
+        boto3.client("s3", endpoint_url=s3["endpoint_url"], aws_access_key_id="testing",
+                     aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket="bench")
+    for chunk in (1, 24):
+        targets.append((f"local, {args.days} d, chunks ({chunk}, H, W)", f"{tmp}/c{chunk}.zarr", None, chunk,
+                        end_of(args.days)))
+        if server is not None:
+            targets.append((f"moto S3, {args.s3_days} d, chunks ({chunk}, H, W)", f"s3://bench/c{chunk}.zarr", s3,
+                            chunk, end_of(args.s3_days)))
+
+    rows = []
+    for name, url, options, chunk, end in targets:
+        write_seconds, _ = timed(lambda: write_synthetic_era5(url, end=end, chunks=chunk, storage_options=options))
+        raw10, nbytes = raw_read(url, options, 10)
+        raw64, _ = raw_read(url, options, 64)
+        ep, count, amplification = epoch(url, options, args.window)
+        xb, isel = alternatives(url, options, args.window, args.sample) if options is None else (np.nan, np.nan)
+        rows.append((name, nbytes / 1e6, write_seconds, raw10, raw64, ep, count / ep, amplification,
+                     ep / min(raw10, raw64), xb, isel))
+        print(f"done: {name}", flush=True)
+    if server is not None:
+        server.stop()
+
+    print(f"\nhourly 32x64 float32 stores from 2015-01-01, window T={args.window}, stride 1\n")
+    print("| store | MB | raw read, concurrency 10 (s, MB/s) | raw read, concurrency 64 (s, MB/s) "
+          "| WindowDataset epoch (s) | windows/s | read amplification | epoch / best raw read "
+          "| xbatcher windows/s | per-window isel windows/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, mb, _, r10, r64, ep, rate, amp, ratio, xb, isel in rows:
+        print(f"| {name} | {mb:.0f} | {r10:.2f} s, {mb / r10:.0f} | {r64:.2f} s, {mb / r64:.0f} | {ep:.2f} | "
+              f"{rate:,.0f} | {amp:.3f} | {ratio:.2f}x | {rate_text(xb)} | {rate_text(isel)} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,314 @@
+"""Streaming `[T, C, H, W]` windows from a zarr store, chunk-aware and sharded over ranks and loader workers.
+
+How an epoch is planned (pure index arithmetic, identical in every process):
+1. Window starts are grouped into *blocks*: runs of whole zarr time-chunks, long enough that reading a
+   block plus the `T - 1` frames after it costs at most `max_read_amplification` x the block itself.
+2. Blocks are permuted with `seed` and the epoch; their windows, concatenated in that order, form the
+   epoch's sequence. Rank `r` of `R` takes the `r`-th of `R` equal contiguous slices (the last
+   `n mod R` windows are dropped so that every rank runs the same number of steps).
+3. A rank's slice is cut into contiguous, near-equal pieces, one per DataLoader worker; each worker
+   passes its piece through a shuffle buffer (seeded by seed, epoch, rank, worker).
+So each block is read once per epoch (by one worker, in one concurrent zarr read), every window of it
+is cut from memory, and randomness comes from the block order plus the buffer.
+
+Resume: `position` counts the windows the rank has consumed this epoch. A DataLoader with `W` workers
+and `batch_size` `B` takes whole batches round-robin from the workers (in order); from `position`,
+`W` and `B`, each worker works out how many of its own windows were consumed and skips them, and
+the workers' roles are rotated so that the resumed loader continues the same round-robin: the
+windows after a resume come in exactly the order the uninterrupted epoch would have given them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import fsspec
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+import xarray as xr
+import zarr
+
+from minconv_dist.data.channels import ChannelSpec, channel_layers, parse_channels
+from minconv_dist.data.stats import NormStats
+from minconv_dist.data.store import DimNames, open_store, redact, zarr_store
+
+NAN_POLICIES = ("raise", "fill", "skip")
+
+
+def buffer_shuffle(seq: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """The order a streaming shuffle buffer of `size` items would emit `seq` in."""
+    if size <= 1 or seq.size <= 1:
+        return seq.copy()
+    size = min(size, seq.size)
+    buf, out = seq[:size].copy(), np.empty_like(seq)
+    picks = rng.integers(0, size, seq.size - size)
+    for i, (j, incoming) in enumerate(zip(picks, seq[size:])):
+        out[i], buf[j] = buf[j], incoming
+    out[seq.size - size:] = rng.permutation(buf)
+    return out
+
+
+def consumed_per_worker(lengths: list[int], position: int, batch_size: int) -> tuple[list[int], int]:
+    """Windows each worker had yielded when the DataLoader had delivered `position` windows, and the
+    worker whose batch would have come next.
+
+    The DataLoader asks workers for batches round-robin, skips exhausted workers and delivers in order;
+    a worker's last batch may be short.
+    """
+    done = [0] * len(lengths)
+    delivered, last, active = 0, -1, [w for w, n in enumerate(lengths) if n > 0]
+    while delivered < position and active:
+        for w in list(active):
+            if delivered >= position:
+                break
+            take = min(batch_size, lengths[w] - done[w])
+            done[w] += take
+            delivered += take
+            last = w
+            if done[w] == lengths[w]:
+                active.remove(w)
+    if delivered != position:
+        raise ValueError(f"resume position {position} is not a batch boundary for {len(lengths)} loader "
+                         f"workers with batch_size={batch_size} (or is past the epoch's {sum(lengths)} windows)")
+    return done, (last + 1) % len(lengths)
+
+
+class WindowDataset(torch.utils.data.IterableDataset):
+    """Float32 windows `[T, C, H, W]` (normalised when `stats` is given) streamed from a zarr store.
+
+    `len(ds)` is the number of windows this rank yields per epoch. Use one DataLoader per rank, pass its
+    `batch_size` here when resuming with loader workers, call `set_epoch` before each epoch and don't
+    use `persistent_workers` (the workers' copies would not see the new epoch). Windows are views of
+    the block they were cut from (no copy per window; DataLoader's collate copies them into the batch):
+    treat them as read-only, `clone()` before modifying one in place.
+    """
+
+    def __init__(self, url: str, channels: str | list, window: int, *, stride: int = 1,
+                 time_range: tuple | None = None, coarsen: int = 1, stats: NormStats | None = None,
+                 dims: DimNames = DimNames(), storage_options: dict | None = None, shuffle: bool = True,
+                 seed: int = 0, rank: int | None = None, world_size: int | None = None,
+                 nan_policy: str = "raise", shuffle_buffer: int = 1024, batch_size: int = 1,
+                 max_read_amplification: float = 1.05, prefetch: int = 2) -> None:
+        super().__init__()
+        if nan_policy not in NAN_POLICIES:
+            raise ValueError(f"nan_policy={nan_policy!r}: expected one of {NAN_POLICIES}")
+        if nan_policy == "fill" and stats is None:
+            raise ValueError("nan_policy='fill' needs stats: NaN are replaced by the channel mean (0 once normalised)")
+        if window < 1 or stride < 1 or coarsen < 1 or batch_size < 1:
+            raise ValueError(f"window={window}, stride={stride}, coarsen={coarsen}, batch_size={batch_size}: "
+                             "all must be >= 1")
+        if max_read_amplification <= 1:
+            raise ValueError(f"max_read_amplification={max_read_amplification}: must be > 1")
+        self.url, self.storage_options, self.dims = url, storage_options, dims
+        self.specs: list[ChannelSpec] = parse_channels(channels)
+        self.channels = [str(s) for s in self.specs]
+        if stats is not None and stats.channels != self.channels:
+            raise ValueError(f"stats are for channels {stats.channels}, dataset reads {self.channels}")
+        self.window, self.stride, self.coarsen, self.stats = window, stride, coarsen, stats
+        self.shuffle, self.seed, self.nan_policy = shuffle, seed, nan_policy
+        self.shuffle_buffer, self.batch_size, self.prefetch = shuffle_buffer, batch_size, prefetch
+        if rank is None or world_size is None:
+            ready = dist.is_available() and dist.is_initialized()
+            rank = (dist.get_rank() if ready else 0) if rank is None else rank
+            world_size = (dist.get_world_size() if ready else 1) if world_size is None else world_size
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} outside world_size={world_size}")
+        self.rank, self.world_size = rank, world_size
+
+        layers = self._layers()
+        first = layers[0]
+        all_times = first[dims.time].values
+        if all_times.size > 1 and not np.all(np.diff(all_times) > np.timedelta64(0)):
+            raise ValueError(f"time coordinate {dims.time!r} of {redact(url)!r} is not strictly increasing")
+        if time_range is None:
+            self._t0, self._t1 = 0, all_times.size
+        else:
+            sl = pd.DatetimeIndex(all_times).slice_indexer(*time_range)
+            self._t0, self._t1 = sl.start or 0, all_times.size if sl.stop is None else sl.stop
+        n_times = self._t1 - self._t0
+        where = f"{redact(url)!r} between {time_range}" if time_range else repr(redact(url))
+        if n_times <= 0:
+            raise ValueError(f"time range {time_range} selects no time steps in {redact(url)!r} "
+                             f"(store covers {all_times[0]} to {all_times[-1]})")
+        if window > n_times:
+            raise ValueError(f"window={window} is longer than the {n_times} time steps of {where}")
+        self.n_windows = (n_times - window) // stride + 1
+        if self.n_windows < world_size:
+            raise ValueError(f"{self.n_windows} windows in {where} cannot be shared by {world_size} ranks")
+        self.times = all_times[self._t0 + stride * np.arange(self.n_windows)]
+
+        h, w = first.sizes[dims.lat], first.sizes[dims.lon]
+        if h % coarsen or w % coarsen:
+            raise ValueError(f"coarsen={coarsen} does not divide the {h}x{w} grid of {redact(url)!r}")
+        self.grid = (h // coarsen, w // coarsen)
+        self.latitudes = first[dims.lat].values.reshape(-1, coarsen).mean(1)
+        self.longitudes = first[dims.lon].values.reshape(-1, coarsen).mean(1)
+
+        chunk = max(int(layer.encoding.get("chunks", (1,))[0]) for layer in layers)
+        extra = math.ceil((window - 1) / chunk) if window > 1 else 0
+        self.block = chunk * max(1, math.ceil(extra / (max_read_amplification - 1)))
+        self.epoch, self.position = 0, 0
+
+    # ---- planning (no data read) ----
+    def __len__(self) -> int:
+        return self.n_windows // self.world_size
+
+    def _layers(self) -> list[xr.DataArray]:
+        """Per-channel lazy arrays without dask: one time slice becomes one concurrent zarr read."""
+        return channel_layers(open_store(self.url, self.storage_options, dask=False), self.specs, self.dims)
+
+    def _rank_windows(self, epoch: int) -> np.ndarray:
+        """Indices (into `self.times`) of this rank's windows, in block order."""
+        starts = self._t0 + self.stride * np.arange(self.n_windows)
+        block_of = starts // self.block
+        blocks = np.unique(block_of)
+        if self.shuffle:
+            blocks = np.random.default_rng([self.seed, epoch]).permutation(blocks)
+        # windows of one block are contiguous in time order, so a stable sort by block rank groups them
+        rank_of_block = np.empty(blocks.max() + 1, dtype=np.int64)
+        rank_of_block[blocks] = np.arange(blocks.size)
+        order = np.argsort(rank_of_block[block_of], kind="stable")
+        per = len(self)
+        return order[self.rank * per:(self.rank + 1) * per]
+
+    def worker_plan(self, epoch: int, worker: int, num_workers: int) -> np.ndarray:
+        """Window indices worker `worker` of `num_workers` yields this epoch, in order, before resume."""
+        piece = np.array_split(self._rank_windows(epoch), num_workers)[worker]
+        if not self.shuffle:
+            return piece
+        return buffer_shuffle(piece, self.shuffle_buffer, np.random.default_rng([self.seed, epoch, self.rank, worker]))
+
+    # ---- epoch and resume ----
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch`; the resume position is kept only when it is the epoch already set."""
+        if epoch != self.epoch:
+            self.epoch, self.position = epoch, 0
+
+    def state_dict(self, position: int | None = None) -> dict:
+        """`{"epoch", "position", ...}`. Without loader workers this object counts `position` itself; with
+        workers it cannot see what they yielded: pass the windows the loop consumed (sum of batch sizes)."""
+        return {"epoch": self.epoch, "position": self.position if position is None else position,
+                "seed": self.seed, "windows_per_epoch": len(self), "rank": self.rank, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        expected = {"seed": self.seed, "windows_per_epoch": len(self), "world_size": self.world_size}
+        wrong = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
+        if wrong:
+            raise ValueError(f"data state does not match this dataset (saved, current): {wrong}")
+        if not 0 <= state["position"] <= len(self):
+            raise ValueError(f"resume position {state['position']} outside [0, {len(self)}]")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    # ---- reading ----
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        info = torch.utils.data.get_worker_info()
+        worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        plans = [self.worker_plan(self.epoch, w, num_workers) for w in range(num_workers)]
+        done, next_role = consumed_per_worker([p.size for p in plans], self.position, self.batch_size)
+        # the resumed DataLoader starts its round-robin at worker 0: give it the role whose batch was next
+        role = (next_role + worker) % num_workers
+        plan, skip = plans[role], done[role]
+        if self.nan_policy != "skip":  # with "skip", consumed counts yielded windows: re-walk them below
+            plan, skip = plan[skip:], 0
+        in_process = info is None
+        if not plan.size:
+            return
+        starts = self._t0 + self.stride * plan
+        block_of = starts // self.block
+        # each block's needed time range, its first and last use in this worker's order
+        blocks, first_use = np.unique(block_of, return_index=True)
+        blocks = blocks[np.argsort(first_use)]
+        rank_of = {b: j for j, b in enumerate(blocks)}
+        last_use = {b: i for i, b in enumerate(block_of)}
+        span = {b: (int(starts[block_of == b].min()), int(starts[block_of == b].max()) + self.window) for b in blocks}
+        layers = self._layers()
+        pool = ThreadPoolExecutor(max_workers=1)
+        pending: dict[int, Future] = {}
+        loaded: dict[int, tuple[int, torch.Tensor]] = {}
+        next_block = 0
+        try:
+            for i, (idx, start, b) in enumerate(zip(plan, starts, block_of)):
+                while next_block < min(blocks.size, rank_of[b] + 1 + self.prefetch):
+                    nb = blocks[next_block]
+                    pending[nb] = pool.submit(self._read, layers, *span[nb])
+                    next_block += 1
+                if b not in loaded:
+                    loaded[b] = (span[b][0], pending.pop(b).result())
+                t_first, data = loaded[b]
+                x = data[start - t_first:start - t_first + self.window]
+                if i == last_use[b]:
+                    del loaded[b]
+                if self.nan_policy == "skip" and torch.isnan(x).any():
+                    continue
+                if skip:
+                    skip -= 1
+                    continue
+                if in_process:
+                    self.position += 1
+                yield x
+            if in_process:
+                self.position = 0  # a finished epoch leaves nothing to resume
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _read(self, layers: list[xr.DataArray], t_first: int, t_last: int) -> torch.Tensor:
+        """Frames `[t_first, t_last)` of every channel as `[T, C, H, W]`, coarsened and normalised."""
+        arrays = []
+        for spec, layer in zip(self.specs, layers):
+            try:
+                arrays.append(np.asarray(layer.isel({self.dims.time: slice(t_first, t_last)}).values, dtype=np.float32))
+            except Exception as err:
+                key = self._bad_chunk(spec, t_first, t_last)
+                raise OSError(f"cannot read channel {spec} frames {t_first}:{t_last} of {redact(self.url)!r}"
+                              + (f": chunk {key!r} is corrupt or missing" if key else "")
+                              + f" ({type(err).__name__}: {err})") from err
+        x = np.stack(arrays, axis=1)
+        k = self.coarsen
+        if k > 1:
+            t, c, h, w = x.shape
+            x = x.reshape(t, c, h // k, k, w // k, k).mean(axis=(3, 5))
+        nan = np.isnan(x)
+        if nan.any() and self.nan_policy == "raise":
+            t, c = np.argwhere(nan)[0][:2]
+            spec = self.specs[c]
+            key = self._bad_chunk(spec, t_first + t, t_first + t + 1)
+            raise ValueError(f"NaN in channel {spec} (variable {spec.variable!r}) at time "
+                             f"{layers[c][self.dims.time].values[t_first + t]} of {redact(self.url)!r}"
+                             + (f"; chunk {key!r} is missing from the store" if key else "")
+                             + "; pass nan_policy='fill' or 'skip' to continue")
+        out = torch.from_numpy(x)
+        if self.stats is not None:
+            out = self.stats.normalize(out)
+        if nan.any() and self.nan_policy == "fill":
+            out = torch.nan_to_num(out, nan=0.0)
+        return out
+
+    def _bad_chunk(self, spec: ChannelSpec, t_first: int, t_last: int) -> str | None:
+        """Key of the first chunk of `spec` in frames `[t_first, t_last)` that is missing or unreadable."""
+        group = zarr.open_group(zarr_store(self.url, self.storage_options), mode="r")
+        arr = group[spec.variable]
+        names = list(arr.metadata.dimension_names or arr.attrs.get("_ARRAY_DIMENSIONS", []))
+        fs, root = fsspec.core.url_to_fs(self.url, **(self.storage_options or {}))
+        ranges = []
+        for name, size, csize in zip(names, arr.shape, arr.chunks):
+            if name == self.dims.time:
+                ranges.append(range(t_first // csize, (t_last - 1) // csize + 1))
+            elif name == self.dims.level and spec.level is not None:
+                li = int(np.flatnonzero(group[name][:] == spec.level)[0])
+                ranges.append(range(li // csize, li // csize + 1))
+            else:
+                ranges.append(range(math.ceil(size / csize)))
+        for coords in np.ndindex(*(len(r) for r in ranges)):
+            chunk = tuple(r[i] for r, i in zip(ranges, coords))
+            key = f"{arr.path}/{arr.metadata.encode_chunk_key(chunk)}"
+            if not fs.exists(f"{root.rstrip('/')}/{key}"):
+                return key
+            try:
+                arr.get_block_selection(chunk)
+            except Exception:
+                return key
+        return None

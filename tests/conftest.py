@@ -1,0 +1,58 @@
+"""Shared fixtures: a moto S3 server on 127.0.0.1 and a tiny synthetic store."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+
+import pytest
+
+from minconv_dist.data import write_synthetic_era5
+
+# 10 days hourly on the 32x64 grid in 6-hour chunks: 240 frames, 2 MB, ~0.1 s to write.
+TINY = {"start": "2015-01-01", "end": "2015-01-11", "freq": "1h", "chunks": 6}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_options():
+    """storage_options for a moto server started here; stopped after the session."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    yield {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing", "secret": "testing",
+           "client_kwargs": {"region_name": "us-east-1"}}
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_options) -> str:
+    """A fresh, empty bucket name."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_options["endpoint_url"], aws_access_key_id="testing",
+                 aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("stores") / "tiny.zarr")
+    write_synthetic_era5(path, **TINY)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_wb2_store(tmp_path_factory) -> str:
+    """WeatherBench2 layout: level dim, latitude/longitude names, latitude descending."""
+    path = str(tmp_path_factory.mktemp("stores") / "tiny_wb2.zarr")
+    write_synthetic_era5(path, **TINY, layout="weatherbench2")
+    return path

@@ -1,0 +1,65 @@
+"""Statistics and climatology against numpy on the loaded array; NormStats files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from minconv_dist.data import DimNames, NormStats, compute_climatology, compute_stats, open_store
+
+WB2 = DimNames(lat="latitude", lon="longitude")
+CHANNELS = "geopotential@500, temperature@850, 2m_temperature"
+
+
+def test_stats_equal_numpy_over_the_training_period_only(tiny_wb2_store):
+    stats = compute_stats(tiny_wb2_store, CHANNELS, WB2, time_range=("2015-01-02", "2015-01-05"), progress=False)
+    ds = open_store(tiny_wb2_store).sel(time=slice("2015-01-02", "2015-01-05"))
+    assert ds.sizes["time"] == 96
+    arrays = [ds.geopotential.sel(level=500).values, ds.temperature.sel(level=850).values,
+              ds["2m_temperature"].values]
+    assert stats.channels == ["geopotential@500", "temperature@850", "2m_temperature"]
+    np.testing.assert_allclose(stats.mean, [a.astype(np.float64).mean() for a in arrays], rtol=1e-12)
+    np.testing.assert_allclose(stats.std, [a.astype(np.float64).std() for a in arrays], rtol=1e-8)
+    whole = compute_stats(tiny_wb2_store, CHANNELS, WB2, progress=False)
+    assert whole.mean != stats.mean
+
+
+def test_empty_range_is_an_error(tiny_store):
+    with pytest.raises(ValueError, match="selects no data"):
+        compute_stats(tiny_store, "z", time_range=("2020-01-01", "2020-02-01"), progress=False)
+
+
+def test_normstats_save_load_normalize(tmp_path, s3_bucket, s3_options):
+    stats = NormStats(["z", "t2m"], [54000.0, 280.0], [3300.0, 20.0])
+    path = tmp_path / "stats.json"
+    stats.save(str(path))
+    assert json.loads(path.read_text()) == {"channels": ["z", "t2m"], "mean": [54000.0, 280.0], "std": [3300.0, 20.0]}
+    assert NormStats.load(str(path)) == stats
+    url = f"s3://{s3_bucket}/model/stats.json"
+    stats.save(url, s3_options)
+    assert NormStats.load(url, s3_options) == stats
+    x = torch.tensor([54000.0 + 3300.0, 280.0 - 40.0]).view(2, 1, 1).expand(3, 2, 4, 8)
+    y = stats.normalize(x)
+    assert torch.allclose(y[:, 0], torch.ones(3, 4, 8)) and torch.allclose(y[:, 1], torch.full((3, 4, 8), -2.0))
+    assert torch.allclose(stats.denormalize(y), x)
+    with pytest.raises(ValueError, match="C=2"):
+        stats.normalize(torch.zeros(3, 4, 8))
+    with pytest.raises(ValueError, match="non-positive std"):
+        NormStats(["z"], [0.0], [0.0])
+    path.write_text("{}")
+    with pytest.raises(ValueError, match="not a NormStats JSON"):
+        NormStats.load(str(path))
+
+
+def test_climatology_by_day_of_year_and_to_zarr(tiny_store, tmp_path):
+    clim = compute_climatology(tiny_store, "z", progress=False)
+    assert clim.dims == ("dayofyear", "channel", "lat", "lon") and clim.sizes["dayofyear"] == 10
+    z = open_store(tiny_store).z.values.astype(np.float64)
+    np.testing.assert_allclose(clim.sel(dayofyear=3, channel="z").values, z[48:72].mean(0), rtol=1e-6)
+    path = str(tmp_path / "clim.zarr")
+    clim.to_dataset().to_zarr(path)
+    assert xr.open_zarr(path).climatology.load().identical(clim)

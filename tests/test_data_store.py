@@ -1,0 +1,102 @@
+"""Opening stores (local, file://, memory://, S3 via moto), channel specs and their errors."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from minconv_dist.data import (ChannelSpec, DimNames, open_store, parse_channels, select_channels,
+                               write_synthetic_era5)
+from minconv_dist.data.store import COMPLETE_ATTR, set_attrs
+
+WB2 = DimNames(lat="latitude", lon="longitude")
+SMALL = {"start": "2015-01-01", "end": "2015-01-03", "chunks": 12}
+
+
+def test_local_file_and_memory_round_trip(tiny_store, tmp_path):
+    ref = open_store(tiny_store)
+    assert ref.z.chunks[0][0] == 6 and ref.z.dtype == np.float32
+    assert open_store(f"file://{tiny_store}").z.identical(ref.z)
+    write_synthetic_era5("memory://roundtrip.zarr", start="2015-01-01", end="2015-01-11", chunks=6)
+    np.testing.assert_array_equal(open_store("memory://roundtrip.zarr").z.values, ref.z.values)
+
+
+def test_s3_round_trip(tiny_store, s3_bucket, s3_options):
+    url = f"s3://{s3_bucket}/tiny.zarr"
+    write_synthetic_era5(url, start="2015-01-01", end="2015-01-11", chunks=6, storage_options=s3_options)
+    ds = open_store(url, s3_options)
+    np.testing.assert_array_equal(ds.z.values, open_store(tiny_store).z.values)
+    with pytest.raises(FileNotFoundError, match=f"s3://{s3_bucket}/absent.zarr"):
+        open_store(f"s3://{s3_bucket}/absent.zarr", s3_options)
+
+
+def test_unreachable_bucket_names_url_not_credentials():
+    options = {"endpoint_url": "http://127.0.0.1:9", "key": "AKIDSECRETKEY", "secret": "SUPERSECRET",
+               "config_kwargs": {"connect_timeout": 0.5, "retries": {"max_attempts": 2}}}
+    start = time.monotonic()
+    with pytest.raises(OSError) as info:
+        open_store("s3://some-bucket/era5.zarr", options)
+    message = str(info.value)
+    assert "s3://some-bucket/era5.zarr" in message
+    assert not any(s in message for s in ("SUPERSECRET", "AKIDSECRETKEY"))
+    assert time.monotonic() - start < 60
+
+
+def test_missing_local_store(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.zarr"):
+        open_store(str(tmp_path / "nowhere.zarr"))
+
+
+def test_incomplete_store_is_refused(tmp_path):
+    path = str(tmp_path / "half.zarr")
+    write_synthetic_era5(path, **SMALL)
+    set_attrs(path, None, **{COMPLETE_ATTR: False})
+    with pytest.raises(ValueError, match="incomplete"):
+        open_store(path)
+
+
+def test_parse_channels_round_trip():
+    specs = parse_channels("geopotential@500, temperature@850.5 ,2m_temperature")
+    assert specs == [ChannelSpec("geopotential", 500.0), ChannelSpec("temperature", 850.5),
+                     ChannelSpec("2m_temperature", None)]
+    assert [str(s) for s in specs] == ["geopotential@500", "temperature@850.5", "2m_temperature"]
+    assert parse_channels([str(s) for s in specs]) == specs
+    for bad in ("", "z@", "@500", "z@abc", "z, z"):
+        with pytest.raises(ValueError):
+            parse_channels(bad)
+
+
+def test_select_channels_wb2_layout_keeps_descending_latitude(tiny_wb2_store):
+    ds = open_store(tiny_wb2_store)
+    da = select_channels(ds, "geopotential@500, temperature@850, 2m_temperature", WB2)
+    assert da.dims == ("time", "channel", "lat", "lon")
+    assert list(da.channel.values) == ["geopotential@500", "temperature@850", "2m_temperature"]
+    assert da.chunks is not None  # still lazy
+    assert da.lat.values[0] > da.lat.values[-1]
+    np.testing.assert_array_equal(da.lat.values, ds.latitude.values)
+    np.testing.assert_array_equal(da.isel(channel=1).values, ds.temperature.sel(level=850).values)
+    np.testing.assert_array_equal(da.isel(channel=2).values, ds["2m_temperature"].values)
+
+
+@pytest.mark.parametrize("channels, dims, error, match", [
+    ("humidity@500", WB2, KeyError, "variable 'humidity'"),
+    ("geopotential@300", WB2, KeyError, "level 300 of 'geopotential'"),
+    ("geopotential", WB2, ValueError, "name one level"),
+    ("2m_temperature@500", WB2, ValueError, "asks for a level"),
+    ("2m_temperature", DimNames(), ValueError, "expected \\('time', 'lat', 'lon'\\)"),
+])
+def test_select_channels_errors(tiny_wb2_store, channels, dims, error, match):
+    with pytest.raises(error, match=match):
+        select_channels(open_store(tiny_wb2_store), channels, dims)
+
+
+def test_zarr_v2_consolidated_store_opens(tiny_store, tmp_path):
+    path = str(tmp_path / "v2.zarr")
+    ds = xr.open_zarr(tiny_store)
+    for var in ds.variables.values():
+        var.encoding = {}  # drop the v3 codecs
+    ds.chunk(time=6).to_zarr(path, zarr_format=2, consolidated=True)
+    np.testing.assert_array_equal(open_store(path).z.values, open_store(tiny_store).z.values)

@@ -1,0 +1,228 @@
+"""WindowDataset: content, sharding over ranks x loader workers, determinism, resume, bad input."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from torch.utils.data import DataLoader
+
+from minconv_dist.data import DimNames, NormStats, WindowDataset, open_store, write_synthetic_era5
+from minconv_dist.data.windows import consumed_per_worker
+
+T = 5
+
+
+def frame_index(store: str, var: str = "z") -> tuple[np.ndarray, dict[bytes, int]]:
+    """The store's frames and a lookup from a frame's bytes to its time index."""
+    frames = open_store(store)[var].values
+    return frames, {f.tobytes(): i for i, f in enumerate(frames)}
+
+
+def starts_of(windows, lookup) -> list[int]:
+    return [lookup[w[0, 0].numpy().tobytes()] for w in windows]
+
+
+def test_windows_are_the_stores_frames(tiny_store):
+    frames, lookup = frame_index(tiny_store)
+    ds = WindowDataset(tiny_store, "z", T, stride=3, shuffle=False)
+    windows = list(ds)
+    assert len(windows) == len(ds) == (240 - T) // 3 + 1
+    assert starts_of(windows, lookup) == list(range(0, 240 - T + 1, 3))
+    for w, s in zip(windows, range(0, 240, 3)):
+        assert w.shape == (T, 1, 32, 64) and w.dtype == torch.float32
+        np.testing.assert_array_equal(w[:, 0].numpy(), frames[s:s + T])
+    np.testing.assert_array_equal(ds.times, open_store(tiny_store).time.values[0:240 - T + 1:3])
+    assert ds.grid == (32, 64)
+
+
+def test_time_range_by_dates(tiny_store):
+    ds = WindowDataset(tiny_store, "z", 24, time_range=("2015-01-03", "2015-01-04"), shuffle=False)
+    assert len(ds) == 48 - 24 + 1
+    assert str(ds.times[0])[:19] == "2015-01-03T00:00:00" and str(ds.times[-1])[:19] == "2015-01-04T00:00:00"
+
+
+def test_each_block_is_read_once_per_epoch(tiny_store, monkeypatch):
+    reads = []
+    original = WindowDataset._read
+
+    def counting(self, layers, t_first, t_last):
+        reads.append((t_first, t_last))
+        return original(self, layers, t_first, t_last)
+
+    monkeypatch.setattr(WindowDataset, "_read", counting)
+    ds = WindowDataset(tiny_store, "z", T, shuffle_buffer=100, max_read_amplification=1.1)
+    assert ds.block == 60  # 10 chunks of 6: the T - 1 frames past a block cost one more chunk, 10 %
+    assert sorted(list(ds), key=id) and len(reads) == 4
+    assert sorted(reads) == [(0, 64), (60, 124), (120, 184), (180, 240)]
+    assert sum(b - a for a, b in reads) / 240 <= 1.1
+
+
+def test_coarsening_equals_block_mean_and_latitude_order(tiny_wb2_store):
+    dims = DimNames(lat="latitude", lon="longitude")
+    ds = WindowDataset(tiny_wb2_store, "geopotential@500, 2m_temperature", T, coarsen=4, shuffle=False, dims=dims)
+    src = open_store(tiny_wb2_store)
+    w = next(iter(ds))
+    assert w.shape == (T, 2, 8, 16) and ds.grid == (8, 16)
+    z = src.geopotential.sel(level=500).values[:T]
+    expected = z.reshape(T, 8, 4, 16, 4).mean(axis=(2, 4))
+    np.testing.assert_allclose(w[:, 0].numpy(), expected, rtol=1e-6)
+    np.testing.assert_allclose(ds.latitudes, src.latitude.values.reshape(8, 4).mean(1))
+    assert ds.latitudes[0] > 0 > ds.latitudes[-1]  # descending kept
+
+
+def test_normalisation_uses_stats(tiny_store):
+    stats = NormStats(["z"], [54000.0], [3000.0])
+    frames = open_store(tiny_store).z.values
+    w = next(iter(WindowDataset(tiny_store, "z", T, shuffle=False, stats=stats)))
+    np.testing.assert_allclose(w[:, 0].numpy(), (frames[:T] - 54000) / 3000, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="stats are for channels"):
+        WindowDataset(tiny_store, "z", T, stats=NormStats(["t2m"], [0.0], [1.0]))
+
+
+def collect(ds: WindowDataset, workers: int, batch: int) -> list[torch.Tensor]:
+    """Windows in the order a DataLoader delivers them."""
+    return [x for b in DataLoader(ds, batch_size=batch, num_workers=workers) for x in b.unbind(0)]
+
+
+def test_sharding_over_ranks_and_workers_covers_each_window_once(tiny_store):
+    _, lookup = frame_index(tiny_store)
+    n = 240 - T + 1
+    seen = []
+    for rank in range(2):
+        ds = WindowDataset(tiny_store, "z", T, rank=rank, world_size=2, batch_size=3, seed=7)
+        got = starts_of(collect(ds, workers=2, batch=3), lookup)
+        assert len(got) == len(ds) == n // 2
+        seen += got
+    assert len(seen) == len(set(seen)) == n - n % 2
+    assert set(seen) <= set(range(n))
+
+
+def test_order_is_deterministic_per_seed_and_epoch(tiny_store):
+    _, lookup = frame_index(tiny_store)
+    order = lambda seed, epoch: (lambda ds: (ds.set_epoch(epoch), starts_of(list(ds), lookup))[1])(  # noqa: E731
+        WindowDataset(tiny_store, "z", T, seed=seed))
+    a = order(0, 0)
+    assert a == order(0, 0)
+    assert a != order(1, 0) and a != order(0, 1)
+    assert sorted(a) == sorted(order(0, 1)) == list(range(240 - T + 1))
+    assert a != sorted(a)
+
+
+def test_resume_in_process_yields_exactly_the_rest(tiny_store):
+    _, lookup = frame_index(tiny_store)
+    ds = WindowDataset(tiny_store, "z", T, seed=3)
+    ds.set_epoch(2)
+    full = starts_of(list(ds), lookup)
+    it = iter(ds)
+    head = [next(it) for _ in range(50)]
+    state = ds.state_dict()
+    assert state["epoch"] == 2 and state["position"] == 50
+    fresh = WindowDataset(tiny_store, "z", T, seed=3)
+    fresh.load_state_dict(state)
+    fresh.set_epoch(2)  # the loop's call at the start of the resumed epoch keeps the position
+    assert starts_of(head, lookup) + starts_of(list(fresh), lookup) == full
+    fresh.set_epoch(3)
+    assert len(list(fresh)) == len(fresh)
+    with pytest.raises(ValueError, match="seed"):
+        WindowDataset(tiny_store, "z", T, seed=4).load_state_dict(state)
+
+
+def test_resume_with_loader_workers_yields_exactly_the_rest(tiny_store):
+    _, lookup = frame_index(tiny_store)
+    make = lambda: WindowDataset(tiny_store, "z", T, rank=1, world_size=2, batch_size=4, seed=5)  # noqa: E731
+    full = starts_of(collect(make(), workers=2, batch=4), lookup)
+    loader = iter(DataLoader(make(), batch_size=4, num_workers=2))
+    consumed = [x for _ in range(7) for x in next(loader).unbind(0)]
+    del loader
+    resumed = make()
+    resumed.load_state_dict(make().state_dict(position=len(consumed)))
+    rest = starts_of(collect(resumed, workers=2, batch=4), lookup)
+    assert starts_of(consumed, lookup) + rest == full
+
+
+def test_consumed_per_worker_follows_dataloader_round_robin():
+    assert consumed_per_worker([5, 3], 0, 2) == ([0, 0], 0)
+    assert consumed_per_worker([5, 3], 2, 2) == ([2, 0], 1)
+    assert consumed_per_worker([5, 3], 4, 2) == ([2, 2], 0)
+    assert consumed_per_worker([5, 3], 7, 2) == ([4, 3], 0)  # worker 1's last batch has one window
+    assert consumed_per_worker([5, 3], 8, 2) == ([5, 3], 1)
+    with pytest.raises(ValueError, match="batch boundary"):
+        consumed_per_worker([5, 3], 3, 2)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"time_range": ("2016-01-01", "2016-02-01")}, "selects no time steps"),
+    ({"window": 241}, "window=241 is longer than the 240 time steps"),
+    ({"time_range": ("2015-01-02", "2015-01-02"), "window": 25}, "longer than the 24 time steps"),
+    ({"coarsen": 3}, "coarsen=3 does not divide the 32x64 grid"),
+    ({"nan_policy": "ignore"}, "nan_policy='ignore'"),
+    ({"nan_policy": "fill"}, "needs stats"),
+    ({"rank": 2, "world_size": 2}, "rank=2 outside world_size=2"),
+])
+def test_bad_arguments(tiny_store, kwargs, match):
+    kwargs = {"window": T, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        WindowDataset(tiny_store, "z", **kwargs)
+
+
+def test_missing_time_dim_is_named(tiny_wb2_store):
+    with pytest.raises(ValueError, match="expected \\('time', 'lat', 'lon'\\)"):
+        WindowDataset(tiny_wb2_store, "2m_temperature", T)
+
+
+@pytest.fixture
+def nan_store(tmp_path):
+    """A tiny store with NaN in frame 100 of `z`."""
+    path = str(tmp_path / "nan.zarr")
+    write_synthetic_era5(path, start="2015-01-01", end="2015-01-11", chunks=6)
+    arr = zarr.open_array(os.path.join(path, "z"), mode="r+")
+    arr[100, 3, 4] = np.nan
+    return path
+
+
+def test_nan_raise_names_variable_and_time(nan_store):
+    with pytest.raises(ValueError, match=r"NaN in channel z \(variable 'z'\) at time 2015-01-05T04:00"):
+        list(WindowDataset(nan_store, "z", T, shuffle=False))
+
+
+def test_nan_skip_and_fill(nan_store):
+    skipped = list(WindowDataset(nan_store, "z", T, shuffle=False, nan_policy="skip"))
+    assert len(skipped) == 236 - T  # the windows starting at 96..100 hold frame 100
+    assert not any(torch.isnan(w).any() for w in skipped)
+    stats = NormStats(["z"], [54000.0], [3000.0])
+    filled = list(WindowDataset(nan_store, "z", T, shuffle=False, nan_policy="fill", stats=stats))
+    assert len(filled) == 236 and filled[100][0, 0, 3, 4] == 0.0
+    assert not any(torch.isnan(w).any() for w in filled)
+
+
+def test_missing_chunk_is_named(tiny_store, tmp_path):
+    path = str(tmp_path / "holed.zarr")
+    shutil.copytree(tiny_store, path)
+    os.remove(os.path.join(path, "z", "c", "7", "0", "0"))
+    with pytest.raises(ValueError, match="chunk 'z/c/7/0/0' is missing"):
+        list(WindowDataset(path, "z", T, shuffle=False))
+
+
+def test_corrupt_chunk_is_named(tiny_store, tmp_path):
+    path = str(tmp_path / "corrupt.zarr")
+    shutil.copytree(tiny_store, path)
+    with open(os.path.join(path, "z", "c", "3", "0", "0"), "wb") as f:
+        f.write(b"not zstd at all")
+    with pytest.raises(OSError, match="chunk 'z/c/3/0/0' is corrupt or missing"):
+        list(WindowDataset(path, "z", T, shuffle=False))
+
+
+def test_s3_windows_equal_local(tiny_store, s3_bucket, s3_options):
+    url = f"s3://{s3_bucket}/tiny.zarr"
+    write_synthetic_era5(url, start="2015-01-01", end="2015-01-11", chunks=6, storage_options=s3_options)
+    remote = WindowDataset(url, "z", T, stride=4, storage_options=s3_options, rank=0, world_size=2, seed=1)
+    local = WindowDataset(tiny_store, "z", T, stride=4, rank=0, world_size=2, seed=1)
+    pairs = list(zip(collect(remote, workers=2, batch=2), collect(local, workers=2, batch=2)))
+    assert len(pairs) == len(local) == 59 // 2
+    for a, b in pairs:
+        assert torch.equal(a, b)
