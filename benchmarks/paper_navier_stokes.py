@@ -1,0 +1,194 @@
+"""The paper's Navier–Stokes comparison: train all five models, print time per epoch and closed-loop RMSE.
+
+    python benchmarks/paper_navier_stokes.py --out results.md            # the documented GPU size
+    python benchmarks/paper_navier_stokes.py --help
+
+Set-up (shared MODELS.md, arXiv 2508.03614): 2D vorticity on the unit torus from the FNO pseudo-spectral
+Crank–Nicolson solver (viscosity 1e-3, forcing 0.1(sin 2π(x+y) + cos 2π(x+y)), Gaussian random field
+initial vorticity alpha 2.5, tau 7, dt 1e-3, one frame per time unit), 64x64 subsampled x4 to 16x16,
+circular padding; train on 25-frame windows with 20 teacher-forced steps, test on 50 frames with
+20 teacher steps (30 closed-loop); Adam 5e-4 with cosine decay, input noise 1e-2.
+Hidden sizes [49]*4 MinConvGRU, [40]*4 MinConvLSTM and MinConvExpLSTM, [28]*4 ConvGRU, [25]*4 ConvLSTM.
+
+Imports only torch and minconv_dist.models (the data are solved in memory, no zarr), so it runs on a
+bare GPU machine. Every number is in vorticity units (data de-normalised).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from minconv_dist.models import build_model  # noqa: E402
+
+PAPER_HIDDEN = {"minconvgru": 49, "minconvlstm": 40, "minconvexplstm": 40, "convgru": 28, "convlstm": 25}
+
+
+def gaussian_random_field(n: int, size: int, alpha: float, tau: float, gen: torch.Generator, device) -> torch.Tensor:
+    """[n, size, size] samples of N(0, (-Δ + τ²)^-α) on the torus, as in the FNO data generator."""
+    sigma = tau ** (0.5 * (2 * alpha - 2))
+    k = torch.fft.fftfreq(size, 1 / size, device=device)
+    kx, ky = torch.meshgrid(k, k, indexing="ij")
+    sqrt_eig = size**2 * math.sqrt(2.0) * sigma * (4 * math.pi**2 * (kx**2 + ky**2) + tau**2) ** (-alpha / 2)
+    sqrt_eig[0, 0] = 0.0
+    noise = torch.randn(n, size, size, 2, generator=gen, device="cpu").to(device)
+    coeff = sqrt_eig * torch.complex(noise[..., 0], noise[..., 1])
+    return torch.fft.ifft2(coeff).real
+
+
+def navier_stokes(w0: torch.Tensor, visc: float, time_units: int, dt: float, stride: int) -> torch.Tensor:
+    """Vorticity [n, time_units + 1, size/stride, size/stride] (t = 0, 1, ..., time_units), FNO's solver."""
+    n, size = w0.shape[0], w0.shape[-1]
+    x = torch.arange(size, device=w0.device) / size
+    X, Y = torch.meshgrid(x, x, indexing="ij")
+    f_h = torch.fft.rfft2(0.1 * (torch.sin(2 * math.pi * (X + Y)) + torch.cos(2 * math.pi * (X + Y))))
+    k_max = size // 2
+    ky = torch.cat([torch.arange(0, k_max), torch.arange(-k_max, 0)]).to(w0.device).repeat(size, 1)
+    kx = ky.T
+    kx, ky = kx[..., : k_max + 1], ky[..., : k_max + 1]
+    lap = 4 * math.pi**2 * (kx**2 + ky**2)
+    lap[0, 0] = 1.0
+    dealias = ((ky.abs() <= 2 / 3 * k_max) & (kx.abs() <= 2 / 3 * k_max)).float()
+    per_unit = round(1 / dt)
+    w_h = torch.fft.rfft2(w0)
+    frames = [w0[:, ::stride, ::stride]]
+    for step in range(time_units * per_unit):
+        psi_h = w_h / lap
+        q = torch.fft.irfft2(2j * math.pi * ky * psi_h, s=(size, size))
+        v = torch.fft.irfft2(-2j * math.pi * kx * psi_h, s=(size, size))
+        w_x = torch.fft.irfft2(2j * math.pi * kx * w_h, s=(size, size))
+        w_y = torch.fft.irfft2(2j * math.pi * ky * w_h, s=(size, size))
+        F_h = dealias * torch.fft.rfft2(q * w_x + v * w_y)
+        w_h = (-dt * F_h + dt * f_h + (1 - 0.5 * dt * visc * lap) * w_h) / (1 + 0.5 * dt * visc * lap)
+        if (step + 1) % per_unit == 0:
+            frames.append(torch.fft.irfft2(w_h, s=(size, size))[:, ::stride, ::stride])
+    return torch.stack(frames, dim=1)
+
+
+def closed_loop_rmse(model, data: torch.Tensor, teacher: int, batch: int, mean: float, std: float) -> float:
+    """RMSE over the closed-loop frames only; data [N, T+1, 1, H, W] normalised, answer in data units."""
+    model.eval()
+    se, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, data.shape[0], batch):
+            x = data[i:i + batch]
+            pred = model(x[:, :-1], teacher_steps=teacher)[:, teacher:]
+            se += float(((pred - x[:, teacher + 1:]) ** 2).sum()) * std**2
+            count += pred.numel()
+    return math.sqrt(se / count)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    n = args.train_samples + args.test_samples
+    t0 = time.perf_counter()
+    w0 = gaussian_random_field(n, args.resolution, 2.5, 7.0, gen, device)
+    data = navier_stokes(w0, 1e-3, args.time_units, args.dt, args.downsample).unsqueeze(2).float()
+    sync(device)
+    print(f"data: {n} trajectories x {data.shape[1]} frames at {tuple(data.shape[-2:])} "
+          f"solved in {time.perf_counter() - t0:.1f} s on {device}", flush=True)
+    train, test = data[: args.train_samples], data[args.train_samples:]
+    mean, std = float(train.mean()), float(train.std())
+    train, test = (train - mean) / std, (test - mean) / std
+    if args.train_len + 1 > train.shape[1] or args.test_len + 1 > test.shape[1]:
+        raise ValueError(f"windows of {args.train_len}/{args.test_len} (+1 target) frames need more than the "
+                         f"{data.shape[1]} frames solved; raise --time-units")
+    test = test[:, : args.test_len + 1]
+
+    results = []
+    for arch in args.models:
+        torch.manual_seed(args.seed)
+        hidden = [args.hidden or PAPER_HIDDEN[arch]] * args.layers
+        model = build_model(arch, 1, hidden, padding="circular", norm="layer", grid=tuple(data.shape[-2:]),
+                            scan_method=args.scan_method).to(device)
+        params = sum(p.numel() for p in model.parameters())
+        opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+        iters = math.ceil(args.train_samples / args.batch_size)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs * iters)
+        epoch_times, started = [], time.perf_counter()
+        for epoch in range(args.epochs):
+            model.train()
+            sync(device)
+            e0 = time.perf_counter()
+            order = torch.randperm(args.train_samples, generator=gen)
+            starts = torch.randint(0, train.shape[1] - args.train_len, (args.train_samples,), generator=gen)
+            frames = starts[:, None] + torch.arange(args.train_len + 1)
+            for i in range(0, args.train_samples, args.batch_size):
+                rows = order[i:i + args.batch_size]
+                x = train[rows[:, None].to(device), frames[rows].to(device)]  # [b, L+1, 1, H, W]
+                inp = x[:, :-1] + args.noise * torch.randn_like(x[:, :-1])
+                loss = F.mse_loss(model(inp, teacher_steps=args.train_teacher), x[:, 1:])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+            sync(device)
+            epoch_times.append(time.perf_counter() - e0)
+            if time.perf_counter() - started > args.max_train_seconds:
+                break
+        rmse = closed_loop_rmse(model, test, args.test_teacher, args.eval_batch, mean, std)
+        row = dict(model=arch, hidden=hidden, params=params, epochs=len(epoch_times),
+                   s_per_epoch=statistics.median(epoch_times), closed_loop_rmse=rmse, last_loss=float(loss.detach()))
+        results.append(row)
+        print(f"{arch:15s} params {params:7d}  epochs {row['epochs']:3d}  {row['s_per_epoch']:.3f} s/epoch  "
+              f"closed-loop RMSE {rmse:.4f}  (train loss {row['last_loss']:.4f})", flush=True)
+        if args.out:
+            write_table(args, results, device)
+    return results
+
+
+def write_table(args: argparse.Namespace, results: list[dict], device: torch.device) -> None:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    lines = [f"device: {name}; torch {torch.__version__}; args: {json.dumps(vars(args))}", "",
+             "| model | hidden | params | epochs | s / epoch | closed-loop RMSE |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['hidden'][0]}x{len(r['hidden'])} | {r['params']:,} | {r['epochs']} | "
+              f"{r['s_per_epoch']:.3f} | {r['closed_loop_rmse']:.4f} |" for r in results]
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=1))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(PAPER_HIDDEN), choices=list(PAPER_HIDDEN))
+    p.add_argument("--train-samples", type=int, default=800)
+    p.add_argument("--test-samples", type=int, default=100)
+    p.add_argument("--resolution", type=int, default=64, help="solver grid")
+    p.add_argument("--downsample", type=int, default=4, help="subsampling stride to the model grid")
+    p.add_argument("--time-units", type=int, default=50, help="frames recorded after the initial one")
+    p.add_argument("--dt", type=float, default=1e-3, help="solver time step")
+    p.add_argument("--train-len", type=int, default=25)
+    p.add_argument("--train-teacher", type=int, default=20)
+    p.add_argument("--test-len", type=int, default=50)
+    p.add_argument("--test-teacher", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--max-train-seconds", type=float, default=math.inf, help="stop a model's training after this")
+    p.add_argument("--batch-size", type=int, default=8, help="the paper uses 1")
+    p.add_argument("--eval-batch", type=int, default=50)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--noise", type=float, default=1e-2, help="std of the input noise (normalised units)")
+    p.add_argument("--hidden", type=int, default=None, help="one hidden size for all models (tiny runs)")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--scan-method", default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="markdown table (and a .json beside it), rewritten after each model")
+    return p
+
+
+if __name__ == "__main__":
+    run(parser().parse_args())

@@ -1,0 +1,73 @@
+"""Forecast job: load a model, roll it out from many init times of a zarr store, write a forecast zarr store.
+
+    python jobs/forecast.py --model ckpt.pt --out forecast.zarr --init-start 2016-06-01 --init-end 2016-06-30 \\
+        --init-every 24h --context 20 --steps 72
+    python jobs/forecast.py --model models:/z500-minconvgru/3 ...        # MLflow registry
+    python jobs/forecast.py --model official:best.pt --arch minconvgru --padding cylinder --stats stats.json ...
+
+The store defaults to the embedded synthetic one. See docs/evaluation.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from minconv_dist.data import DimNames, NormStats, default_store  # noqa: E402
+from minconv_dist.data.store import redact  # noqa: E402
+from minconv_dist.evaluate import init_times, load_model, open_channels, write_forecast  # noqa: E402
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint file, models:/name/version, runs:/id/path or official:PATH")
+    p.add_argument("--arch", help="architecture, for official checkpoints")
+    p.add_argument("--padding", default="zeros", help="padding, for official checkpoints")
+    p.add_argument("--tanh-encoder", action="store_true", help="for official checkpoints")
+    p.add_argument("--stats", help="NormStats JSON (overrides the stats saved with the model)")
+    p.add_argument("--data", help="zarr store of initial conditions (default: the embedded synthetic store)")
+    p.add_argument("--storage-options", type=json.loads, default=None, help="JSON for fsspec")
+    p.add_argument("--channels", help="channel specs, e.g. 'z' (default: those of the stats)")
+    p.add_argument("--dims", type=json.loads, default={}, help='store dim names, e.g. {"lat": "latitude", "lon": "longitude"}')
+    p.add_argument("--coarsen", type=int, default=1, help="block-average the grid by this factor (as in training)")
+    p.add_argument("--init-start", help="first init time (default: the data's first)")
+    p.add_argument("--init-end", help="last init time (default: the data's last)")
+    p.add_argument("--init-every", default="24h", help="spacing of init times")
+    p.add_argument("--context", type=int, default=20, help="frames of warm-up ending at init time")
+    p.add_argument("--steps", type=int, default=24, help="lead steps (in the data's time step)")
+    p.add_argument("--batch-size", type=int, default=8, help="init times per rollout batch (bounds memory)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="local path of the forecast zarr store")
+    p.add_argument("--overwrite", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> str:
+    args = parser().parse_args(argv)
+    model, saved = load_model(args.model, arch=args.arch, padding=args.padding, tanh_encoder=args.tanh_encoder)
+    if args.stats:
+        stats = NormStats.load(args.stats)
+    elif saved is not None:
+        stats = NormStats(**saved)
+    else:
+        sys.exit(f"{args.model} carries no normalisation stats: pass --stats stats.json")
+    url = args.data or default_store()
+    data = open_channels(url, args.channels or stats.channels, dims=DimNames(**args.dims), coarsen=args.coarsen,
+                         storage_options=args.storage_options)
+    inits = init_times(data["time"].values, args.init_start, args.init_end, args.init_every)
+    attrs = {"model_uri": args.model, "model_spec": getattr(model, "spec", None), "data_source": redact(url),
+             "channels": [str(c) for c in data["channel"].values], "coarsen": args.coarsen, "context": args.context,
+             "norm_stats": {"channels": stats.channels, "mean": stats.mean, "std": stats.std},
+             "config": {k: v for k, v in vars(args).items() if k != "storage_options"},
+             "created_by": "jobs/forecast.py"}
+    out = write_forecast(model, data, inits, context=args.context, steps=args.steps, out=args.out, stats=stats,
+                         batch_size=args.batch_size, attrs=attrs, device=args.device, overwrite=args.overwrite)
+    print(f"wrote {len(inits)} forecasts x {args.steps} leads to {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

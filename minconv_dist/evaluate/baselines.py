@@ -1,0 +1,46 @@
+"""Reference forecasts laid out like a model's, so the same metric code scores all of them.
+
+- persistence: the state at init time, held for every lead (hard to beat at short leads);
+- climatology: the climatological mean at each valid time (the floor every model must beat at long leads).
+"""
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+
+from minconv_dist.evaluate.metrics import LEAD, TIME
+
+
+def persistence(truth: xr.Dataset, init_time: xr.DataArray, lead_time: xr.DataArray) -> xr.Dataset:
+    """truth (time, latitude, longitude) -> (init_time, lead_time, latitude, longitude): truth at init time."""
+    missing = ~np.isin(init_time.values, truth["time"].values)
+    if missing.any():
+        raise ValueError(f"init times {init_time.values[missing][:3]} ... are not in the truth")
+    at_init = truth.sel(time=init_time).drop_vars("time")
+    return at_init.expand_dims({LEAD: lead_time.values}, axis=1).transpose(TIME, LEAD, ...)
+
+
+def climatology_at(climatology: xr.Dataset, valid_time: xr.DataArray) -> xr.Dataset:
+    """The climatology (dims dayofyear[, hour], latitude, longitude) at each valid time.
+
+    Indexed by day of year, and by hour of day when the climatology has an `hour` dim (WeatherBench2).
+    Day 366 falls back to day 365 when the climatology was computed from years without a leap day.
+    """
+    doy = valid_time.dt.dayofyear
+    if 366 not in climatology["dayofyear"].values:
+        doy = doy.where(doy < 366, 365)
+    keys = {"dayofyear": doy}
+    if "hour" in climatology.dims:
+        keys["hour"] = valid_time.dt.hour
+    for name, wanted in keys.items():
+        absent = np.setdiff1d(np.unique(wanted.values), climatology[name].values)
+        if absent.size:
+            raise ValueError(f"climatology has no {name} {absent[:5].tolist()}; it covers "
+                             f"{climatology[name].values.min()}..{climatology[name].values.max()}")
+    return climatology.sel(keys).drop_vars(list(keys), errors="ignore")
+
+
+def climatology_forecast(climatology: xr.Dataset, init_time: xr.DataArray, lead_time: xr.DataArray) -> xr.Dataset:
+    """(init_time, lead_time, latitude, longitude): the climatology at each valid time."""
+    valid = init_time + lead_time
+    return climatology_at(climatology, valid).transpose(TIME, LEAD, ...)

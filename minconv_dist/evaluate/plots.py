@@ -1,0 +1,69 @@
+"""The pictures users judge a forecast by: skill vs lead time, and truth/forecast/error maps. PNG via Agg."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import xarray as xr  # noqa: E402
+
+from minconv_dist.evaluate.metrics import LAT, LEAD, LON, TIME  # noqa: E402
+
+LABELS = {"rmse": "RMSE", "weighted_rmse": "lat-weighted RMSE", "bias": "bias", "acc": "ACC"}
+
+
+def _hours(lead: xr.DataArray) -> np.ndarray:
+    return lead.values / np.timedelta64(1, "h")
+
+
+def plot_skill(skill: xr.Dataset, variable: str, path: str | Path, metrics: tuple[str, ...] = ("weighted_rmse", "acc"),
+               title: str = "") -> Path:
+    """One panel per metric, one line per source (model and baselines), against lead time in hours."""
+    metrics = tuple(m for m in metrics if m in skill["metric"].values)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for source in skill["source"].values:
+            curve = skill[variable].sel(source=source, metric=metric)
+            style = "--" if source in ("persistence", "climatology") else "-"
+            ax.plot(_hours(curve[LEAD]), curve.values, style, marker=".", label=str(source))
+        ax.set_xlabel("lead time [h]")
+        ax.set_ylabel(f"{LABELS.get(metric, metric)} ({variable})")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title or f"{variable}: skill vs lead time ({skill.attrs.get('definition', '')})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_maps(forecast: xr.Dataset, truth: xr.Dataset, variable: str, path: str | Path,
+              leads: list[int] | None = None, init_index: int = 0) -> Path:
+    """Rows: chosen lead steps (1-based); columns: truth, forecast, error, for one init time."""
+    n_lead = forecast.sizes[LEAD]
+    leads = sorted({min(max(k, 1), n_lead) for k in (leads or [1, max(1, n_lead // 2), n_lead])})
+    fc = forecast[variable].isel({TIME: init_index}).sortby(LAT)
+    valid = fc[TIME].values + fc[LEAD].values
+    tr = truth[variable].sortby(LAT).sel(time=valid).rename(time=LEAD).assign_coords({LEAD: fc[LEAD].values})
+    lo, hi = float(min(tr.min(), fc.min())), float(max(tr.max(), fc.max()))
+    err_max = float(abs(fc - tr).max()) or 1.0
+    extent = [float(fc[LON].min()), float(fc[LON].max()), float(fc[LAT].min()), float(fc[LAT].max())]
+    fig, axes = plt.subplots(len(leads), 3, figsize=(12, 2.6 * len(leads)), squeeze=False)
+    for row, k in zip(axes, leads):
+        t, f = tr.isel({LEAD: k - 1}).values, fc.isel({LEAD: k - 1}).values
+        hours = _hours(fc[LEAD])[k - 1]
+        for ax, field, name, kw in ((row[0], t, "truth", dict(vmin=lo, vmax=hi, cmap="viridis")),
+                                    (row[1], f, "forecast", dict(vmin=lo, vmax=hi, cmap="viridis")),
+                                    (row[2], f - t, "error", dict(vmin=-err_max, vmax=err_max, cmap="RdBu_r"))):
+            im = ax.imshow(field, origin="lower", extent=extent, aspect="auto", **kw)
+            ax.set_title(f"{name}, lead {hours:g} h", fontsize=9)
+            fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.suptitle(f"{variable}, init {pd.Timestamp(fc[TIME].values)}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

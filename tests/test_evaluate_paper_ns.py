@@ -1,0 +1,29 @@
+"""The paper's Navier–Stokes comparison, tiny, on CPU: only that it runs end to end and writes its table."""
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import paper_navier_stokes as ns  # noqa: E402
+
+
+def test_solver_keeps_mean_vorticity_zero_and_is_finite():
+    gen = torch.Generator().manual_seed(0)
+    w0 = ns.gaussian_random_field(2, 16, 2.5, 7.0, gen, "cpu")
+    w = ns.navier_stokes(w0, 1e-3, time_units=2, dt=0.05, stride=2)
+    assert w.shape == (2, 3, 8, 8) and torch.isfinite(w).all()
+    assert abs(float(w0.mean())) < 1e-5
+
+
+def test_tiny_comparison_runs_end_to_end(tmp_path):
+    out = tmp_path / "ns.md"
+    args = ns.parser().parse_args([
+        "--train-samples", "4", "--test-samples", "2", "--epochs", "1", "--resolution", "16", "--downsample", "2",
+        "--time-units", "8", "--dt", "0.05", "--train-len", "5", "--train-teacher", "3", "--test-len", "8",
+        "--test-teacher", "3", "--hidden", "4", "--layers", "2", "--batch-size", "2", "--out", str(out)])
+    rows = ns.run(args)
+    assert [r["model"] for r in rows] == list(ns.PAPER_HIDDEN)
+    assert all(r["closed_loop_rmse"] > 0 and r["s_per_epoch"] > 0 for r in rows)
+    assert out.read_text().count("\n| ") == 6 and len(json.loads(out.with_suffix(".json").read_text())) == 5
