@@ -1,0 +1,12 @@
+"""Train a Min ConvRNN on ERA5-like z500 (the paper's WeatherBench set-up).
+
+With no arguments: the embedded synthetic store, 2 CPU workers on a local Ray, a few minutes.
+Real data: --url <WeatherBench zarr> --config configs/era5_weatherbench.yaml.
+Cluster: ray job submit --working-dir . -- python jobs/train_era5.py --set tracking.uri=http://<head>:5000
+"""
+import sys
+
+from minconv_dist.train.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(__doc__, base={"tracking": {"registered_model": "minconv-era5"}}))

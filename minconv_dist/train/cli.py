@@ -1,0 +1,49 @@
+"""The command line shared by the training jobs: a YAML file, `--set key=value` overrides and a few
+shortcut flags, all mapped onto the one `TrainConfig` (whose dataclass defaults are the defaults)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from minconv_dist.train.config import ConfigError, load_config
+from minconv_dist.train.trainer import TrainingError, fit
+
+# flag -> config key; the value is passed through the same YAML parsing as --set
+SHORTCUTS = {
+    "--url": ("data.url", "zarr store URL (local, s3://, gs://); default: the embedded synthetic store"),
+    "--channels": ("data.channels", "channels, e.g. '[z]' or '[geopotential@500, temperature@850]'"),
+    "--workers": ("parallel.num_workers", "number of Ray Train workers"),
+    "--gpu": ("parallel.use_gpu", "true: one GPU per worker (bf16)"),
+    "--zero-stage": ("parallel.zero_stage", "DeepSpeed ZeRO stage 0-3"),
+    "--arch": ("model.arch", "minconvgru | minconvlstm | minconvexplstm | convlstm | convgru"),
+    "--hidden-sizes": ("model.hidden_sizes", "e.g. '[24, 24, 24]'"),
+    "--sequence-length": ("data.sequence_length", "T: frames predicted per window"),
+    "--teacher-steps": ("data.teacher_steps", "k: teacher-forced frames (T - k closed loop)"),
+    "--epochs": ("optim.epochs", "training epochs"),
+    "--name": ("run.name", "run name (directory under run.storage_path, MLflow run name)"),
+}
+
+
+def main(description: str, base: dict[str, Any], argv: list[str] | None = None) -> int:
+    """Parse, train, print where the results are. `base` holds the job's own settings over the defaults."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Every config key (see docs/training.md) can be set with --set "
+                                            "section.key=value, e.g. --set optim.lr=5e-4 --set data.batch_size=8.")
+    parser.add_argument("--config", help="YAML file with config sections (model, data, optim, parallel, "
+                                         "checkpoint, tracking, run)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key; repeatable")
+    parser.add_argument("--resume", metavar="RUN", help="continue run RUN (a name under run.storage_path, or "
+                                                        "its directory) from its latest complete checkpoint")
+    for flag, (key, text) in SHORTCUTS.items():
+        parser.add_argument(flag, dest=key, metavar="VALUE", help=f"{text} (= --set {key}=VALUE)")
+    args = parser.parse_args(argv)
+    shortcuts = [f"{key}={getattr(args, key)}" for _, (key, _) in SHORTCUTS.items() if getattr(args, key) is not None]
+    try:
+        cfg = load_config(args.config, shortcuts + args.overrides, base=base)
+        fit(cfg, resume=args.resume)
+    except (ConfigError, TrainingError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, ConfigError) else 1
+    return 0

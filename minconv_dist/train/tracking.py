@@ -1,0 +1,142 @@
+"""MLflow helpers. The driver opens the run (params, config, stats) and logs the final model; rank 0 of
+the workers logs metrics and plots into the same run by id, so no worker needs global MLflow state.
+"""
+from __future__ import annotations
+
+import os
+import time
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from mlflow.entities import Metric  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from minconv_dist.data.store import redact  # noqa: E402
+
+
+def resolve_uri(uri: str | None) -> str:
+    """`uri`, else $MLFLOW_TRACKING_URI, else a sqlite store `mlflow.db` in the working directory (absolute,
+    because Ray workers run elsewhere)."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def _artifact_root(uri: str) -> str | None:
+    """For a local sqlite store, artifacts go next to it (absolute); servers choose their own."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Config as flat `section.key` params; storage options (credentials) left out, URLs redacted."""
+    out: dict[str, str] = {}
+    for key, value in config.items():
+        name = prefix + key
+        if name == "data.storage_options":
+            continue
+        if isinstance(value, dict):
+            out.update(flat_params(value, name + "."))
+        else:
+            out[name] = redact(value) if isinstance(value, str) else str(value)
+    return out
+
+
+def open_run(uri: str, experiment: str, run_name: str, config: dict[str, Any], stats_json: str) -> str:
+    """Create the run: params, config.yaml and stats.json as artifacts. Returns the run id."""
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=_artifact_root(uri))
+    run = client.create_run(exp_id, run_name=run_name, tags={"minconv.arch": config["model"]["arch"]})
+    params = flat_params(config)
+    keys = sorted(params)
+    for i in range(0, len(keys), 100):
+        client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, params[k]) for k in keys[i:i + 100]])
+    safe = dict(config, data={k: v for k, v in config["data"].items() if k != "storage_options"})
+    client.log_text(run.info.run_id, yaml.safe_dump(safe, sort_keys=False), "config.yaml")
+    client.log_text(run.info.run_id, stats_json, "stats.json")
+    return run.info.run_id
+
+
+class MetricLogger:
+    """Rank 0's handle on the run: batched metrics and forecast plots."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.client, self.run_id = MlflowClient(uri), run_id
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def plot_forecast(self, truth: torch.Tensor, forecast: torch.Tensor, step: int, channel: str) -> None:
+        """truth, forecast: [T, H, W] in physical units; shows the last closed-loop lead time."""
+        t, f = truth[-1].float().numpy(), forecast[-1].float().numpy()
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3), constrained_layout=True)
+        lo, hi = np.percentile(t, [1, 99])
+        for ax, img, title, kw in (
+            (axes[0], t, "truth", dict(vmin=lo, vmax=hi)),
+            (axes[1], f, "forecast", dict(vmin=lo, vmax=hi)),
+            (axes[2], f - t, "forecast - truth", dict(cmap="RdBu_r")),
+        ):
+            im = ax.imshow(img, origin="lower", **kw)
+            ax.set_title(f"{channel} {title}")
+            fig.colorbar(im, ax=ax, shrink=0.8)
+        fig.suptitle(f"validation at step {step}, lead {truth.shape[0]} frames")
+        self.client.log_figure(self.run_id, fig, f"plots/forecast_step{step:07d}.png")
+        plt.close(fig)
+
+
+def finish_run(uri: str, run_id: str, status: str) -> None:
+    MlflowClient(uri).set_terminated(run_id, status=status)
+
+
+class PortableModel(torch.nn.Module):
+    """The trained network, pickled as (spec, weights) and rebuilt with `build_model` on load, so a logged
+    model survives changes to the model classes' private attributes. Forwards `forward` and `rollout`."""
+
+    def __init__(self, network: torch.nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor, teacher_steps: int | None = None) -> torch.Tensor:
+        return self.network(x, teacher_steps=teacher_steps)
+
+    def rollout(self, context: torch.Tensor, steps: int, state: Any = None) -> tuple[torch.Tensor, Any]:
+        return self.network.rollout(context, steps, state)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"spec": self.network.spec, "state_dict": self.network.state_dict()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        from minconv_dist.models import build_model
+
+        network = build_model(**state["spec"])
+        network.load_state_dict(state["state_dict"])
+        self.__init__(network.eval())
+
+
+def log_model(uri: str, run_id: str, model: torch.nn.Module, example: torch.Tensor,
+              registered_name: str) -> str | None:
+    """Log `model` (pickled: torch.export would freeze the batch size) with an input example and signature,
+    and register it under `registered_name` (skipped when empty). Returns the registered version."""
+    mlflow.set_tracking_uri(uri)
+    model = PortableModel(model.eval())
+    with torch.no_grad():
+        output = model(example).numpy()
+    signature = mlflow.models.infer_signature(example.numpy(), output)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(
+            model, name="model", serialization_format="pickle", input_example=example.numpy(),
+            signature=signature, registered_model_name=registered_name or None,
+            # stated, not inferred: inference re-imports the model in a subprocess (~20 s)
+            pip_requirements=[f"minconv_dist=={version('minconv_dist')}", f"torch=={torch.__version__.split('+')[0]}"],
+        )
+    return None if info.registered_model_version is None else str(info.registered_model_version)

@@ -1,0 +1,95 @@
+"""The training config, its CLI, the LR schedule and curriculum, and the cluster YAMLs (no Ray session)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from minconv_dist.train.config import ConfigError, TrainConfig, load_config
+from minconv_dist.train.loop import lr_lambda, teacher_steps_at
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_yaml_and_overrides(tmp_path):
+    assert load_config() == TrainConfig().validate()
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 5e-4\ndata:\n  train_range: [1979-01-01, 2014-12-31]\n")
+    cfg = load_config(path, ["parallel.zero_stage=3", "model.hidden_sizes=[8, 8]", "data.url=null"])
+    assert cfg.optim.lr == 5e-4 and cfg.data.train_range == ["1979-01-01", "2014-12-31"]
+    assert cfg.parallel.zero_stage == 3 and cfg.model.hidden_sizes == [8, 8] and cfg.data.url is None
+    assert cfg.optim.epochs == TrainConfig().optim.epochs  # untouched keys keep the dataclass default
+
+
+@pytest.mark.parametrize("override, match", [
+    ("optim.lrr=1", "unknown config key optim.lrr"),
+    ("modell.arch=x", "unknown config key modell"),
+    ("parallel.zero_stage=4", r"parallel.zero_stage: got 4"),
+    ("data.batch_size=two", "data.batch_size: expected int"),
+    ("data.teacher_steps=30", r"data.teacher_steps: got 30, expected in \[1, data.sequence_length=24\]"),
+    ("model.arch=transformer", "model.arch"),
+    ("model.hidden_sizes=[8, 16]", "model.hidden_sizes"),
+    ("parallel.use_gpu=maybe", "parallel.use_gpu: expected bool"),
+    ("optim", "expected key=value"),
+])
+def test_bad_values_name_the_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(overrides=[override])
+
+
+def test_yaml_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  learning_rate: 1\n")
+    with pytest.raises(ConfigError, match="unknown config key optim.learning_rate"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_shipped_configs_load(name):
+    load_config(ROOT / "configs" / name)
+
+
+def test_lr_schedule_warms_up_then_decays_to_floor():
+    cfg = load_config(overrides=["optim.warmup_steps=4", "optim.min_lr_ratio=0.1"])
+    f = lr_lambda(cfg, total_steps=20)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == pytest.approx(1.0) and f(20) == pytest.approx(0.1) and f(12) < f(8)
+
+
+def test_curriculum_lengthens_the_closed_loop():
+    cfg = load_config(overrides=["data.sequence_length=24", "data.teacher_steps=20", "optim.curriculum_epochs=3"])
+    closed = [24 - teacher_steps_at(cfg, e) for e in range(5)]
+    assert closed == [1, 2, 3, 4, 4]
+    assert teacher_steps_at(load_config(), 0) == 20  # no curriculum: the final split from the start
+
+
+@pytest.mark.parametrize("job", ["jobs/train_era5.py", "jobs/train_navier_stokes.py"])
+def test_jobs_have_help(job):
+    out = subprocess.run([sys.executable, job, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "--set" in out.stdout and "--resume" in out.stdout
+
+
+def test_job_rejects_bad_config_before_ray():
+    out = subprocess.run([sys.executable, "jobs/train_era5.py", "--set", "optim.lr=-1"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "optim.lr: got -1" in out.stderr
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+def test_cluster_yaml_passes_rays_validator(name):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((ROOT / "cluster" / name).read_text())
+    validate_config(prepare_config(config))  # what `ray up` runs: defaults filled in, then Ray's JSON schema
+    broken = {**config, "available_node_types": {**config["available_node_types"], "head": {
+        **config["available_node_types"]["head"], "min_worker": 0}}}
+    with pytest.raises(Exception, match="min_worker"):  # the validator is not a no-op
+        validate_config(prepare_config(broken))
+    gpu_types = [t for t in config["available_node_types"].values() if t["resources"].get("GPU")]
+    assert gpu_types and config["available_node_types"][config["head_node_type"]]["resources"].get("GPU", 0) == 0
+    assert not any(k in (ROOT / "cluster" / name).read_text().lower() for k in ("secret_access_key", "private_key\":"))

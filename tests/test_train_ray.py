@@ -1,0 +1,144 @@
+"""Training under Ray Train + DeepSpeed on 2 CPU workers (gloo): ZeRO stages, fault tolerance, resume,
+NaN handling, MLflow and the errors raised before any worker starts. One local Ray session for the module.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import ray
+import torch
+
+from minconv_dist.data import write_synthetic_era5
+from minconv_dist.train import ConfigError, fit, load_config
+from minconv_dist.train.checkpoint import latest, load_model
+from minconv_dist.train.loop import NonFiniteLossError
+
+pytestmark = pytest.mark.timeout(600)
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("store") / "era5.zarr")
+    write_synthetic_era5(path, start="2015-01-01", end="2015-03-01", nlat=16, nlon=32)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("train")
+
+
+def tiny(store: str, workdir: Path, name: str, *overrides: str):
+    return load_config(overrides=[
+        f"data.url={store}", "data.train_range=[2015-01-01, 2015-01-31]", "data.val_range=[2015-02-01, 2015-02-28]",
+        "data.coarsen=2", "data.sequence_length=6", "data.teacher_steps=4", "data.stride=6", "data.batch_size=2",
+        "model.hidden_sizes=[4, 4]", "optim.epochs=2", f"optim.steps_per_epoch={STEPS // 2}", "optim.lr=5e-3",
+        "optim.warmup_steps=1", "checkpoint.val_every=2", "checkpoint.val_batches=1", "tracking.log_every=1",
+        f"tracking.uri=sqlite:///{workdir}/mlflow.db", "tracking.registered_model=tiny", f"run.name={name}",
+        f"run.storage_path={workdir}/runs", "parallel.max_failures=1", *overrides,
+    ])
+
+
+def losses(result) -> list[float]:
+    history = mlflow.tracking.MlflowClient(result.mlflow_uri).get_metric_history(result.mlflow_run_id, "train_loss")
+    by_step = {m.step: m.value for m in history}  # a restarted run logs some steps twice, with equal values
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def weights(result) -> dict[str, torch.Tensor]:
+    return load_model(result.checkpoint).state_dict()
+
+
+@pytest.fixture(scope="module")
+def reference(store, workdir, ray_session):
+    """An uninterrupted ZeRO-0 run: the baseline for ZeRO-3, fault tolerance and resume."""
+    return fit(tiny(store, workdir, "zero0"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stage_decreases_loss(stage, store, workdir, reference):
+    result = fit(tiny(store, workdir, f"zero{stage}", f"parallel.zero_stage={stage}"))
+    got = losses(result)
+    assert len(got) == STEPS and got[-1] < got[0]
+    if stage == 3:  # ZeRO-3 partitions parameters but must compute the same thing as ZeRO-0
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(losses(reference)), rtol=1e-4, atol=1e-6)
+        for key, value in weights(reference).items():
+            torch.testing.assert_close(weights(result)[key], value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_epoch_recovers_exactly(store, workdir, reference, tmp_path):
+    marker = tmp_path / "killed"
+    result = fit(tiny(store, workdir, "killed"), hooks={"kill_at_step": 3, "kill_marker": str(marker)})
+    assert marker.exists(), "the hook did not kill a worker"
+    assert losses(result)[-1] == losses(reference)[-1]
+    for key, value in weights(reference).items():
+        torch.testing.assert_close(weights(result)[key], value, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_resume_continues_a_stopped_run_exactly(store, workdir, reference):
+    first = fit(tiny(store, workdir, "stopped", "run.stop_after_steps=3"))
+    assert latest(first.run_dir)[1]["global_step"] == 3
+    resumed = fit(tiny(store, workdir, "ignored"), resume="stopped")
+    assert resumed.run_dir == first.run_dir and resumed.mlflow_run_id == first.mlflow_run_id
+    assert latest(resumed.run_dir)[1]["global_step"] == STEPS
+    assert losses(resumed) == losses(reference)
+    for key, value in weights(reference).items():
+        torch.testing.assert_close(weights(resumed)[key], value, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="already has checkpoints"):
+        fit(tiny(store, workdir, "stopped"))
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(store, workdir, ray_session):
+    cfg = tiny(store, workdir, "nan", "parallel.max_failures=0")
+    with pytest.raises(NonFiniteLossError, match=r"non-finite training loss.*step 3.*last good checkpoint"):
+        fit(cfg, hooks={"nan_at_step": 3})
+    assert latest(f"{workdir}/runs/nan")[1]["global_step"] == 2
+
+
+@pytest.mark.slow
+def test_mlflow_run_and_registered_model(reference):
+    client = mlflow.tracking.MlflowClient(reference.mlflow_uri)
+    run = client.get_run(reference.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["parallel.zero_stage"] == "0" and run.data.params["model.arch"] == "minconvgru"
+    for key in ("train_loss", "val_loss", "lr", "samples_per_s", "time_per_step_s", "memory_rss_mb",
+                "epoch_train_loss"):
+        assert key in run.data.metrics, key
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "stats.json"} <= artifacts
+    assert len(client.list_artifacts(run.info.run_id, "plots")) == STEPS // 2
+    assert reference.model_version is not None
+    mlflow.set_tracking_uri(reference.mlflow_uri)
+    model = mlflow.pytorch.load_model(f"models:/tiny/{reference.model_version}")
+    forecast, _ = model.rollout(torch.randn(3, 4, 1, 8, 16), steps=5)  # any batch size
+    assert forecast.shape == (3, 5, 1, 8, 16) and torch.isfinite(forecast).all()
+
+
+@pytest.mark.parametrize("override, match", [
+    ("data.url=/nonexistent/store.zarr", "data.url: cannot open zarr store"),
+    ("parallel.num_workers=16", "parallel: the Ray cluster cannot fit 16 workers"),
+    ("data.train_range=[1990-01-01, 1990-02-01]", "data.train_range.*selects no data"),
+    ("data.channels=[geopotential@500]", "data.channels.*geopotential"),
+])
+def test_bad_setup_fails_before_any_worker(override, match, store, workdir, ray_session):
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=match):
+        fit(tiny(store, workdir, "bad", override))
+    assert time.monotonic() - start < 20
+    assert not (workdir / "runs" / "bad").exists()
