@@ -183,3 +183,19 @@ def test_bad_build_arguments(kwargs, match):
     args = dict(arch="minconvgru", in_channels=1, hidden_sizes=[4, 4], grid=(8, 8)) | kwargs
     with pytest.raises(ValueError, match=match):
         build_model(**args)
+
+
+def test_chunked_network_equals_unchunked_values_and_grads():
+    torch.manual_seed(3)
+    plain = build_model("minconvlstm", 1, [3, 3], norm="group").double()
+    chunked = build_model("minconvlstm", 1, [3, 3], norm="group", chunk_size=4).double()
+    chunked.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 11, 1, 5, 5, dtype=torch.float64)
+    y_plain, y_chunked = plain(x, teacher_steps=9), chunked(x, teacher_steps=9)
+    assert torch.allclose(y_chunked, y_plain, rtol=1e-10, atol=1e-12)
+    g_plain = torch.autograd.grad(y_plain.square().sum(), list(plain.parameters()))
+    g_chunked = torch.autograd.grad(y_chunked.square().sum(), list(chunked.parameters()))
+    for a, b in zip(g_plain, g_chunked):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-11)
+    with pytest.raises(ValueError, match="chunk_size"):
+        build_model("minconvgru", 1, [3], norm="group", chunk_size=0)

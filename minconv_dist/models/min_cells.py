@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from minconv_dist.models.padding import PaddedConv2d
 from minconv_dist.ops.gates import gate_blocks, gate_rule
-from minconv_dist.ops.scan import gate_scan
+from minconv_dist.ops.scan import gate_scan, run_chunked
 
 DEFAULT_H0 = 0.5  # g(0): the official parallel path's initial state
 
@@ -24,11 +24,17 @@ DEFAULT_H0 = 0.5  # g(0): the official parallel path's initial state
 class MinConvCell(nn.Module):
     """One Min cell. kind: "gru" | "lstm" | "explstm". State: h [B, hidden, H, W]."""
 
-    def __init__(self, kind: str, hidden: int, padding: str = "zeros", scan_method: str = "auto"):
+    def __init__(
+        self, kind: str, hidden: int, padding: str = "zeros", scan_method: str = "auto",
+        chunk_size: int | None = None,
+    ):
         super().__init__()
         self.kind = kind
         self.hidden = hidden
         self.scan_method = scan_method
+        # Long sequences: conv + gates + scan run per time chunk, recomputed in backward, so the
+        # memory of the pre-activations grows with the chunk, not with T (exact gradients).
+        self.chunk_size = chunk_size
         self.conv = PaddedConv2d(hidden, gate_blocks(kind) * hidden, padding)
 
     def initial_state(self, x: Tensor) -> Tensor:
@@ -39,6 +45,11 @@ class MinConvCell(nn.Module):
     def forward(self, x: Tensor, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Parallel form. x: [B, T, hidden, H, W] -> (h [B, T, hidden, H, W], h_last [B, hidden, H, W])."""
         h0 = self.initial_state(x) if h0 is None else h0
+        if self.chunk_size is None:
+            return self._conv_scan(x, h0)
+        return run_chunked(self._conv_scan, (x,), h0, self.chunk_size)
+
+    def _conv_scan(self, x: Tensor, h0: Tensor) -> tuple[Tensor, Tensor]:
         return gate_scan(self.kind, self.conv(x), h0, method=self.scan_method)
 
     def step(self, x: Tensor, h: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -49,4 +60,7 @@ class MinConvCell(nn.Module):
         return h, h
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind}, hidden={self.hidden}, scan_method={self.scan_method}"
+        return (
+            f"kind={self.kind}, hidden={self.hidden}, scan_method={self.scan_method}, "
+            f"chunk_size={self.chunk_size}"
+        )

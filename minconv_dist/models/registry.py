@@ -10,14 +10,14 @@ from minconv_dist.models.min_cells import MinConvCell
 from minconv_dist.models.network import Network
 from minconv_dist.models.padding import check_padding
 
-CellFactory = Callable[[int, str, str], nn.Module]  # (hidden, padding, scan_method) -> cell
+CellFactory = Callable[[int, str, str, "int | None"], nn.Module]  # (hidden, padding, scan_method, chunk_size)
 
 ARCHS: dict[str, CellFactory] = {
-    "minconvgru": lambda h, p, m: MinConvCell("gru", h, p, m),
-    "minconvlstm": lambda h, p, m: MinConvCell("lstm", h, p, m),
-    "minconvexplstm": lambda h, p, m: MinConvCell("explstm", h, p, m),
-    "convlstm": lambda h, p, m: ConvLSTMCell(h, p),
-    "convgru": lambda h, p, m: ConvGRUCell(h, p),
+    "minconvgru": lambda h, p, m, c: MinConvCell("gru", h, p, m, c),
+    "minconvlstm": lambda h, p, m, c: MinConvCell("lstm", h, p, m, c),
+    "minconvexplstm": lambda h, p, m, c: MinConvCell("explstm", h, p, m, c),
+    "convlstm": lambda h, p, m, c: ConvLSTMCell(h, p),
+    "convgru": lambda h, p, m, c: ConvGRUCell(h, p),
 }
 
 
@@ -30,8 +30,13 @@ def build_model(
     grid: tuple[int, int] | None = None,
     tanh_encoder: bool = False,
     scan_method: str = "auto",
+    chunk_size: int | None = None,
 ) -> Network:
-    """Build one of `ARCHS`. norm="layer" (the paper's LayerNorm over [H, W]) needs `grid`."""
+    """Build one of `ARCHS`. norm="layer" (the paper's LayerNorm over [H, W]) needs `grid`.
+
+    chunk_size: Min cells run conv + gates + scan per time chunk, recomputed in backward, so
+    activation memory grows with the chunk rather than with T (exact gradients; long sequences).
+    """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(ARCHS)}")
     if in_channels < 1:
@@ -43,8 +48,10 @@ def build_model(
             f"needs equal sizes), got {hidden_sizes}"
         )
     check_padding(padding)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
     hidden = hidden_sizes[0]
-    cells = [ARCHS[arch](hidden, padding, scan_method) for _ in hidden_sizes]
+    cells = [ARCHS[arch](hidden, padding, scan_method, chunk_size) for _ in hidden_sizes]
     model = Network(
         cells, in_channels, hidden, norm=norm, grid=grid, tanh_encoder=tanh_encoder,
         decode_cell_output=arch == "convgru",

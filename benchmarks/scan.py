@@ -1,0 +1,109 @@
+"""Scan alone: GB/s of the fused Triton kernel, the official log-space form and the sequential loop,
+forward and forward+backward, against the device copy bandwidth measured in the same run; then the
+fused gate+scan of each Min cell against the bare scan.
+
+Traffic counted: forward reads a, b and writes h (3 tensors); backward reads a, h, dh and writes
+da, db (5); fused gate+scan reads the k pre-activation blocks instead of a, b.
+
+    PYTHONPATH=. python benchmarks/scan.py
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from benchmarks.common import copy_bandwidth_gbs, device_line, time_ms
+from minconv_dist.ops.gates import GATES, gate_rule
+from minconv_dist.ops.scan import gate_scan, scan
+
+SHAPES = [(8, 64, 262144), (4, 256, 65536), (1, 8192, 131072)]
+METHODS = ["triton", "log", "sequential"]
+
+
+def _scan_rows(copy: float, dtype: torch.dtype) -> None:
+    for B, T, D in SHAPES:
+        a = (torch.rand(B, T, D, device="cuda") * 0.9 + 0.05).to(dtype).requires_grad_()
+        b = (torch.rand(B, T, D, device="cuda") + 0.05).to(dtype).requires_grad_()  # log form needs b > 0
+        dh = torch.randn(B, T, D, device="cuda", dtype=dtype)
+        n = a.numel() * a.element_size()
+        for method in METHODS if dtype == torch.float32 else ["triton"]:
+            reps = dict(warmup=1, reps=3) if method == "sequential" else {}
+            with torch.no_grad():
+                fwd = time_ms(lambda: scan(a, b, method=method), **reps)
+
+            def step():
+                h, _ = scan(a, b, method=method)
+                torch.autograd.grad(h, (a, b), dh)
+
+            try:
+                both = time_ms(step, **reps)
+            except torch.cuda.OutOfMemoryError:
+                both = float("nan")
+            torch.cuda.empty_cache()
+            gbf, gbb = 3 * n / fwd / 1e6, 8 * n / both / 1e6
+            print(
+                f"| [{B}, {T}, {D}] | {str(dtype)[6:]} | {method} | {fwd:.3f} | {gbf:.0f} | {gbf / copy:.0%} "
+                f"| {both:.3f} | {gbb:.0f} | {gbb / copy:.0%} |", flush=True
+            )
+        del a, b, dh
+        torch.cuda.empty_cache()
+
+
+def _gate_rows() -> None:
+    """Fused gate+scan vs the bare scan on a, b of the same D (and vs gates in torch + scan)."""
+    B, T, hidden, H, W = 8, 64, 64, 64, 64
+    a = (torch.rand(B, T, hidden, H, W, device="cuda") * 0.9 + 0.05).requires_grad_()
+    b = torch.randn_like(a).requires_grad_()
+    dh = torch.randn_like(a)
+
+    def bare():
+        h, _ = scan(a, b, method="triton")
+        torch.autograd.grad(h, (a, b), dh)
+
+    with torch.no_grad():
+        bare_f = time_ms(lambda: scan(a, b, method="triton"))
+    bare_b = time_ms(bare)
+    for kind in sorted(GATES):
+        pre = (torch.randn(B, T, GATES[kind][0] * hidden, H, W, device="cuda") * 2).requires_grad_()
+        h0 = torch.full_like(a[:, 0], 0.5)
+
+        def fused():
+            h, _ = gate_scan(kind, pre, h0, method="triton")
+            torch.autograd.grad(h, pre, dh)
+
+        def unfused():
+            ga, gb = gate_rule(kind)(pre)
+            h, _ = scan(ga, gb, h0, method="triton")
+            torch.autograd.grad(h, pre, dh)
+
+        with torch.no_grad():
+            fused_f = time_ms(lambda: gate_scan(kind, pre, h0, method="triton"))
+        fused_b, unfused_b = time_ms(fused), time_ms(unfused)
+        print(
+            f"| {kind} | {fused_f:.3f} | {bare_f:.3f} | {fused_f / bare_f:.2f} | {fused_b:.3f} | {bare_b:.3f} "
+            f"| {fused_b / bare_b:.2f} | {unfused_b:.3f} | {unfused_b / fused_b:.1f}x |", flush=True
+        )
+        del pre
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--gates-only", action="store_true", help="only the fused gate+scan table")
+    args = parser.parse_args()
+    copy = copy_bandwidth_gbs()
+    print(f"device: {device_line()}; copy bandwidth (read+write): {copy:.0f} GB/s")
+    print("| shape [B, T, D] | dtype | method | fwd ms | fwd GB/s | fwd / copy | fwd+bwd ms | fwd+bwd GB/s | fwd+bwd / copy |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    if not args.gates_only:
+        _scan_rows(copy, torch.float32)
+        _scan_rows(copy, torch.bfloat16)
+    print("\nfused gate+scan vs bare scan, [B, T, hidden, H, W] = [8, 64, 64, 64, 64], fp32")
+    print("| kind | fused fwd ms | bare fwd ms | ratio | fused fwd+bwd ms | bare fwd+bwd ms | ratio "
+          "| torch gates + scan fwd+bwd ms | fused speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    _gate_rows()
+
+
+if __name__ == "__main__":
+    main()

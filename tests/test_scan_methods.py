@@ -1,0 +1,66 @@
+"""Every torch scan method equals the sequential definition in float64: values, gradients, h0."""
+import pytest
+import torch
+
+from minconv_dist.ops.gates import GATES
+from minconv_dist.ops.scan import SCANS, gate_scan, scan
+
+TORCH_METHODS = ["doubling", "log"]  # "triton" is tested on the GPU (test_scan_triton.py)
+
+
+def _inputs(B, T, D, seed):
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.rand(B, T, *D, generator=gen, dtype=torch.float64) * 0.98 + 0.01
+    b = torch.rand(B, T, *D, generator=gen, dtype=torch.float64) + 0.05  # positive: "log" needs it
+    h0 = torch.rand(B, *D, generator=gen, dtype=torch.float64) + 0.1
+    return a, b, h0
+
+
+def _value_and_grads(method, a, b, h0, w, chunk_size=None):
+    leaves = [t.detach().clone().requires_grad_() for t in (a, b, h0) if t is not None]
+    h, last = scan(*leaves, *([] if h0 is not None else [None]), method=method, chunk_size=chunk_size)
+    grads = torch.autograd.grad((h * w).sum() + 3 * last.sum(), leaves, materialize_grads=True)
+    return h, last, grads
+
+
+@pytest.mark.parametrize("method", TORCH_METHODS)
+@pytest.mark.parametrize("B,T,D", [(2, 1, (3,)), (3, 7, (2, 3, 5)), (1, 33, (4,)), (2, 64, (2, 2))])
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_method_equals_sequential(method, B, T, D, with_h0):
+    a, b, h0 = _inputs(B, T, D, seed=T)
+    h0 = h0 if with_h0 else None  # a zero state enters the log form as log 0 = -inf: still exact
+    w = torch.randn(B, T, *D, dtype=torch.float64)
+    h_ref, last_ref, g_ref = _value_and_grads("sequential", a, b, h0, w)
+    h, last, g = _value_and_grads(method, a, b, h0, w)
+    torch.testing.assert_close(h, h_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(last, last_ref, rtol=1e-10, atol=1e-12)
+    for x, r in zip(g, g_ref):
+        torch.testing.assert_close(x, r, rtol=1e-9, atol=1e-10)
+
+
+def test_doubling_handles_signed_inputs_and_keeps_dtype():
+    a, b, h0 = _inputs(2, 19, (5,), seed=1)
+    b = b - 0.6
+    h_ref, _ = scan(a, b, -h0, method="sequential")
+    torch.testing.assert_close(scan(a, b, -h0, method="doubling")[0], h_ref, rtol=1e-10, atol=1e-12)
+    assert scan(a.float(), b.bfloat16(), method="doubling")[0].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("kind", sorted(GATES))
+@pytest.mark.parametrize("method", ["doubling", "sequential"])
+def test_gate_scan_methods_equal_log_form(kind, method):
+    gen = torch.Generator().manual_seed(3)
+    pre = torch.randn(2, 9, GATES[kind][0] * 3, 4, 5, generator=gen, dtype=torch.float64) * 3
+    h0 = torch.full((2, 3, 4, 5), 0.5, dtype=torch.float64)
+    ref, last_ref = gate_scan(kind, pre, h0, method="log")
+    h, last = gate_scan(kind, pre, h0, method=method)
+    torch.testing.assert_close(h, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(last, last_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_auto_is_a_torch_method_on_cpu_and_triton_needs_cuda():
+    a, b, h0 = _inputs(1, 5, (2,), seed=0)
+    torch.testing.assert_close(scan(a, b, h0)[0], scan(a, b, h0, method="sequential")[0])
+    if "triton" in SCANS:
+        with pytest.raises(ValueError, match="needs CUDA"):
+            scan(a, b, h0, method="triton")
