@@ -14,7 +14,8 @@ import evaluate as evaluate_job  # noqa: E402
 import forecast as forecast_job  # noqa: E402
 
 from minconv_dist.data import NormStats, default_store  # noqa: E402
-from minconv_dist.evaluate import check_inputs, load_model, open_channels, save_checkpoint  # noqa: E402
+from minconv_dist.evaluate import check_inputs, load_model, open_channels  # noqa: E402
+from minconv_dist.models import save_checkpoint  # noqa: E402
 from minconv_dist.models import build_model, to_official_state_dict  # noqa: E402
 
 STATS = NormStats(["z"], [54107.863], [3349.0322])

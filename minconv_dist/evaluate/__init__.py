@@ -7,12 +7,12 @@ from minconv_dist.evaluate.forecast import check_inputs, init_times, open_channe
 from minconv_dist.evaluate.metrics import (
     DEFINITIONS, METRICS, acc, align_truth, bias, latitude_weights, rmse, score, weighted_rmse,
 )
-from minconv_dist.evaluate.model_io import load_checkpoint, load_model, save_checkpoint, stats_to_dict
+from minconv_dist.evaluate.model_io import load_model
 from minconv_dist.evaluate.report import as_fields, evaluate_forecast, to_frame
 
 __all__ = [
     "DEFINITIONS", "METRICS", "acc", "align_truth", "as_fields", "bias", "check_inputs", "climatology_at",
-    "climatology_forecast", "evaluate_forecast", "init_times", "latitude_weights", "load_checkpoint", "load_model",
-    "open_channels", "persistence", "rmse", "save_checkpoint", "score", "stats_to_dict", "time_step", "to_frame",
+    "climatology_forecast", "evaluate_forecast", "init_times", "latitude_weights", "load_model",
+    "open_channels", "persistence", "rmse", "score", "time_step", "to_frame",
     "weighted_rmse", "write_forecast",
 ]
