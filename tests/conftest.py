@@ -56,3 +56,19 @@ def tiny_wb2_store(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("stores") / "tiny_wb2.zarr")
     write_synthetic_era5(path, **TINY, layout="weatherbench2")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sample_store(tmp_path_factory) -> str:
+    """Navier–Stokes layout `vorticity(sample, time, y, x)`: 10 trajectories of 12 frames on 8x8, chunked
+    (4, 5, 8, 8) so that neither chunk size divides its dim; frame (s, t) is `100 s + t` everywhere."""
+    import numpy as np
+    import xarray as xr
+
+    path = str(tmp_path_factory.mktemp("stores") / "tiny_ns.zarr")
+    s, t = np.meshgrid(np.arange(10), np.arange(12), indexing="ij")
+    v = np.broadcast_to((100 * s + t)[..., None, None], (10, 12, 8, 8)).astype(np.float32)
+    xr.Dataset({"vorticity": (("sample", "time", "y", "x"), v)},
+               coords={"sample": np.arange(10), "time": np.arange(12.0), "y": np.arange(8) / 8, "x": np.arange(8) / 8},
+               ).to_zarr(path, encoding={"vorticity": {"chunks": (4, 5, 8, 8)}}, zarr_format=3, consolidated=False)
+    return path

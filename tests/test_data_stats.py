@@ -63,3 +63,13 @@ def test_climatology_by_day_of_year_and_to_zarr(tiny_store, tmp_path):
     path = str(tmp_path / "clim.zarr")
     clim.to_dataset().to_zarr(path)
     assert xr.open_zarr(path).climatology.load().identical(clim)
+
+
+def test_stats_over_training_samples_only(tiny_sample_store):
+    ns = DimNames(lat="y", lon="x", sample="sample")
+    stats = compute_stats(tiny_sample_store, "vorticity", ns, sample_range=(0, 7), progress=False)
+    v = open_store(tiny_sample_store).vorticity.values[:7].astype(np.float64)
+    np.testing.assert_allclose(stats.mean, [v.mean()], rtol=1e-12)
+    np.testing.assert_allclose(stats.std, [v.std()], rtol=1e-8)
+    with pytest.raises(ValueError, match="needs a sample dim"):
+        compute_stats(tiny_sample_store, "vorticity", DimNames(lat="y", lon="x"), sample_range=(0, 7), progress=False)

@@ -50,9 +50,9 @@ def test_each_block_is_read_once_per_epoch(tiny_store, monkeypatch):
     reads = []
     original = WindowDataset._read
 
-    def counting(self, layers, t_first, t_last):
+    def counting(self, layers, s_first, s_last, t_first, t_last):
         reads.append((t_first, t_last))
-        return original(self, layers, t_first, t_last)
+        return original(self, layers, s_first, s_last, t_first, t_last)
 
     monkeypatch.setattr(WindowDataset, "_read", counting)
     ds = WindowDataset(tiny_store, "z", T, shuffle_buffer=100, max_read_amplification=1.1)
@@ -163,6 +163,7 @@ def test_consumed_per_worker_follows_dataloader_round_robin():
     ({"nan_policy": "ignore"}, "nan_policy='ignore'"),
     ({"nan_policy": "fill"}, "needs stats"),
     ({"rank": 2, "world_size": 2}, "rank=2 outside world_size=2"),
+    ({"sample_range": (0, 1)}, "needs a sample dim"),
 ])
 def test_bad_arguments(tiny_store, kwargs, match):
     kwargs = {"window": T, **kwargs}
@@ -226,3 +227,83 @@ def test_s3_windows_equal_local(tiny_store, s3_bucket, s3_options):
     assert len(pairs) == len(local) == 59 // 2
     for a, b in pairs:
         assert torch.equal(a, b)
+
+
+# ---- sample stores (Navier–Stokes layout): windows inside one trajectory, splits by sample index ----
+NS = DimNames(lat="y", lon="x", sample="sample")
+
+
+def ids(windows) -> list[tuple[int, int]]:
+    """(sample, start) of each window of `tiny_sample_store`, checking it lies inside one trajectory."""
+    out = []
+    for w in windows:
+        first = int(w[0, 0, 0, 0])
+        np.testing.assert_array_equal(w[:, 0, 0, 0].numpy(), first + np.arange(w.shape[0]))
+        out.append(divmod(first, 100))
+    return out
+
+
+def test_sample_windows_stay_inside_one_trajectory(tiny_sample_store):
+    ds = WindowDataset(tiny_sample_store, "vorticity", T, stride=2, sample_range=(2, 9), dims=NS, shuffle=False)
+    assert ds.windows_per_sample == 4 and len(ds) == 7 * 4 and ds.grid == (8, 8)
+    assert ids(ds) == [(s, t) for s in range(2, 9) for t in (0, 2, 4, 6)]
+    assert ds.samples.tolist() == [s for s in range(2, 9) for _ in range(4)] and ds.times[:4].tolist() == [0, 2, 4, 6]
+
+
+def test_sample_blocks_are_whole_sample_chunks_read_once(tiny_sample_store, monkeypatch):
+    reads = []
+    original = WindowDataset._read
+
+    def counting(self, layers, *span):
+        reads.append(span)
+        return original(self, layers, *span)
+
+    monkeypatch.setattr(WindowDataset, "_read", counting)
+    ds = WindowDataset(tiny_sample_store, "vorticity", T, sample_range=(2, 9), dims=NS, seed=1)
+    assert len(ids(ds)) == 7 * 8
+    assert sorted(reads) == [(2, 4, 0, 12), (4, 8, 0, 12), (8, 9, 0, 12)]  # chunks of 4 samples, all frames
+
+
+def test_sample_sharding_over_ranks_and_workers_covers_each_window_once(tiny_sample_store):
+    seen = []
+    for rank in range(2):
+        ds = WindowDataset(tiny_sample_store, "vorticity", T, dims=NS, rank=rank, world_size=2, batch_size=3, seed=7,
+                           shuffle_buffer=8)
+        got = ids(collect(ds, workers=2, batch=3))
+        assert len(got) == len(ds) == 40
+        seen += got
+    assert sorted(seen) == [(s, t) for s in range(10) for t in range(8)]
+    assert seen != sorted(seen)  # shuffled
+
+
+def test_sample_splits_are_disjoint(tiny_sample_store):
+    def make(samples: tuple[int, int]) -> set[tuple[int, int]]:
+        return set(ids(WindowDataset(tiny_sample_store, "vorticity", T, sample_range=samples, dims=NS)))
+
+    train, val, test = make((0, 7)), make((7, 9)), make((9, 10))
+    assert {s for s, _ in train} == set(range(7)) and {s for s, _ in val} == {7, 8} and {s for s, _ in test} == {9}
+    assert not (train & val or train & test or val & test)
+
+
+def test_sample_resume_with_loader_workers_yields_exactly_the_rest(tiny_sample_store):
+    make = lambda: WindowDataset(tiny_sample_store, "vorticity", T, dims=NS, rank=1, world_size=2,  # noqa: E731
+                                 batch_size=4, seed=5, shuffle_buffer=8)
+    full = ids(collect(make(), workers=2, batch=4))
+    loader = iter(DataLoader(make(), batch_size=4, num_workers=2))
+    consumed = [x for _ in range(3) for x in next(loader).unbind(0)]
+    del loader
+    resumed = make()
+    resumed.load_state_dict(make().state_dict(position=len(consumed)))
+    assert ids(consumed) + ids(collect(resumed, workers=2, batch=4)) == full
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"dims": DimNames(lat="y", lon="x")}, r"has dims \('sample', 'time', 'y', 'x'\); expected \('time', 'y', 'x'\)"),
+    ({"sample_range": (8, 11)}, r"need 0 <= start < stop <= 10"),
+    ({"sample_range": (3, 3)}, r"need 0 <= start < stop <= 10"),
+    ({"window": 13}, "window=13 is longer than the 12 time steps"),
+])
+def test_bad_sample_arguments(tiny_sample_store, kwargs, match):
+    kwargs = {"window": T, "dims": NS, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        WindowDataset(tiny_sample_store, "vorticity", **kwargs)

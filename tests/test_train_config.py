@@ -34,10 +34,24 @@ def test_defaults_yaml_and_overrides(tmp_path):
     ("model.hidden_sizes=[8, 16]", "model.hidden_sizes"),
     ("parallel.use_gpu=maybe", "parallel.use_gpu: expected bool"),
     ("optim", "expected key=value"),
+    ("data.train_samples=[0, 8]", r"data.train_samples: got \[0, 8\], expected null unless data.sample_dim"),
 ])
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(overrides=[override])
+
+
+@pytest.mark.parametrize("override, match", [
+    ("data.train_samples=null", r"data.train_samples: got None, expected \[start, stop\) sample indices"),
+    ("data.val_samples=[5, 5]", r"data.val_samples: got \[5, 5\]"),
+    ("data.val_samples=[6, 9]", r"data.val_samples: got \[6, 9\], expected disjoint from data.train_samples=\[0, 8\]"),
+])
+def test_sample_split_is_checked(override, match):
+    ns = ["data.sample_dim=sample", "data.train_samples=[0, 8]", "data.val_samples=[8, 10]"]
+    cfg = load_config(overrides=ns)
+    assert cfg.data.train_samples == [0, 8] and cfg.data.val_samples == [8, 10]
+    with pytest.raises(ConfigError, match=match):
+        load_config(overrides=[*ns, override])
 
 
 def test_yaml_file_errors(tmp_path):

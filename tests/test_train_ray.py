@@ -3,6 +3,7 @@ NaN handling, MLflow and the errors raised before any worker starts. One local R
 """
 from __future__ import annotations
 
+import importlib.util
 import time
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 import ray
 import torch
 
-from minconv_dist.data import write_synthetic_era5
+from minconv_dist.data import generate_navier_stokes, write_synthetic_era5
 from minconv_dist.train import ConfigError, fit, load_config
 from minconv_dist.train.checkpoint import latest, load_model
 from minconv_dist.train.loop import NonFiniteLossError
@@ -19,6 +20,7 @@ from minconv_dist.train.loop import NonFiniteLossError
 pytestmark = pytest.mark.timeout(600)
 
 STEPS = 6
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +144,35 @@ def test_bad_setup_fails_before_any_worker(override, match, store, workdir, ray_
         fit(tiny(store, workdir, "bad", override))
     assert time.monotonic() - start < 20
     assert not (workdir / "runs" / "bad").exists()
+
+
+def navier_stokes_job() -> dict:
+    """The set-up `jobs/train_navier_stokes.py` trains by default."""
+    spec = importlib.util.spec_from_file_location("train_navier_stokes", ROOT / "jobs" / "train_navier_stokes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.PAPER
+
+
+@pytest.mark.slow
+def test_navier_stokes_job_setup_trains_and_logs(workdir, ray_session, tmp_path):
+    """The job's sample-split set-up, shrunk: a real (tiny) NS store, 2 workers, MLflow run and model."""
+    store = str(tmp_path / "ns.zarr")
+    generate_navier_stokes(store, samples=6, resolution=16, downsample=2, time_units=8, dt=1e-2, batch_size=3,
+                           progress=False)
+    cfg = load_config(base=navier_stokes_job(), overrides=[
+        f"data.url={store}", "data.train_samples=[0, 4]", "data.val_samples=[4, 6]", "data.sequence_length=5",
+        "data.teacher_steps=3", "data.stride=2", "model.hidden_sizes=[4, 4]", "optim.epochs=1",
+        "optim.steps_per_epoch=3", "checkpoint.val_batches=1", "tracking.log_every=1",
+        f"tracking.uri=sqlite:///{workdir}/mlflow.db", "tracking.registered_model=tiny-ns", "run.name=ns",
+        f"run.storage_path={workdir}/runs",
+    ])
+    assert cfg.model.padding == "circular" and cfg.data.sample_dim == "sample"
+    result = fit(cfg)
+    run = mlflow.tracking.MlflowClient(result.mlflow_uri).get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED" and {"train_loss", "val_loss"} <= set(run.data.metrics)
+    assert run.data.params["data.train_samples"] == "[0, 4]"
+    mlflow.set_tracking_uri(result.mlflow_uri)
+    forecast, _ = mlflow.pytorch.load_model(f"models:/tiny-ns/{result.model_version}").rollout(
+        torch.randn(2, 3, 1, 8, 8), steps=4)
+    assert forecast.shape == (2, 4, 1, 8, 8) and torch.isfinite(forecast).all()

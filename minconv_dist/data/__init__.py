@@ -1,12 +1,12 @@
 """Data layer: zarr stores over fsspec, channel selection, streaming windows, statistics, generators."""
 
 from minconv_dist.data.channels import ChannelSpec, parse_channels, select_channels
-from minconv_dist.data.navier_stokes import generate_navier_stokes
+from minconv_dist.data.navier_stokes import default_navier_stokes_store, generate_navier_stokes
 from minconv_dist.data.stats import NormStats, compute_climatology, compute_stats
 from minconv_dist.data.store import DimNames, open_store
 from minconv_dist.data.synthetic import default_store, write_synthetic_era5
 from minconv_dist.data.windows import WindowDataset
 
 __all__ = ["ChannelSpec", "DimNames", "NormStats", "WindowDataset", "compute_climatology", "compute_stats",
-           "default_store", "generate_navier_stokes", "open_store", "parse_channels", "select_channels",
+           "default_navier_stokes_store", "default_store", "generate_navier_stokes", "open_store", "parse_channels", "select_channels",
            "write_synthetic_era5"]

@@ -45,8 +45,8 @@ def parse_channels(spec: str | list[str] | list[ChannelSpec]) -> list[ChannelSpe
 
 
 def channel_layers(ds: xr.Dataset, channels: str | list, dims: DimNames = DimNames()) -> list[xr.DataArray]:
-    """One validated `(time, lat, lon)` array per channel, in the store's dim names and as lazy as `ds`."""
-    wanted = (dims.time, dims.lat, dims.lon)
+    """One validated `([sample,] time, lat, lon)` array per channel, in the store's dim names and as lazy as `ds`."""
+    wanted = ((dims.sample,) if dims.sample else ()) + (dims.time, dims.lat, dims.lon)
     layers = []
     for spec in parse_channels(channels):
         if spec.variable not in ds.data_vars:
@@ -73,7 +73,8 @@ def channel_layers(ds: xr.Dataset, channels: str | list, dims: DimNames = DimNam
 
 
 def select_channels(ds: xr.Dataset, channels: str | list, dims: DimNames = DimNames()) -> xr.DataArray:
-    """Stack the chosen variables/levels into a lazy `[time, channel, lat, lon]` array (needs a dask-backed `ds`).
+    """Stack the chosen variables/levels into a lazy `[[sample,] time, channel, lat, lon]` array (needs a
+    dask-backed `ds`).
 
     Dimensions are renamed to these canonical names; latitude keeps the store's order and both
     coordinates stay attached, so nothing downstream has to guess whether latitude descends.
@@ -82,5 +83,6 @@ def select_channels(ds: xr.Dataset, channels: str | list, dims: DimNames = DimNa
     layers = channel_layers(ds, specs, dims)
     out = xr.concat(layers, dim="channel", coords="minimal", compat="override", join="exact")
     out = out.assign_coords(channel=[str(s) for s in specs])
-    rename = {old: new for old, new in ((dims.time, "time"), (dims.lat, "lat"), (dims.lon, "lon")) if old != new}
-    return out.rename(rename).transpose("time", "channel", "lat", "lon")
+    pairs = ((dims.sample, "sample"), (dims.time, "time"), (dims.lat, "lat"), (dims.lon, "lon"))
+    out = out.rename({old: new for old, new in pairs if old and old != new})
+    return out.transpose(*(("sample",) if dims.sample else ()), "time", "channel", "lat", "lon")

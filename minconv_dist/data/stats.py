@@ -78,7 +78,10 @@ class NormStats:
 
 
 def _training_array(url_or_ds: str | xr.Dataset, channels: str | list, dims: DimNames,
-                    time_range: tuple | None, storage_options: dict | None) -> xr.DataArray:
+                    time_range: tuple | None, storage_options: dict | None,
+                    sample_range: tuple[int, int] | None = None) -> xr.DataArray:
+    if sample_range is not None and not dims.sample:
+        raise ValueError(f"sample_range={sample_range} needs a sample dim: set DimNames(sample=...)")
     ds = open_store(url_or_ds, storage_options) if isinstance(url_or_ds, str) else url_or_ds
     da = select_channels(ds, channels, dims)
     if time_range is not None:
@@ -86,17 +89,25 @@ def _training_array(url_or_ds: str | xr.Dataset, channels: str | list, dims: Dim
     if da.sizes["time"] == 0:
         raise ValueError(f"time range {time_range} selects no data (store covers "
                          f"{ds[dims.time].values[0]} to {ds[dims.time].values[-1]})")
+    if sample_range is not None:
+        n = da.sizes["sample"]
+        if not 0 <= sample_range[0] < sample_range[1] <= n:
+            raise ValueError(f"sample_range={sample_range}: need 0 <= start < stop <= {n}, the number of samples")
+        da = da.isel(sample=slice(*sample_range))
     return da
 
 
 def compute_stats(url_or_ds: str | xr.Dataset, channels: str | list, dims: DimNames = DimNames(),
                   time_range: tuple | None = None, storage_options: dict | None = None,
-                  progress: bool = True) -> NormStats:
-    """Mean and (population) std per channel over time, lat and lon, in float64, in one dask pass."""
-    da = _training_array(url_or_ds, channels, dims, time_range, storage_options).astype("float64")
-    dims3 = ("time", "lat", "lon")
+                  progress: bool = True, sample_range: tuple[int, int] | None = None) -> NormStats:
+    """Mean and (population) std per channel over (sample,) time, lat and lon, in float64, in one dask pass.
+
+    `sample_range=(start, stop)` restricts a sample store to its training trajectories, as `time_range` does
+    the training period of a single series."""
+    da = _training_array(url_or_ds, channels, dims, time_range, storage_options, sample_range).astype("float64")
+    over = [d for d in da.dims if d != "channel"]
     with ProgressBar() if progress else nullcontext():
-        mean, sq = dask.compute(da.mean(dims3).data, (da**2).mean(dims3).data)
+        mean, sq = dask.compute(da.mean(over).data, (da**2).mean(over).data)
     std = np.sqrt(np.maximum(sq - mean**2, 0.0))
     return NormStats(channels=[str(s) for s in parse_channels(channels)], mean=mean.tolist(), std=std.tolist())
 

@@ -6,9 +6,11 @@ are handled in one place. Credentials travel only in `storage_options` and are n
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import xarray as xr
@@ -20,12 +22,22 @@ COMPLETE_ATTR = "minconv_complete"
 
 @dataclass(frozen=True)
 class DimNames:
-    """Names of the dimensions in a store; e.g. `DimNames(lat="latitude", lon="longitude")` for WeatherBench2/ARCO."""
+    """Names of the dimensions in a store; e.g. `DimNames(lat="latitude", lon="longitude")` for WeatherBench2/ARCO.
+
+    `sample` names the trajectory dim of a store holding many independent series, such as the
+    Navier–Stokes store's `(sample, time, y, x)`; None for one continuous series (reanalysis).
+    """
 
     time: str = "time"
     level: str = "level"
     lat: str = "lat"
     lon: str = "lon"
+    sample: str | None = None
+
+
+def cache_dir() -> Path:
+    """Where embedded stores are created on first use: `$MINCONV_CACHE` or `~/.cache/minconv_dist`."""
+    return Path(os.environ.get("MINCONV_CACHE", Path.home() / ".cache" / "minconv_dist"))
 
 
 def redact(url: str) -> str:

@@ -11,13 +11,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import xarray as xr
 
-from minconv_dist.data.store import COMPLETE_ATTR, set_attrs, zarr_store
+from minconv_dist.data.store import COMPLETE_ATTR, cache_dir, set_attrs, zarr_store
 
 DEFAULT_START, DEFAULT_END, DEFAULT_FREQ = "2015-01-01", "2017-01-01", "1h"
 _DAY = np.timedelta64(1, "D")
@@ -131,7 +130,7 @@ def default_store() -> str:
     Lives in `$MINCONV_CACHE` or `~/.cache/minconv_dist`; written to a temporary directory and renamed,
     so concurrent callers (several Ray workers) never see a half-written store.
     """
-    cache = Path(os.environ.get("MINCONV_CACHE", Path.home() / ".cache" / "minconv_dist"))
+    cache = cache_dir()
     path = cache / "era5_synthetic_z_5.625deg_2015-2016_1h_v1.zarr"
     if path.exists():
         return str(path)

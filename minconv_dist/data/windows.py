@@ -11,6 +11,11 @@ How an epoch is planned (pure index arithmetic, identical in every process):
 So each block is read once per epoch (by one worker, in one concurrent zarr read), every window of it
 is cut from memory, and randomness comes from the block order plus the buffer.
 
+Sample stores (`DimNames(sample=...)`, e.g. Navier–Stokes `(sample, time, y, x)`) hold independent
+trajectories: window `i` is start `i mod n` of sample `i // n` (`n` windows per sample), so no window
+crosses two trajectories, and a block is (whole sample chunks) x (a run of time chunks). Everything
+above then applies unchanged to the window indices.
+
 Resume: `position` counts the windows the rank has consumed this epoch. A DataLoader with `W` workers
 and `batch_size` `B` takes whole batches round-robin from the workers (in order); from `position`,
 `W` and `B`, each worker works out how many of its own windows were consumed and skips them, and
@@ -88,8 +93,9 @@ class WindowDataset(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, url: str, channels: str | list, window: int, *, stride: int = 1,
-                 time_range: tuple | None = None, coarsen: int = 1, stats: NormStats | None = None,
-                 dims: DimNames = DimNames(), storage_options: dict | None = None, shuffle: bool = True,
+                 time_range: tuple | None = None, sample_range: tuple[int, int] | None = None, coarsen: int = 1,
+                 stats: NormStats | None = None, dims: DimNames = DimNames(), storage_options: dict | None = None,
+                 shuffle: bool = True,
                  seed: int = 0, rank: int | None = None, world_size: int | None = None,
                  nan_policy: str = "raise", shuffle_buffer: int = 1024, batch_size: int = 1,
                  max_read_amplification: float = 1.05, prefetch: int = 2) -> None:
@@ -121,13 +127,13 @@ class WindowDataset(torch.utils.data.IterableDataset):
 
         layers = self._layers()
         first = layers[0]
-        all_times = first[dims.time].values
-        if all_times.size > 1 and not np.all(np.diff(all_times) > np.timedelta64(0)):
+        all_times = pd.Index(first[dims.time].values)
+        if not (all_times.is_monotonic_increasing and all_times.is_unique):
             raise ValueError(f"time coordinate {dims.time!r} of {redact(url)!r} is not strictly increasing")
         if time_range is None:
             self._t0, self._t1 = 0, all_times.size
         else:
-            sl = pd.DatetimeIndex(all_times).slice_indexer(*time_range)
+            sl = all_times.slice_indexer(*time_range)
             self._t0, self._t1 = sl.start or 0, all_times.size if sl.stop is None else sl.stop
         n_times = self._t1 - self._t0
         where = f"{redact(url)!r} between {time_range}" if time_range else repr(redact(url))
@@ -136,10 +142,22 @@ class WindowDataset(torch.utils.data.IterableDataset):
                              f"(store covers {all_times[0]} to {all_times[-1]})")
         if window > n_times:
             raise ValueError(f"window={window} is longer than the {n_times} time steps of {where}")
-        self.n_windows = (n_times - window) // stride + 1
+        n_samples = first.sizes[dims.sample] if dims.sample else 1
+        if sample_range is not None and not dims.sample:
+            raise ValueError(f"sample_range={sample_range} needs a sample dim: set DimNames(sample=...)")
+        self._s0, self._s1 = (0, n_samples) if sample_range is None else sample_range
+        if not 0 <= self._s0 < self._s1 <= n_samples:
+            raise ValueError(f"sample_range={sample_range}: need 0 <= start < stop <= {n_samples}, "
+                             f"the number of samples in {redact(url)!r}")
+        self.windows_per_sample = (n_times - window) // stride + 1
+        self.n_windows = self.windows_per_sample * (self._s1 - self._s0)
+        if sample_range is not None:
+            where += f" samples {self._s0}:{self._s1}"
         if self.n_windows < world_size:
             raise ValueError(f"{self.n_windows} windows in {where} cannot be shared by {world_size} ranks")
-        self.times = all_times[self._t0 + stride * np.arange(self.n_windows)]
+        samples, starts = self._locate(np.arange(self.n_windows))
+        self.times = all_times.values[starts]
+        self.samples = first[dims.sample].values[samples] if dims.sample else None
 
         h, w = first.sizes[dims.lat], first.sizes[dims.lon]
         if h % coarsen or w % coarsen:
@@ -148,9 +166,11 @@ class WindowDataset(torch.utils.data.IterableDataset):
         self.latitudes = first[dims.lat].values.reshape(-1, coarsen).mean(1)
         self.longitudes = first[dims.lon].values.reshape(-1, coarsen).mean(1)
 
-        chunk = max(int(layer.encoding.get("chunks", (1,))[0]) for layer in layers)
+        chunk = self._chunk(layers, dims.time)
         extra = math.ceil((window - 1) / chunk) if window > 1 else 0
         self.block = chunk * max(1, math.ceil(extra / (max_read_amplification - 1)))
+        self._time_blocks = all_times.size // self.block + 1
+        self._sample_chunk = self._chunk(layers, dims.sample)
         self.epoch, self.position = 0, 0
 
     # ---- planning (no data read) ----
@@ -161,14 +181,26 @@ class WindowDataset(torch.utils.data.IterableDataset):
         """Per-channel lazy arrays without dask: one time slice becomes one concurrent zarr read."""
         return channel_layers(open_store(self.url, self.storage_options, dask=False), self.specs, self.dims)
 
+    @staticmethod
+    def _chunk(layers: list[xr.DataArray], dim: str | None) -> int:
+        """The largest chunk size of any channel along `dim` (1 if unchunked or absent)."""
+        return max(int(layer.encoding.get("preferred_chunks", {}).get(dim, 1)) for layer in layers)
+
+    def _locate(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Store indices `(sample, first frame)` of windows `idx`; the sample is 0 without a sample dim."""
+        return self._s0 + idx // self.windows_per_sample, self._t0 + self.stride * (idx % self.windows_per_sample)
+
+    def _block_of(self, samples: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        """Block id of each window: its sample chunk x its run of time chunks, so blocks align with chunks."""
+        return samples // self._sample_chunk * self._time_blocks + starts // self.block
+
     def _rank_windows(self, epoch: int) -> np.ndarray:
         """Indices (into `self.times`) of this rank's windows, in block order."""
-        starts = self._t0 + self.stride * np.arange(self.n_windows)
-        block_of = starts // self.block
+        block_of = self._block_of(*self._locate(np.arange(self.n_windows)))
         blocks = np.unique(block_of)
         if self.shuffle:
             blocks = np.random.default_rng([self.seed, epoch]).permutation(blocks)
-        # windows of one block are contiguous in time order, so a stable sort by block rank groups them
+        # a stable sort by block rank groups each block's windows, keeping their (sample, time) order
         rank_of_block = np.empty(blocks.max() + 1, dtype=np.int64)
         rank_of_block[blocks] = np.arange(blocks.size)
         order = np.argsort(rank_of_block[block_of], kind="stable")
@@ -217,29 +249,33 @@ class WindowDataset(torch.utils.data.IterableDataset):
         in_process = info is None
         if not plan.size:
             return
-        starts = self._t0 + self.stride * plan
-        block_of = starts // self.block
-        # each block's needed time range, its first and last use in this worker's order
+        samples, starts = self._locate(plan)
+        block_of = self._block_of(samples, starts)
+        # each block's needed samples and time range, its first and last use in this worker's order
         blocks, first_use = np.unique(block_of, return_index=True)
         blocks = blocks[np.argsort(first_use)]
         rank_of = {b: j for j, b in enumerate(blocks)}
         last_use = {b: i for i, b in enumerate(block_of)}
-        span = {b: (int(starts[block_of == b].min()), int(starts[block_of == b].max()) + self.window) for b in blocks}
+        span = {}
+        for b in blocks:
+            mine = block_of == b
+            span[b] = (int(samples[mine].min()), int(samples[mine].max()) + 1,
+                       int(starts[mine].min()), int(starts[mine].max()) + self.window)
         layers = self._layers()
         pool = ThreadPoolExecutor(max_workers=1)
         pending: dict[int, Future] = {}
-        loaded: dict[int, tuple[int, torch.Tensor]] = {}
+        loaded: dict[int, tuple[int, int, torch.Tensor]] = {}
         next_block = 0
         try:
-            for i, (idx, start, b) in enumerate(zip(plan, starts, block_of)):
+            for i, (sample, start, b) in enumerate(zip(samples, starts, block_of)):
                 while next_block < min(blocks.size, rank_of[b] + 1 + self.prefetch):
                     nb = blocks[next_block]
                     pending[nb] = pool.submit(self._read, layers, *span[nb])
                     next_block += 1
                 if b not in loaded:
-                    loaded[b] = (span[b][0], pending.pop(b).result())
-                t_first, data = loaded[b]
-                x = data[start - t_first:start - t_first + self.window]
+                    loaded[b] = (span[b][0], span[b][2], pending.pop(b).result())
+                s_first, t_first, data = loaded[b]
+                x = data[sample - s_first, start - t_first:start - t_first + self.window]
                 if i == last_use[b]:
                     del loaded[b]
                 if self.nan_policy == "skip" and torch.isnan(x).any():
@@ -255,29 +291,36 @@ class WindowDataset(torch.utils.data.IterableDataset):
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def _read(self, layers: list[xr.DataArray], t_first: int, t_last: int) -> torch.Tensor:
-        """Frames `[t_first, t_last)` of every channel as `[T, C, H, W]`, coarsened and normalised."""
+    def _read(self, layers: list[xr.DataArray], s_first: int, s_last: int, t_first: int,
+              t_last: int) -> torch.Tensor:
+        """Samples `[s_first, s_last)` x frames `[t_first, t_last)` of every channel as `[S, T, C, H, W]`
+        (S = 1 without a sample dim), coarsened and normalised."""
+        where = {self.dims.time: slice(t_first, t_last)}
+        if self.dims.sample:
+            where[self.dims.sample] = slice(s_first, s_last)
         arrays = []
         for spec, layer in zip(self.specs, layers):
             try:
-                arrays.append(np.asarray(layer.isel({self.dims.time: slice(t_first, t_last)}).values, dtype=np.float32))
+                a = np.asarray(layer.isel(where).values, dtype=np.float32)
             except Exception as err:
-                key = self._bad_chunk(spec, t_first, t_last)
+                key = self._bad_chunk(spec, s_first, s_last, t_first, t_last)
                 raise OSError(f"cannot read channel {spec} frames {t_first}:{t_last} of {redact(self.url)!r}"
                               + (f": chunk {key!r} is corrupt or missing" if key else "")
                               + f" ({type(err).__name__}: {err})") from err
-        x = np.stack(arrays, axis=1)
+            arrays.append(a if self.dims.sample else a[None])
+        x = np.stack(arrays, axis=2)
         k = self.coarsen
         if k > 1:
-            t, c, h, w = x.shape
-            x = x.reshape(t, c, h // k, k, w // k, k).mean(axis=(3, 5))
+            n, t, c, h, w = x.shape
+            x = x.reshape(n, t, c, h // k, k, w // k, k).mean(axis=(4, 6))
         nan = np.isnan(x)
         if nan.any() and self.nan_policy == "raise":
-            t, c = np.argwhere(nan)[0][:2]
+            s, t, c = (int(i) for i in np.argwhere(nan)[0][:3])
             spec = self.specs[c]
-            key = self._bad_chunk(spec, t_first + t, t_first + t + 1)
+            key = self._bad_chunk(spec, s_first + s, s_first + s + 1, t_first + t, t_first + t + 1)
+            sample = f" of sample {layers[c][self.dims.sample].values[s_first + s]}" if self.dims.sample else ""
             raise ValueError(f"NaN in channel {spec} (variable {spec.variable!r}) at time "
-                             f"{layers[c][self.dims.time].values[t_first + t]} of {redact(self.url)!r}"
+                             f"{layers[c][self.dims.time].values[t_first + t]}{sample} of {redact(self.url)!r}"
                              + (f"; chunk {key!r} is missing from the store" if key else "")
                              + "; pass nan_policy='fill' or 'skip' to continue")
         out = torch.from_numpy(x)
@@ -287,16 +330,18 @@ class WindowDataset(torch.utils.data.IterableDataset):
             out = torch.nan_to_num(out, nan=0.0)
         return out
 
-    def _bad_chunk(self, spec: ChannelSpec, t_first: int, t_last: int) -> str | None:
-        """Key of the first chunk of `spec` in frames `[t_first, t_last)` that is missing or unreadable."""
+    def _bad_chunk(self, spec: ChannelSpec, s_first: int, s_last: int, t_first: int, t_last: int) -> str | None:
+        """Key of the first chunk of `spec` in samples `[s_first, s_last)` x frames `[t_first, t_last)` that
+        is missing or unreadable."""
         group = zarr.open_group(zarr_store(self.url, self.storage_options), mode="r")
         arr = group[spec.variable]
         names = list(arr.metadata.dimension_names or arr.attrs.get("_ARRAY_DIMENSIONS", []))
         fs, root = fsspec.core.url_to_fs(self.url, **(self.storage_options or {}))
         ranges = []
         for name, size, csize in zip(names, arr.shape, arr.chunks):
-            if name == self.dims.time:
-                ranges.append(range(t_first // csize, (t_last - 1) // csize + 1))
+            if name in (self.dims.time, self.dims.sample):
+                first, last = (t_first, t_last) if name == self.dims.time else (s_first, s_last)
+                ranges.append(range(first // csize, (last - 1) // csize + 1))
             elif name == self.dims.level and spec.level is not None:
                 li = int(np.flatnonzero(group[name][:] == spec.level)[0])
                 ranges.append(range(li // csize, li // csize + 1))

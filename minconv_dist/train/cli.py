@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from minconv_dist.train.config import ConfigError, load_config
@@ -25,8 +26,10 @@ SHORTCUTS = {
 }
 
 
-def main(description: str, base: dict[str, Any], argv: list[str] | None = None) -> int:
-    """Parse, train, print where the results are. `base` holds the job's own settings over the defaults."""
+def main(description: str, base: dict[str, Any], argv: list[str] | None = None,
+         default_url: Callable[[], str] | None = None) -> int:
+    """Parse, train, print where the results are. `base` holds the job's own settings over the defaults;
+    `default_url` makes the job's embedded store when no data.url is given (else fit's synthetic ERA5)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Every config key (see docs/training.md) can be set with --set "
                                             "section.key=value, e.g. --set optim.lr=5e-4 --set data.batch_size=8.")
@@ -42,6 +45,8 @@ def main(description: str, base: dict[str, Any], argv: list[str] | None = None) 
     shortcuts = [f"{key}={getattr(args, key)}" for _, (key, _) in SHORTCUTS.items() if getattr(args, key) is not None]
     try:
         cfg = load_config(args.config, shortcuts + args.overrides, base=base)
+        if cfg.data.url is None and default_url is not None:
+            cfg.data.url = default_url()
         fit(cfg, resume=args.resume)
     except (ConfigError, TrainingError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -38,11 +38,16 @@ class DataConfig:
     level_dim: str = "level"
     lat_dim: str = "lat"
     lon_dim: str = "lon"
+    sample_dim: str | None = None  # trajectory dim of a sample store (Navier–Stokes: "sample"); None: one series
     storage_options: dict[str, Any] = field(default_factory=dict)
     stats_path: str | None = None  # NormStats JSON; None: computed over data.train_range before training
     # Defaults fit the synthetic store (2015-2016); the paper uses 1979-2014 / 2015-2016 (configs/era5_weatherbench.yaml).
-    train_range: list[str] = field(default_factory=lambda: ["2015-01-01", "2015-12-31"])
-    val_range: list[str] = field(default_factory=lambda: ["2016-01-01", "2016-03-31"])
+    # null: the whole time axis (sample stores, whose time is within each trajectory).
+    train_range: list[str] | None = field(default_factory=lambda: ["2015-01-01", "2015-12-31"])
+    val_range: list[str] | None = field(default_factory=lambda: ["2016-01-01", "2016-03-31"])
+    # [start, stop) sample indices of a sample store's splits; required with sample_dim, disjoint
+    train_samples: list[int] | None = None
+    val_samples: list[int] | None = None
     coarsen: int = 2
     sequence_length: int = 24  # T: frames predicted per window; each window holds T + 1 frames
     teacher_steps: int = 20  # k: frames read teacher-forced; the last T - k are closed loop
@@ -127,7 +132,18 @@ class TrainConfig:
         _check("data.channels", len(d.channels) > 0, d.channels, "at least one channel")
         for key in ("train_range", "val_range"):
             value = getattr(d, key)
-            _check(f"data.{key}", len(value) == 2, value, "[start, end]")
+            _check(f"data.{key}", value is None or len(value) == 2, value, "[start, end] or null")
+        for key in ("train_samples", "val_samples"):
+            value = getattr(d, key)
+            if d.sample_dim is None:
+                _check(f"data.{key}", value is None, value, "null unless data.sample_dim is set")
+            else:
+                _check(f"data.{key}", value is not None and len(value) == 2 and 0 <= value[0] < value[1], value,
+                       f"[start, stop) sample indices with 0 <= start < stop (data.sample_dim={d.sample_dim!r})")
+        if d.sample_dim is not None:
+            (t0, t1), (v0, v1) = d.train_samples, d.val_samples
+            _check("data.val_samples", v1 <= t0 or v0 >= t1, d.val_samples,
+                   f"disjoint from data.train_samples={d.train_samples}")
         for key in ("coarsen", "sequence_length", "stride", "batch_size"):
             _check(f"data.{key}", getattr(d, key) >= 1, getattr(d, key), ">= 1")
         _check("data.teacher_steps", 1 <= d.teacher_steps <= d.sequence_length, d.teacher_steps,

@@ -69,13 +69,25 @@ def deepspeed_config(cfg: TrainConfig, bf16: bool) -> dict[str, Any]:
     }
 
 
-def _dataset(cfg: TrainConfig, url: str, stats: NormStats, time_range: list[str], *, shuffle: bool,
+def dims_of(cfg: TrainConfig) -> DimNames:
+    d = cfg.data
+    return DimNames(d.time_dim, d.level_dim, d.lat_dim, d.lon_dim, d.sample_dim)
+
+
+def split_of(cfg: TrainConfig, split: str) -> dict[str, tuple | None]:
+    """`time_range` and `sample_range` of the "train" or "val" split, as WindowDataset/compute_stats take them."""
+    time_range, samples = getattr(cfg.data, f"{split}_range"), getattr(cfg.data, f"{split}_samples")
+    return {"time_range": tuple(time_range) if time_range else None,
+            "sample_range": tuple(samples) if samples else None}
+
+
+def _dataset(cfg: TrainConfig, url: str, stats: NormStats, split: str, *, shuffle: bool,
              stride: int) -> WindowDataset:
     d = cfg.data
     return WindowDataset(
-        url, d.channels, d.sequence_length + 1, stride=stride, time_range=tuple(time_range), coarsen=d.coarsen,
-        stats=stats, dims=DimNames(d.time_dim, d.level_dim, d.lat_dim, d.lon_dim),
-        storage_options=d.storage_options or None, shuffle=shuffle, seed=cfg.run.seed, batch_size=d.batch_size,
+        url, d.channels, d.sequence_length + 1, stride=stride, **split_of(cfg, split), coarsen=d.coarsen,
+        stats=stats, dims=dims_of(cfg), storage_options=d.storage_options or None, shuffle=shuffle,
+        seed=cfg.run.seed, batch_size=d.batch_size,
     )
 
 
@@ -99,8 +111,8 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     dtype = torch.bfloat16 if bf16 else torch.float32
 
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
-    train_ds = _dataset(cfg, loop_config["url"], stats, cfg.data.train_range, shuffle=True, stride=cfg.data.stride)
-    val_ds = _dataset(cfg, loop_config["url"], stats, cfg.data.val_range, shuffle=False,
+    train_ds = _dataset(cfg, loop_config["url"], stats, "train", shuffle=True, stride=cfg.data.stride)
+    val_ds = _dataset(cfg, loop_config["url"], stats, "val", shuffle=False,
                       stride=cfg.data.sequence_length + 1)
     loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.data.batch_size, drop_last=True,
                                          num_workers=cfg.data.loader_workers)

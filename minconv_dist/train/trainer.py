@@ -14,11 +14,11 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
-from minconv_dist.data import DimNames, NormStats, compute_stats, default_store, open_store
+from minconv_dist.data import NormStats, compute_stats, default_store, open_store
 from minconv_dist.data.store import redact
 from minconv_dist.train import checkpoint, tracking
 from minconv_dist.train.config import ConfigError, TrainConfig
-from minconv_dist.train.loop import NonFiniteLossError, _dataset, worker_loop
+from minconv_dist.train.loop import NonFiniteLossError, _dataset, dims_of, split_of, worker_loop
 
 
 class TrainingError(RuntimeError):
@@ -43,34 +43,34 @@ def _check_data(cfg: TrainConfig, url: str) -> tuple[NormStats, tuple[int, int],
         open_store(url, d.storage_options or None)
     except (FileNotFoundError, OSError) as err:
         raise ConfigError(f"data.url: cannot open zarr store {redact(url)!r}: {err}") from err
-    dims = DimNames(d.time_dim, d.level_dim, d.lat_dim, d.lon_dim)
+    # a sample store is split by data.<split>_samples, a single series by data.<split>_range
+    key = {split: f"data.{split}_{'samples' if d.sample_dim else 'range'}" for split in ("train", "val")}
     try:
         stats = (NormStats.load(d.stats_path, d.storage_options or None) if d.stats_path else
-                 compute_stats(url, d.channels, dims, time_range=tuple(d.train_range),
+                 compute_stats(url, d.channels, dims_of(cfg), **split_of(cfg, "train"),
                                storage_options=d.storage_options or None, progress=False))
     except KeyError as err:
         raise ConfigError(f"data.channels: {err} in {redact(url)!r}") from err
     except ValueError as err:
-        raise ConfigError(f"data.train_range / data.channels / data.stats_path: {err}") from err
+        raise ConfigError(f"{key['train']} / data.channels / data.stats_path: {err}") from err
     world = cfg.parallel.num_workers
     sizes = {}
-    for key, rng, stride in (("data.train_range", d.train_range, d.stride),
-                             ("data.val_range", d.val_range, d.sequence_length + 1)):
+    for split, stride in (("train", d.stride), ("val", d.sequence_length + 1)):
         try:
-            ds = _dataset(cfg, url, stats, rng, shuffle=False, stride=stride)
+            ds = _dataset(cfg, url, stats, split, shuffle=False, stride=stride)
         except (ValueError, KeyError) as err:
-            raise ConfigError(f"{key}: {err}") from err
+            raise ConfigError(f"{key[split]}: {err}") from err
         per_rank = ds.n_windows // world
-        sizes[key] = per_rank // (d.batch_size if key == "data.train_range" else 1)
-    steps = sizes["data.train_range"]
+        sizes[split] = per_rank // (d.batch_size if split == "train" else 1)
+    steps = sizes["train"]
     if steps < 1:
-        raise ConfigError(f"data.train_range {d.train_range}: fewer than data.batch_size={d.batch_size} windows "
+        raise ConfigError(f"{key['train']}={getattr(d, key['train'][5:])}: fewer than data.batch_size={d.batch_size} windows "
                           f"per worker for {world} workers")
     if cfg.optim.steps_per_epoch:
         steps = min(steps, cfg.optim.steps_per_epoch)
-    val_batches = min(cfg.checkpoint.val_batches, sizes["data.val_range"] // d.batch_size)
+    val_batches = min(cfg.checkpoint.val_batches, sizes["val"] // d.batch_size)
     if val_batches < 1:
-        raise ConfigError(f"data.val_range {d.val_range}: fewer than data.batch_size={d.batch_size} windows "
+        raise ConfigError(f"{key['val']}={getattr(d, key['val'][5:])}: fewer than data.batch_size={d.batch_size} windows "
                           f"per worker for {world} workers")
     return stats, ds.grid, steps, val_batches
 
