@@ -4,6 +4,7 @@ NaN handling, MLflow and the errors raised before any worker starts. One local R
 from __future__ import annotations
 
 import importlib.util
+import json
 import time
 from pathlib import Path
 
@@ -13,8 +14,10 @@ import ray
 import torch
 
 from minconv_dist.data import generate_navier_stokes, write_synthetic_era5
+from minconv_dist.evaluate import load_model
+from minconv_dist.models import load_checkpoint
 from minconv_dist.train import ConfigError, fit, load_config
-from minconv_dist.train.checkpoint import latest, load_model
+from minconv_dist.train.checkpoint import latest
 from minconv_dist.train.loop import NonFiniteLossError
 
 pytestmark = pytest.mark.timeout(600)
@@ -60,7 +63,7 @@ def losses(result) -> list[float]:
 
 
 def weights(result) -> dict[str, torch.Tensor]:
-    return load_model(result.checkpoint).state_dict()
+    return load_checkpoint(f"{result.checkpoint}/model.pt")[0].state_dict()
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +133,15 @@ def test_mlflow_run_and_registered_model(reference):
     model = mlflow.pytorch.load_model(f"models:/tiny/{reference.model_version}")
     forecast, _ = model.rollout(torch.randn(3, 4, 1, 8, 16), steps=5)  # any batch size
     assert forecast.shape == (3, 5, 1, 8, 16) and torch.isfinite(forecast).all()
+    # What the forecast job does: the bare network and the run's normalisation stats from the registry.
+    network, stats = load_model(f"models:/tiny/{reference.model_version}")
+    run_stats = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/stats.json"))
+    assert network.spec["arch"] == "minconvgru" and stats["channels"] == run_stats["channels"]
+    assert stats["mean"] == pytest.approx(run_stats["mean"]) and stats["std"] == pytest.approx(run_stats["std"])
+    checkpoint_model, checkpoint_stats = load_checkpoint(f"{reference.checkpoint}/model.pt")
+    assert checkpoint_stats == stats
+    for key, value in checkpoint_model.state_dict().items():
+        assert torch.equal(network.state_dict()[key], value), key
 
 
 @pytest.mark.parametrize("override, match", [

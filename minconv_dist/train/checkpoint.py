@@ -6,7 +6,8 @@ Ray merges the ranks' uploads into one `checkpoint_*` directory of the run):
     ds/...               DeepSpeed engine: module, optimizer shards, LR scheduler   (all ranks)
     latest               DeepSpeed's tag pointer                                    (rank 0)
     rng_rank{r}.pt       python / numpy / torch RNG states of rank r                 (rank r)
-    model.pt             consolidated fp32 weights + `spec` (loadable without DeepSpeed) (rank 0)
+    model.pt             the model file: spec, consolidated fp32 weights, stats (rank 0)
+                         (minconv_dist.models.io: loads without DeepSpeed; the forecast job reads it)
     stats.json           normalisation stats                                        (rank 0)
     config.yaml          the run's config, without storage_options (credentials)    (rank 0)
     position.json        epoch, step in epoch, global step, world size, MLflow run   (rank 0, written last)
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 import yaml
 
-from minconv_dist.models import Network, build_model
+from minconv_dist.models import save_checkpoint
 
 TAG = "ds"
 POSITION = "position.json"
@@ -66,7 +67,7 @@ def save(engine: Any, directory: str | Path, *, rank: int, world_size: int, posi
     weights = consolidated_state_dict(engine)
     torch.save(_rng_state(), directory / f"rng_rank{rank}.pt")
     if rank == 0:
-        torch.save({"spec": engine.module.spec, "state_dict": weights}, directory / "model.pt")
+        save_checkpoint(directory / "model.pt", engine.module, json.loads(stats_json), state_dict=weights)
         (directory / "stats.json").write_text(stats_json)
         safe = {**config, "data": {k: v for k, v in config["data"].items() if k != "storage_options"}}
         (directory / "config.yaml").write_text(yaml.safe_dump(safe, sort_keys=False))  # no credentials
@@ -115,11 +116,3 @@ def latest(run_dir: str) -> tuple[str, dict[str, Any]] | None:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     path = best[0] if protocol in ("file", "local") else f"{protocol}://{best[0]}"
     return path, best[1]
-
-
-def load_model(directory: str | Path) -> Network:
-    """The trained network from a checkpoint's `model.pt`, without DeepSpeed or Ray."""
-    saved = torch.load(Path(directory) / "model.pt", weights_only=False)
-    model = build_model(**saved["spec"])
-    model.load_state_dict(saved["state_dict"])
-    return model.eval()

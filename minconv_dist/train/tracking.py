@@ -124,9 +124,12 @@ class PortableModel(torch.nn.Module):
 
 
 def log_model(uri: str, run_id: str, model: torch.nn.Module, example: torch.Tensor,
-              registered_name: str) -> str | None:
+              registered_name: str, stats: dict[str, Any] | None = None) -> str | None:
     """Log `model` (pickled: torch.export would freeze the batch size) with an input example and signature,
-    and register it under `registered_name` (skipped when empty). Returns the registered version."""
+    and register it under `registered_name` (skipped when empty). Returns the registered version.
+
+    `stats` (normalisation stats as a plain dict) travel in the model's metadata["norm_stats"], where
+    the forecast job finds them."""
     mlflow.set_tracking_uri(uri)
     model = PortableModel(model.eval())
     with torch.no_grad():
@@ -136,6 +139,7 @@ def log_model(uri: str, run_id: str, model: torch.nn.Module, example: torch.Tens
         info = mlflow.pytorch.log_model(
             model, name="model", serialization_format="pickle", input_example=example.numpy(),
             signature=signature, registered_model_name=registered_name or None,
+            metadata={"norm_stats": stats} if stats else None,
             # stated, not inferred: inference re-imports the model in a subprocess (~20 s)
             pip_requirements=[f"minconv_dist=={version('minconv_dist')}", f"torch=={torch.__version__.split('+')[0]}"],
         )

@@ -16,6 +16,7 @@ from ray.train.torch import TorchTrainer
 
 from minconv_dist.data import NormStats, compute_stats, default_store, open_store
 from minconv_dist.data.store import redact
+from minconv_dist.models import load_checkpoint
 from minconv_dist.train import checkpoint, tracking
 from minconv_dist.train.config import ConfigError, TrainConfig
 from minconv_dist.train.loop import NonFiniteLossError, _dataset, dims_of, split_of, worker_loop
@@ -158,9 +159,9 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, hooks: dict[str, Any] | 
     if last is None:
         raise TrainingError(f"run {name} finished without a complete checkpoint in {run_dir}")
     with ray.train.Checkpoint(last[0]).as_directory() as directory:
-        model = checkpoint.load_model(directory)
+        model, model_stats = load_checkpoint(Path(directory) / "model.pt")
     example = torch.zeros(1, cfg.data.sequence_length, model.in_channels, *grid)
-    version = tracking.log_model(uri, run_id, model, example, cfg.tracking.registered_model)
+    version = tracking.log_model(uri, run_id, model, example, cfg.tracking.registered_model, model_stats)
     tracking.finish_run(uri, run_id, "FINISHED")
     metrics = dict(result.metrics or {}) or {"global_step": last[1]["global_step"]}
     print(f"[minconv] done: checkpoint {last[0]}; model {cfg.tracking.registered_model or '(not registered)'}"
