@@ -21,13 +21,13 @@ SHAPES = [(8, 64, 262144), (4, 256, 65536), (1, 8192, 131072)]
 METHODS = ["triton", "log", "sequential"]
 
 
-def _scan_rows(copy: float, dtype: torch.dtype) -> None:
+def _scan_rows(copy: float, dtype: torch.dtype, methods=METHODS) -> None:
     for B, T, D in SHAPES:
         a = (torch.rand(B, T, D, device="cuda") * 0.9 + 0.05).to(dtype).requires_grad_()
         b = (torch.rand(B, T, D, device="cuda") + 0.05).to(dtype).requires_grad_()  # log form needs b > 0
         dh = torch.randn(B, T, D, device="cuda", dtype=dtype)
         n = a.numel() * a.element_size()
-        for method in METHODS if dtype == torch.float32 else ["triton"]:
+        for method in methods if dtype == torch.float32 else ["triton"]:
             reps = dict(warmup=1, reps=3) if method == "sequential" else {}
             with torch.no_grad():
                 fwd = time_ms(lambda: scan(a, b, method=method), **reps)
@@ -90,13 +90,14 @@ def _gate_rows() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--gates-only", action="store_true", help="only the fused gate+scan table")
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, help="fp32 rows to time")
     args = parser.parse_args()
     copy = copy_bandwidth_gbs()
     print(f"device: {device_line()}; copy bandwidth (read+write): {copy:.0f} GB/s")
     print("| shape [B, T, D] | dtype | method | fwd ms | fwd GB/s | fwd / copy | fwd+bwd ms | fwd+bwd GB/s | fwd+bwd / copy |")
     print("|---|---|---|---|---|---|---|---|---|")
     if not args.gates_only:
-        _scan_rows(copy, torch.float32)
+        _scan_rows(copy, torch.float32, args.methods)
         _scan_rows(copy, torch.bfloat16)
     print("\nfused gate+scan vs bare scan, [B, T, hidden, H, W] = [8, 64, 64, 64, 64], fp32")
     print("| kind | fused fwd ms | bare fwd ms | ratio | fused fwd+bwd ms | bare fwd+bwd ms | ratio "
