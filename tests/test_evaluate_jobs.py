@@ -114,3 +114,26 @@ def test_evaluate_rejects_misaligned_stores(store, ckpt, tmp_path):
         evaluate_job.main(["--forecast", str(out), "--out", str(tmp_path / "r")])
     with pytest.raises(ValueError, match="grids differ"):  # truth left at 32x64
         evaluate_job.main(["--forecast", str(out), "--coarsen", "1", "--out", str(tmp_path / "r")])
+
+
+def test_evaluate_logs_to_an_mlflow_run(store, ckpt, tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = mlflow.create_experiment("eval", artifact_location=str(tmp_path / "artifacts"))
+    with mlflow.start_run(experiment_id=experiment) as run:
+        pass
+    out = tmp_path / "fc.zarr"
+    forecast_job.main(["--model", str(ckpt), "--out", str(out), "--coarsen", "2", "--context", "6", "--steps", "3",
+                       "--init-start", "2016-03-01", "--init-end", "2016-03-02", "--init-every", "24h"])
+    skill = evaluate_job.main(["--forecast", str(out), "--out", str(tmp_path / "res"), "--climatology-range",
+                               "2015-01-01", "2015-12-31", "--mlflow-run-id", run.info.run_id, "--map-leads", "1"])
+    client = mlflow.tracking.MlflowClient()
+    history = client.get_metric_history(run.info.run_id, "eval/model/weighted_rmse/z")
+    logged = [m.value for m in sorted(history, key=lambda m: m.step)]
+    expected = skill["z"].sel(source="model", metric="weighted_rmse").values
+    assert [m.step for m in sorted(history, key=lambda m: m.step)] == [1, 2, 3]
+    np.testing.assert_allclose(logged, expected, rtol=1e-6)
+    files = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert {"metrics.csv", "skill_z.png", "maps_z.png"} <= files
