@@ -28,49 +28,18 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minconv_dist.models import build_model  # noqa: E402
+from minconv_dist.simulate import gaussian_random_field, paper_forcing, solve_vorticity  # noqa: E402
 
 PAPER_HIDDEN = {"minconvgru": 49, "minconvlstm": 40, "minconvexplstm": 40, "convgru": 28, "convlstm": 25}
 
 
-def gaussian_random_field(n: int, size: int, alpha: float, tau: float, gen: torch.Generator, device) -> torch.Tensor:
-    """[n, size, size] samples of N(0, (-Δ + τ²)^-α) on the torus, as in the FNO data generator."""
-    sigma = tau ** (0.5 * (2 * alpha - 2))
-    k = torch.fft.fftfreq(size, 1 / size, device=device)
-    kx, ky = torch.meshgrid(k, k, indexing="ij")
-    sqrt_eig = size**2 * math.sqrt(2.0) * sigma * (4 * math.pi**2 * (kx**2 + ky**2) + tau**2) ** (-alpha / 2)
-    sqrt_eig[0, 0] = 0.0
-    noise = torch.randn(n, size, size, 2, generator=gen, device="cpu").to(device)
-    coeff = sqrt_eig * torch.complex(noise[..., 0], noise[..., 1])
-    return torch.fft.ifft2(coeff).real
-
-
-def navier_stokes(w0: torch.Tensor, visc: float, time_units: int, dt: float, stride: int) -> torch.Tensor:
-    """Vorticity [n, time_units + 1, size/stride, size/stride] (t = 0, 1, ..., time_units), FNO's solver."""
-    n, size = w0.shape[0], w0.shape[-1]
-    x = torch.arange(size, device=w0.device) / size
-    X, Y = torch.meshgrid(x, x, indexing="ij")
-    f_h = torch.fft.rfft2(0.1 * (torch.sin(2 * math.pi * (X + Y)) + torch.cos(2 * math.pi * (X + Y))))
-    k_max = size // 2
-    ky = torch.cat([torch.arange(0, k_max), torch.arange(-k_max, 0)]).to(w0.device).repeat(size, 1)
-    kx = ky.T
-    kx, ky = kx[..., : k_max + 1], ky[..., : k_max + 1]
-    lap = 4 * math.pi**2 * (kx**2 + ky**2)
-    lap[0, 0] = 1.0
-    dealias = ((ky.abs() <= 2 / 3 * k_max) & (kx.abs() <= 2 / 3 * k_max)).float()
-    per_unit = round(1 / dt)
-    w_h = torch.fft.rfft2(w0)
-    frames = [w0[:, ::stride, ::stride]]
-    for step in range(time_units * per_unit):
-        psi_h = w_h / lap
-        q = torch.fft.irfft2(2j * math.pi * ky * psi_h, s=(size, size))
-        v = torch.fft.irfft2(-2j * math.pi * kx * psi_h, s=(size, size))
-        w_x = torch.fft.irfft2(2j * math.pi * kx * w_h, s=(size, size))
-        w_y = torch.fft.irfft2(2j * math.pi * ky * w_h, s=(size, size))
-        F_h = dealias * torch.fft.rfft2(q * w_x + v * w_y)
-        w_h = (-dt * F_h + dt * f_h + (1 - 0.5 * dt * visc * lap) * w_h) / (1 + 0.5 * dt * visc * lap)
-        if (step + 1) % per_unit == 0:
-            frames.append(torch.fft.irfft2(w_h, s=(size, size))[:, ::stride, ::stride])
-    return torch.stack(frames, dim=1)
+def navier_stokes_data(samples: int, resolution: int, time_units: int, dt: float, downsample: int,
+                       gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Vorticity [samples, time_units + 1, res/downsample, res/downsample] at t = 0, 1, ..., time_units:
+    the paper's set-up (viscosity 1e-3, its forcing), solved in memory with `minconv_dist.simulate`."""
+    w0 = gaussian_random_field(samples, resolution, generator=gen).to(device)
+    w = solve_vorticity(w0, paper_forcing(resolution).to(device), 1e-3, float(time_units), dt)
+    return torch.cat([w0[:, None], w], dim=1)[..., ::downsample, ::downsample]
 
 
 def closed_loop_rmse(model, data: torch.Tensor, teacher: int, batch: int, mean: float, std: float) -> float:
@@ -97,8 +66,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     gen = torch.Generator().manual_seed(args.seed)
     n = args.train_samples + args.test_samples
     t0 = time.perf_counter()
-    w0 = gaussian_random_field(n, args.resolution, 2.5, 7.0, gen, device)
-    data = navier_stokes(w0, 1e-3, args.time_units, args.dt, args.downsample).unsqueeze(2).float()
+    data = navier_stokes_data(n, args.resolution, args.time_units, args.dt, args.downsample, gen, device)
+    data = data.unsqueeze(2).float()
     sync(device)
     print(f"data: {n} trajectories x {data.shape[1]} frames at {tuple(data.shape[-2:])} "
           f"solved in {time.perf_counter() - t0:.1f} s on {device}", flush=True)

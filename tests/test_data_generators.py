@@ -13,6 +13,7 @@ import torch
 
 from minconv_dist.data import default_store, generate_navier_stokes, open_store, write_synthetic_era5
 from minconv_dist.data import navier_stokes as ns
+from minconv_dist.simulate import navier_stokes as solver
 
 
 def test_synthetic_z500_magnitudes_and_predictability(tmp_path):
@@ -50,15 +51,15 @@ def test_single_mode_decays_at_the_viscous_rate():
     """cos 2πx cos 2πy is a steady Euler solution: only viscosity acts, exp(-ν 8π² t)."""
     x = _grid(16)
     w0 = (torch.cos(2 * math.pi * x)[:, None] * torch.cos(2 * math.pi * x)[None, :])[None]
-    out = ns.solve_vorticity(w0, None, viscosity=0.01, t_final=1.0, dt=4e-3, record_every=0.5)
+    out = solver.solve_vorticity(w0, None, viscosity=0.01, t_final=1.0, dt=4e-3, record_every=0.5)
     assert out.shape == (1, 2, 16, 16)
     for k, t in enumerate((0.5, 1.0)):  # Crank–Nicolson: error O(dt²), here ~1e-5 of the amplitude
         torch.testing.assert_close(out[0, k], w0[0] * math.exp(-0.01 * 8 * math.pi**2 * t), rtol=0, atol=1e-4)
 
 
 def _dealiased_field(n: int) -> torch.Tensor:
-    w0 = ns.gaussian_random_field(2, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    kx, ky = ns._wavenumbers(n, w0.device)
+    w0 = solver.gaussian_random_field(2, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    kx, ky = solver._wavenumbers(n, w0.device)
     keep = (kx.abs() <= n / 3) & (ky.abs() <= n / 3)
     return torch.fft.irfft2(torch.fft.rfft2(w0) * keep, s=(n, n))
 
@@ -66,16 +67,16 @@ def _dealiased_field(n: int) -> torch.Tensor:
 def test_inviscid_unforced_flow_conserves_enstrophy_and_viscous_decays():
     w0 = _dealiased_field(32)
     enstrophy = lambda w: (w**2).mean((-1, -2))  # noqa: E731
-    inviscid = ns.solve_vorticity(w0, None, viscosity=0.0, t_final=0.5, dt=1e-3, record_every=0.25)
+    inviscid = solver.solve_vorticity(w0, None, viscosity=0.0, t_final=0.5, dt=1e-3, record_every=0.25)
     assert not torch.allclose(inviscid[:, -1], w0, atol=1e-3)  # the flow really moved
     torch.testing.assert_close(enstrophy(inviscid[:, -1]), enstrophy(w0), rtol=1e-3, atol=0)
     assert inviscid.mean((-1, -2)).abs().max() < 1e-12  # zero mean vorticity is kept
-    viscous = enstrophy(ns.solve_vorticity(w0, None, viscosity=1e-3, t_final=0.5, dt=2e-3, record_every=0.1))
+    viscous = enstrophy(solver.solve_vorticity(w0, None, viscosity=1e-3, t_final=0.5, dt=2e-3, record_every=0.1))
     assert torch.all(viscous[:, 1:] < viscous[:, :-1]) and torch.all(viscous[:, -1] < 0.98 * enstrophy(w0))
 
 
 def test_forcing_matches_paper_formula():
-    f = ns.paper_forcing(16, torch.float64)
+    f = solver.paper_forcing(16, torch.float64)
     x = _grid(16)
     assert f[3, 5].item() == pytest.approx(0.1 * (math.sin(2 * math.pi * (x[3] + x[5])) + math.cos(2 * math.pi * (x[3] + x[5]))))
 
