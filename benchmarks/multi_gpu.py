@@ -58,7 +58,8 @@ def _step_worker(cfg: dict[str, Any]) -> None:
     gpu = device.type == "cuda"
     torch.manual_seed(0)
     m, d = train_cfg.model, train_cfg.data
-    model = build_model(m.arch, 1, m.hidden_sizes, padding=m.padding, norm=m.norm, grid=tuple(cfg["grid"]))
+    model = build_model(m.arch, 1, m.hidden_sizes, padding=m.padding, norm=m.norm, grid=tuple(cfg["grid"]),
+                        scan_method=m.scan_method, chunk_size=m.chunk_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(train_cfg, gpu))
     dtype = torch.bfloat16 if gpu else torch.float32

@@ -18,7 +18,9 @@ def test_defaults_yaml_and_overrides(tmp_path):
     assert load_config() == TrainConfig().validate()
     path = tmp_path / "c.yaml"
     path.write_text("optim:\n  lr: 5e-4\ndata:\n  train_range: [1979-01-01, 2014-12-31]\n")
-    cfg = load_config(path, ["parallel.zero_stage=3", "model.hidden_sizes=[8, 8]", "data.url=null"])
+    cfg = load_config(path, ["parallel.zero_stage=3", "model.hidden_sizes=[8, 8]", "data.url=null",
+                             "model.chunk_size=16"])
+    assert cfg.model.chunk_size == 16
     assert cfg.optim.lr == 5e-4 and cfg.data.train_range == ["1979-01-01", "2014-12-31"]
     assert cfg.parallel.zero_stage == 3 and cfg.model.hidden_sizes == [8, 8] and cfg.data.url is None
     assert cfg.optim.epochs == TrainConfig().optim.epochs  # untouched keys keep the dataclass default
@@ -32,6 +34,7 @@ def test_defaults_yaml_and_overrides(tmp_path):
     ("data.teacher_steps=30", r"data.teacher_steps: got 30, expected in \[1, data.sequence_length=24\]"),
     ("model.arch=transformer", "model.arch"),
     ("model.hidden_sizes=[8, 16]", "model.hidden_sizes"),
+    ("model.chunk_size=0", r"model.chunk_size: got 0, expected null or >= 1"),
     ("parallel.use_gpu=maybe", "parallel.use_gpu: expected bool"),
     ("optim", "expected key=value"),
     ("data.train_samples=[0, 8]", r"data.train_samples: got \[0, 8\], expected null unless data.sample_dim"),

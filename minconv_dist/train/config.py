@@ -28,6 +28,9 @@ class ModelConfig:
     norm: str = "layer"
     tanh_encoder: bool = False
     scan_method: str = "auto"
+    # Min cells: conv + gates + scan per chunk of this many frames, recomputed in backward, so memory grows
+    # with the chunk, not with the sequence (exact gradients; for very long sequences). null: no chunking.
+    chunk_size: int | None = None
 
 
 @dataclass
@@ -129,6 +132,7 @@ class TrainConfig:
         _choice("model.norm", m.norm, ["layer", "group"])
         _check("model.hidden_sizes", m.hidden_sizes and len(set(m.hidden_sizes)) == 1 and m.hidden_sizes[0] > 0,
                m.hidden_sizes, "a non-empty list of one positive size repeated")
+        _check("model.chunk_size", m.chunk_size is None or m.chunk_size >= 1, m.chunk_size, "null or >= 1")
         _check("data.channels", len(d.channels) > 0, d.channels, "at least one channel")
         for key in ("train_range", "val_range"):
             value = getattr(d, key)

@@ -118,7 +118,8 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
                                          num_workers=cfg.data.loader_workers)
     m = cfg.model
     model = build_model(m.arch, len(stats.channels), m.hidden_sizes, padding=m.padding, norm=m.norm,
-                        grid=train_ds.grid, tanh_encoder=m.tanh_encoder, scan_method=m.scan_method)
+                        grid=train_ds.grid, tanh_encoder=m.tanh_encoder, scan_method=m.scan_method,
+                        chunk_size=m.chunk_size)
     steps_per_epoch = loop_config["steps_per_epoch"]
     total_opt_steps = max(1, cfg.optim.epochs * steps_per_epoch // cfg.optim.grad_accum)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
