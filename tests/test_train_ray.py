@@ -149,6 +149,7 @@ def test_mlflow_run_and_registered_model(reference):
     ("parallel.num_workers=16", "parallel: the Ray cluster cannot fit 16 workers"),
     ("data.train_range=[1990-01-01, 1990-02-01]", "data.train_range.*selects no data"),
     ("data.channels=[geopotential@500]", "data.channels.*geopotential"),
+    ("data.batch_size=100000", r"data.train_range=.*: fewer than data.batch_size=100000 windows per worker for 2"),
 ])
 def test_bad_setup_fails_before_any_worker(override, match, store, workdir, ray_session):
     start = time.monotonic()

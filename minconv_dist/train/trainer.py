@@ -55,24 +55,20 @@ def _check_data(cfg: TrainConfig, url: str) -> tuple[NormStats, tuple[int, int],
     except ValueError as err:
         raise ConfigError(f"{key['train']} / data.channels / data.stats_path: {err}") from err
     world = cfg.parallel.num_workers
-    sizes = {}
+    per_rank = {}
     for split, stride in (("train", d.stride), ("val", d.sequence_length + 1)):
         try:
             ds = _dataset(cfg, url, stats, split, shuffle=False, stride=stride)
         except (ValueError, KeyError) as err:
             raise ConfigError(f"{key[split]}: {err}") from err
-        per_rank = ds.n_windows // world
-        sizes[split] = per_rank // (d.batch_size if split == "train" else 1)
-    steps = sizes["train"]
-    if steps < 1:
-        raise ConfigError(f"{key['train']}={getattr(d, key['train'][5:])}: fewer than data.batch_size={d.batch_size} windows "
-                          f"per worker for {world} workers")
+        per_rank[split] = ds.n_windows // world
+        if per_rank[split] < d.batch_size:
+            raise ConfigError(f"{key[split]}={getattr(d, key[split][5:])}: fewer than data.batch_size={d.batch_size} "
+                              f"windows per worker for {world} workers")
+    steps = per_rank["train"] // d.batch_size
     if cfg.optim.steps_per_epoch:
         steps = min(steps, cfg.optim.steps_per_epoch)
-    val_batches = min(cfg.checkpoint.val_batches, sizes["val"] // d.batch_size)
-    if val_batches < 1:
-        raise ConfigError(f"{key['val']}={getattr(d, key['val'][5:])}: fewer than data.batch_size={d.batch_size} windows "
-                          f"per worker for {world} workers")
+    val_batches = min(cfg.checkpoint.val_batches, per_rank["val"] // d.batch_size)
     return stats, ds.grid, steps, val_batches
 
 
