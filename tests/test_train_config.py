@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from minconv_dist.train.config import ConfigError, TrainConfig, load_config
-from minconv_dist.train.loop import lr_lambda, teacher_steps_at
+from minconv_dist.train.engine import lr_lambda
+from minconv_dist.train.loop import teacher_steps_at
 
 ROOT = Path(__file__).resolve().parents[1]
 

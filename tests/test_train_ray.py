@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import sys
 import time
 from pathlib import Path
+
+import cloudpickle
 
 import mlflow
 import pytest
@@ -18,12 +22,37 @@ from minconv_dist.evaluate import load_model
 from minconv_dist.models import load_checkpoint
 from minconv_dist.train import ConfigError, fit, load_config
 from minconv_dist.train.checkpoint import latest
-from minconv_dist.train.loop import NonFiniteLossError
+from minconv_dist.train.meter import NonFiniteLossError
 
 pytestmark = pytest.mark.timeout(600)
 
 STEPS = 6
 ROOT = Path(__file__).resolve().parents[1]
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the callbacks below reach the Ray workers
+
+
+class KillLastWorker:
+    """Ends the last rank's process just before global step `step`, once (a marker file remembers)."""
+
+    def __init__(self, step: int, marker: Path):
+        self.step, self.marker = step, marker
+
+    def __call__(self, engine, step: int, rank: int) -> None:
+        if step == self.step and rank == engine.world_size - 1 and not self.marker.exists():
+            self.marker.touch()
+            os._exit(1)
+
+
+class DivergeWeights:
+    """Sets a weight to NaN just before global step `step`, as a diverged update would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def __call__(self, engine, step: int, rank: int) -> None:
+        if step == self.step:
+            with torch.no_grad():
+                next(engine.module.parameters()).fill_(float("nan"))
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +116,7 @@ def test_zero_stage_decreases_loss(stage, store, workdir, reference):
 @pytest.mark.slow
 def test_worker_killed_mid_epoch_recovers_exactly(store, workdir, reference, tmp_path):
     marker = tmp_path / "killed"
-    result = fit(tiny(store, workdir, "killed"), hooks={"kill_at_step": 3, "kill_marker": str(marker)})
+    result = fit(tiny(store, workdir, "killed"), callbacks=[KillLastWorker(3, marker)])
     assert marker.exists(), "the hook did not kill a worker"
     assert losses(result)[-1] == losses(reference)[-1]
     for key, value in weights(reference).items():
@@ -112,7 +141,7 @@ def test_resume_continues_a_stopped_run_exactly(store, workdir, reference):
 def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(store, workdir, ray_session):
     cfg = tiny(store, workdir, "nan", "parallel.max_failures=0")
     with pytest.raises(NonFiniteLossError, match=r"non-finite training loss.*step 3.*last good checkpoint"):
-        fit(cfg, hooks={"nan_at_step": 3})
+        fit(cfg, callbacks=[DivergeWeights(3)])
     assert latest(f"{workdir}/runs/nan")[1]["global_step"] == 2
 
 

@@ -6,7 +6,7 @@ Ray merges the ranks' uploads into one `checkpoint_*` directory of the run):
     ds/...               DeepSpeed engine: module, optimizer shards, LR scheduler   (all ranks)
     latest               DeepSpeed's tag pointer                                    (rank 0)
     rng_rank{r}.pt       python / numpy / torch RNG states of rank r                 (rank r)
-    model.pt             the model file: spec, consolidated fp32 weights, stats (rank 0)
+    model.pt             the model file: spec, fp32 master weights, stats        (rank 0)
                          (minconv_dist.models.io: loads without DeepSpeed; the forecast job reads it)
     stats.json           normalisation stats                                        (rank 0)
     config.yaml          the run's config, without storage_options (credentials)    (rank 0)
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 import yaml
 
+from minconv_dist.data import NormStats
 from minconv_dist.models import save_checkpoint
 
 TAG = "ds"
@@ -48,27 +50,56 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
-    """Full fp32 CPU weights on rank 0 (None elsewhere). Collective under ZeRO-3: every rank must call it."""
-    if engine.zero_optimization_partition_weights():
-        state = engine._zero3_consolidated_16bit_state_dict()
+def _zero0_masters(optimizer: Any) -> dict[int, torch.Tensor]:
+    """ZeRO-0 under bf16: DeepSpeed's FP16 optimizers keep an fp32 copy of each bf16 parameter, flat
+    (FP16_Optimizer) or one tensor per parameter (FP16_UnfusedOptimizer). Keyed by id of the parameter."""
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    from torch._utils import _unflatten_dense_tensors
+
+    if not isinstance(optimizer, (FP16_Optimizer, FP16_UnfusedOptimizer)):
+        return {}
+    low = optimizer.fp16_groups
+    if isinstance(optimizer, FP16_Optimizer):
+        high = [_unflatten_dense_tensors(flat, group) for flat, group in zip(optimizer.fp32_groups_flat, low)]
     else:
-        state = engine.module.state_dict()
-    if engine.global_rank != 0:
+        high = optimizer.fp32_groups
+    return {id(p): master for group, masters in zip(low, high) for p, master in zip(group, masters)}
+
+
+def master_weights(engine: Any) -> dict[str, torch.Tensor] | None:
+    """The weights the optimizer updates, in fp32, as a full CPU state dict on rank 0 (None elsewhere).
+
+    Under bf16 the module holds bf16 copies; the fp32 masters live in the optimizer, partitioned across
+    ranks under ZeRO. `safe_get_full_fp32_param` (DeepSpeed's API for this) gathers a ZeRO-1/2/3 master;
+    at ZeRO-0 the bf16 wrapper holds whole fp32 copies; in fp32 the module's parameters are the masters.
+    Collective under ZeRO: every rank must call it.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    zero0 = _zero0_masters(engine.optimizer)
+    state, keep = {}, engine.global_rank == 0
+    for name, param in engine.module.named_parameters():
+        master = safe_get_full_fp32_param(param)  # collective under ZeRO
+        if keep:
+            state[name] = (zero0.get(id(param), param) if master is None else master).detach().float().cpu()
+    if not keep:
         return None
-    return {k: v.detach().float().cpu().clone() for k, v in state.items()}
+    for name, buffer in engine.module.named_buffers():
+        state[name] = buffer.detach().cpu().clone()
+    return state
 
 
 def save(engine: Any, directory: str | Path, *, rank: int, world_size: int, position: dict[str, Any],
-         stats_json: str, config: dict[str, Any]) -> None:
+         stats: NormStats, config: dict[str, Any]) -> None:
     """Write this rank's part of a checkpoint into a local `directory` (collective: all ranks call it)."""
     directory = Path(directory)
     engine.save_checkpoint(str(directory), tag=TAG)
-    weights = consolidated_state_dict(engine)
+    weights = master_weights(engine)
     torch.save(_rng_state(), directory / f"rng_rank{rank}.pt")
     if rank == 0:
-        save_checkpoint(directory / "model.pt", engine.module, json.loads(stats_json), state_dict=weights)
-        (directory / "stats.json").write_text(stats_json)
+        save_checkpoint(directory / "model.pt", engine.module, stats, state_dict=weights)
+        (directory / "stats.json").write_text(json.dumps(asdict(stats)))
         safe = {**config, "data": {k: v for k, v in config["data"].items() if k != "storage_options"}}
         (directory / "config.yaml").write_text(yaml.safe_dump(safe, sort_keys=False))  # no credentials
         (directory / POSITION).write_text(json.dumps({**position, "world_size": world_size}))

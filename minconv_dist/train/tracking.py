@@ -5,22 +5,21 @@ from __future__ import annotations
 
 import os
 import time
-from importlib.metadata import version
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import mlflow
+import numpy as np
+import torch
+import yaml
+from matplotlib.figure import Figure
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import yaml  # noqa: E402
-from mlflow.entities import Metric  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-
-from minconv_dist.data.store import redact  # noqa: E402
+import minconv_dist
+from minconv_dist.data.store import redact
 
 
 def resolve_uri(uri: str | None) -> str:
@@ -79,7 +78,8 @@ class MetricLogger:
     def plot_forecast(self, truth: torch.Tensor, forecast: torch.Tensor, step: int, channel: str) -> None:
         """truth, forecast: [T, H, W] in physical units; shows the last closed-loop lead time."""
         t, f = truth[-1].float().numpy(), forecast[-1].float().numpy()
-        fig, axes = plt.subplots(1, 3, figsize=(12, 3), constrained_layout=True)
+        fig = Figure(figsize=(12, 3), constrained_layout=True)  # no pyplot: no global backend or figure list
+        axes = fig.subplots(1, 3)
         lo, hi = np.percentile(t, [1, 99])
         for ax, img, title, kw in (
             (axes[0], t, "truth", dict(vmin=lo, vmax=hi)),
@@ -91,7 +91,6 @@ class MetricLogger:
             fig.colorbar(im, ax=ax, shrink=0.8)
         fig.suptitle(f"validation at step {step}, lead {truth.shape[0]} frames")
         self.client.log_figure(self.run_id, fig, f"plots/forecast_step{step:07d}.png")
-        plt.close(fig)
 
 
 def finish_run(uri: str, run_id: str, status: str) -> None:
@@ -123,24 +122,37 @@ class PortableModel(torch.nn.Module):
         self.__init__(network.eval())
 
 
+@contextmanager
+def _tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's fluent API (which `log_model` needs) reads a process-wide URI: set it only for the call."""
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
 def log_model(uri: str, run_id: str, model: torch.nn.Module, example: torch.Tensor,
               registered_name: str, stats: dict[str, Any] | None = None) -> str | None:
     """Log `model` (pickled: torch.export would freeze the batch size) with an input example and signature,
     and register it under `registered_name` (skipped when empty). Returns the registered version.
 
+    The package's source travels with the model (`code_paths`), so it registers and loads whether or not
+    minconv_dist is an installed distribution (under `ray job submit --working-dir` it is plain files).
     `stats` (normalisation stats as a plain dict) travel in the model's metadata["norm_stats"], where
     the forecast job finds them."""
-    mlflow.set_tracking_uri(uri)
     model = PortableModel(model.eval())
     with torch.no_grad():
         output = model(example).numpy()
     signature = mlflow.models.infer_signature(example.numpy(), output)
-    with mlflow.start_run(run_id=run_id):
+    with _tracking_uri(uri), mlflow.start_run(run_id=run_id):
         info = mlflow.pytorch.log_model(
             model, name="model", serialization_format="pickle", input_example=example.numpy(),
             signature=signature, registered_model_name=registered_name or None,
-            metadata={"norm_stats": stats} if stats else None,
+            metadata={"minconv_dist_version": minconv_dist.__version__, **({"norm_stats": stats} if stats else {})},
+            code_paths=[os.path.dirname(minconv_dist.__file__)],
             # stated, not inferred: inference re-imports the model in a subprocess (~20 s)
-            pip_requirements=[f"minconv_dist=={version('minconv_dist')}", f"torch=={torch.__version__.split('+')[0]}"],
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
         )
     return None if info.registered_model_version is None else str(info.registered_model_version)

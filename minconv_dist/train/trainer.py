@@ -19,7 +19,9 @@ from minconv_dist.data.store import redact
 from minconv_dist.models import load_checkpoint
 from minconv_dist.train import checkpoint, tracking
 from minconv_dist.train.config import ConfigError, TrainConfig
-from minconv_dist.train.loop import NonFiniteLossError, _dataset, dims_of, split_of, worker_loop
+from minconv_dist.train.datasets import dims_of, split_of, window_dataset
+from minconv_dist.train.loop import StepCallback, worker_loop
+from minconv_dist.train.meter import NonFiniteLossError
 
 
 class TrainingError(RuntimeError):
@@ -56,9 +58,9 @@ def _check_data(cfg: TrainConfig, url: str) -> tuple[NormStats, tuple[int, int],
         raise ConfigError(f"{key['train']} / data.channels / data.stats_path: {err}") from err
     world = cfg.parallel.num_workers
     per_rank = {}
-    for split, stride in (("train", d.stride), ("val", d.sequence_length + 1)):
+    for split in ("train", "val"):
         try:
-            ds = _dataset(cfg, url, stats, split, shuffle=False, stride=stride)
+            ds = window_dataset(cfg, url, stats, split, rank=0, world_size=world)
         except (ValueError, KeyError) as err:
             raise ConfigError(f"{key[split]}: {err}") from err
         per_rank[split] = ds.n_windows // world
@@ -86,13 +88,22 @@ def _check_resources(cfg: TrainConfig) -> None:
                           "parallel.allow_autoscale=true on an autoscaling cluster")
 
 
+def _worker_cause(err: ray.train.TrainingFailedError) -> BaseException:
+    """The exception a worker raised (the lowest rank's), unwrapped from Ray's task error; else `err`."""
+    failures = getattr(err, "worker_failures", None) or {}
+    if not failures:
+        return err
+    failure = failures[min(failures)]
+    return getattr(failure, "cause", None) or failure
+
+
 def _run_dir(storage: str, name: str) -> str:
     return f"{storage.rstrip('/')}/{name}"
 
 
-def fit(cfg: TrainConfig, *, resume: str | None = None, hooks: dict[str, Any] | None = None) -> FitResult:
+def fit(cfg: TrainConfig, *, resume: str | None = None, callbacks: list[StepCallback] = ()) -> FitResult:
     """Train per `cfg`. `resume`: a run name under run.storage_path (or a run directory) to continue from its
-    latest complete checkpoint. `hooks` are for tests only (fault injection)."""
+    latest complete checkpoint. `callbacks` run on every worker after each step (picklable)."""
     cfg.validate()
     storage = cfg.run.storage_path if "://" in cfg.run.storage_path else str(Path(cfg.run.storage_path).resolve())
     resume_from, position = None, {}
@@ -130,7 +141,7 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, hooks: dict[str, Any] | 
         train_loop_config={
             "config": cfg.to_dict(), "url": url, "stats": asdict(stats), "steps_per_epoch": steps_per_epoch,
             "val_batches": val_batches, "mlflow_uri": uri, "mlflow_run_id": run_id, "resume_from": resume_from,
-            "hooks": hooks,
+            "callbacks": list(callbacks),
         },
         scaling_config=ray.train.ScalingConfig(num_workers=p.num_workers, use_gpu=p.use_gpu,
                                                resources_per_worker=resources),
@@ -144,12 +155,13 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, hooks: dict[str, Any] | 
     )
     try:
         result = trainer.fit()
-    except Exception as err:  # noqa: BLE001 - re-raised with the run's context
+    except ray.train.TrainingFailedError as err:
         tracking.finish_run(uri, run_id, "FAILED")
         last = checkpoint.latest(run_dir)
         where = f"last good checkpoint: {last[0]} (step {last[1]['global_step']})" if last else "no checkpoint"
-        kind = NonFiniteLossError if NonFiniteLossError.__name__ in str(err) else TrainingError
-        raise kind(f"run {name} failed: {str(err).strip().splitlines()[-1]}; {where}; "
+        cause = _worker_cause(err)
+        kind = NonFiniteLossError if isinstance(cause, NonFiniteLossError) else TrainingError
+        raise kind(f"run {name} failed: {str(cause).strip().splitlines()[-1]}; {where}; "
                    f"continue with --resume {run_dir}") from err
     last = checkpoint.latest(run_dir)
     if last is None:

@@ -1,0 +1,66 @@
+"""The DeepSpeed engine around a model: its config, optimizer and learning-rate schedule."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from minconv_dist.train.config import TrainConfig
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    """Linear warm-up, then cosine decay to `min_lr_ratio`, over optimizer steps."""
+    warm, floor = cfg.optim.warmup_steps, cfg.optim.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+# DeepSpeed's default communication buckets (elements): sized for LLMs, they dominate the memory of our models
+DEFAULT_BUCKET = 500_000_000
+
+
+def bucket_size(model: torch.nn.Module) -> int:
+    """ZeRO's reduce / all-gather / ZeRO-3 prefetch bucket, in elements: an eighth of the model, at least its
+    largest tensor (DeepSpeed gathers a tensor whole), at most DeepSpeed's default. The default 5e8 bf16
+    elements (1 GB per bucket) would outweigh what ZeRO saves on a model of tens of millions of parameters."""
+    sizes = [p.numel() for p in model.parameters()]
+    return int(min(DEFAULT_BUCKET, max(max(sizes), sum(sizes) // 8)))
+
+
+def deepspeed_config(cfg: TrainConfig, bf16: bool, bucket: int = DEFAULT_BUCKET) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": cfg.parallel.zero_stage}
+    if cfg.parallel.zero_stage:
+        zero.update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
+    if cfg.parallel.zero_stage == 3:
+        zero.update(stage3_prefetch_bucket_size=bucket)
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.optim.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+    }
+
+
+def build_engine(cfg: TrainConfig, model: torch.nn.Module, total_steps: int, bf16: bool) -> Any:
+    """AdamW (a torch optimizer: DeepSpeed would JIT-build its fused Adam) with the warm-up + cosine schedule,
+    wrapped by DeepSpeed per `cfg.parallel` (ZeRO stage, bf16 with fp32 master weights)."""
+    import deepspeed
+
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    optimizer_steps = max(1, total_steps // o.grad_accum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, optimizer_steps))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg, bf16, bucket_size(model)))
+    return engine

@@ -1,0 +1,146 @@
+"""The worker loop's pieces on one in-process DeepSpeed engine (gloo, world size 1): where collectives get
+their tensors, that a step never syncs with the host, and that the exported weights are the fp32 masters.
+"""
+from __future__ import annotations
+
+import glob
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from minconv_dist.models import build_model
+from minconv_dist.train import load_config
+from minconv_dist.train.checkpoint import master_weights
+from minconv_dist.train.engine import build_engine
+from minconv_dist.train.loop import train_step, validate
+from minconv_dist.train.meter import LossMeter, NonFiniteLossError
+
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.timeout(300)
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
+               "reduce", "all_to_all_single")
+
+
+@pytest.fixture(scope="module")
+def process_group(tmp_path_factory):
+    """A one-rank gloo group for this module only (DeepSpeed needs one), torn down afterwards."""
+    assert not dist.is_initialized()
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        store = tmp_path_factory.mktemp("pg") / "store"
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+        yield
+        dist.destroy_process_group()
+
+
+@pytest.fixture
+def collective_devices(monkeypatch):
+    """Every tensor any code (ours or DeepSpeed's) hands to a torch.distributed collective, by device."""
+    seen: list[torch.device] = []
+
+    def spy(name):
+        real = getattr(dist, name)
+
+        def wrapper(*args, **kwargs):
+            for arg in (*args, *kwargs.values()):
+                for t in arg if isinstance(arg, (list, tuple)) else [arg]:
+                    if isinstance(t, torch.Tensor):
+                        seen.append(t.device)
+            return real(*args, **kwargs)
+        return wrapper
+
+    for name in COLLECTIVES:
+        monkeypatch.setattr(dist, name, spy(name))
+    return seen
+
+
+def engine_for(stage: int, precision: str, lr: float = 1e-2):
+    cfg = load_config(overrides=["model.hidden_sizes=[4, 4]", "data.batch_size=2", f"parallel.zero_stage={stage}",
+                                 f"parallel.precision={precision}", f"optim.lr={lr}", "optim.warmup_steps=0",
+                                 "optim.grad_clip=0"])
+    torch.manual_seed(0)
+    model = build_model("minconvgru", 1, [4, 4], padding="circular", grid=(8, 8))
+    return build_engine(cfg, model, total_steps=10, bf16=precision == "bf16")
+
+
+def batches(n: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(2, 7, 1, 8, 8, generator=g) for _ in range(n)]
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_every_collective_gets_tensors_on_the_model_device(stage, process_group, collective_devices):
+    """What broke the first GPU run: a loss moved to the CPU before an NCCL all_reduce."""
+    engine = engine_for(stage, "fp32")
+    meter = LossMeter(engine.device)
+    for step, x in enumerate(batches(3), 1):
+        meter.update(train_step(engine, x.to(engine.device), 4, torch.float32, 0.0), step)
+    meter.summary()
+    validate(engine, batches(2), 2, 4, torch.float32, engine.device)
+    master_weights(engine)
+    assert collective_devices, "no collective was called: the spy is not wired"
+    assert set(collective_devices) == {engine.device}
+
+
+class Stop(Exception):
+    pass
+
+
+def test_meter_stays_on_its_device_and_never_syncs(monkeypatch):
+    """On the meta device any host read (`.item()`, `bool()`) raises: `update` must make none, and `summary`
+    must hand meta tensors, not CPU copies, to its collective."""
+    meter = LossMeter(torch.device("meta"))
+    for step in range(1, 4):
+        meter.update(torch.empty((), device="meta"), step)
+    seen = []
+
+    def all_reduce(tensor, *args, **kwargs):
+        seen.append(tensor.device)
+        raise Stop
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    with pytest.raises(Stop):
+        meter.summary()
+    assert seen == [torch.device("meta")]
+
+
+def test_meter_names_the_first_non_finite_step_and_averages_the_epoch():
+    meter = LossMeter(torch.device("cpu"))
+    for step, value in enumerate([1.0, 3.0], 1):
+        meter.update(torch.tensor(value), step)
+    assert meter.summary() == {"last": 3.0, "epoch_mean": 2.0, "epoch_total": 4.0, "epoch_count": 2.0}
+    meter.update(torch.tensor(float("nan")), 3)
+    meter.update(torch.tensor(float("inf")), 4)
+    with pytest.raises(NonFiniteLossError, match="non-finite training loss at step 3"):
+        meter.summary()
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_exported_weights_are_the_fp32_masters(stage, process_group, tmp_path):
+    """bf16 training keeps bf16 copies in the module and fp32 masters in the optimizer: the model file must
+    get the masters (for ZeRO 1-3 checked against DeepSpeed's own offline consolidation of the checkpoint)."""
+    engine = engine_for(stage, "bf16", lr=3e-3)
+    for x in batches(3):
+        train_step(engine, x.to(engine.device), 4, torch.bfloat16, 0.0)
+    exported = master_weights(engine)
+    names = [n for n, _ in engine.module.named_parameters()]
+    assert set(names) <= set(exported) and all(exported[n].dtype == torch.float32 for n in names)
+    # the masters are not bf16 numbers: a bf16-rounded copy would be
+    assert any(not torch.equal(exported[n], exported[n].bfloat16().float()) for n in names)
+    if stage == 0:  # the module's bf16 weights are the masters rounded (no ZeRO checkpoint to consolidate)
+        for n, p in engine.module.named_parameters():
+            assert torch.equal(exported[n].bfloat16(), p.detach().cpu()), n
+        return
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    engine.save_checkpoint(str(tmp_path), tag="t")
+    assert glob.glob(f"{tmp_path}/t/*optim_states.pt")
+    reference = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path), tag="t")
+    for n in names:
+        assert torch.equal(exported[n], reference[n].float()), n
