@@ -1,0 +1,60 @@
+"""Model registration as `ray job submit --working-dir` runs it: minconv_dist present as plain files, not as
+an installed distribution; and the registered model loading where minconv_dist is not importable at all."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import sysconfig
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SITE = sysconfig.get_paths()["purelib"]
+
+# `python -S` skips site-packages' .pth files, so the editable install's import hook is gone; the child adds
+# site-packages back by hand (torch, mlflow) and, for registering, the repository as a plain folder.
+REGISTER = """
+import importlib.metadata, sys
+sys.path[:0] = [{site!r}, {root!r}]
+real = importlib.metadata.version
+def version(name):
+    if name.replace("-", "_") == "minconv_dist":
+        raise importlib.metadata.PackageNotFoundError(name)
+    return real(name)
+importlib.metadata.version = version
+import torch
+from minconv_dist.models import build_model
+from minconv_dist.train.tracking import log_model, open_run
+model = build_model("minconvgru", 1, [4], grid=(8, 8))
+run = open_run({uri!r}, "e", "r", {{"model": {{"arch": "minconvgru"}}, "data": {{}}}}, "{{}}")
+print("VERSION", log_model({uri!r}, run, model, torch.zeros(1, 3, 1, 8, 8), "m", {{"channels": ["z"]}}))
+"""
+LOAD = """
+import sys
+sys.path[:0] = [{site!r}]
+try:
+    import minconv_dist
+    raise SystemExit("minconv_dist is importable: the test would prove nothing")
+except ImportError:
+    pass
+import mlflow, torch
+mlflow.set_tracking_uri({uri!r})
+model = mlflow.pytorch.load_model("models:/m/1")
+print("SHAPE", tuple(model.rollout(torch.zeros(2, 3, 1, 8, 8), steps=4)[0].shape))
+"""
+
+
+def run_child(code: str, cwd: Path) -> str:
+    out = subprocess.run([sys.executable, "-S", "-c", textwrap.dedent(code)], cwd=cwd, capture_output=True,
+                         text=True, timeout=240)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.mark.timeout(300)
+def test_registers_without_installed_distribution_and_loads_without_the_package(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert "VERSION 1" in run_child(REGISTER.format(site=SITE, root=str(ROOT), uri=uri), tmp_path)
+    assert "SHAPE (2, 4, 1, 8, 8)" in run_child(LOAD.format(site=SITE, uri=uri), tmp_path)
