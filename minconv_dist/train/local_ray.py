@@ -1,0 +1,76 @@
+"""A throw-away Ray head on this machine, for tests, benchmarks and one-machine jobs: bound to 127.0.0.1,
+in its own temporary folder with its own free ports, and stopped by the PIDs of its own processes (never
+`ray stop`, which stops every Ray of this user on the machine)."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_executable() -> str:
+    """The `ray` command beside this Python (a venv), else the one on PATH."""
+    beside = Path(sys.executable).with_name("ray")
+    return str(beside) if beside.exists() else (shutil.which("ray") or "ray")
+
+
+@dataclass
+class LocalHead:
+    address: str  # the dashboard / job server, e.g. http://127.0.0.1:8265
+    env: dict[str, str]  # the environment for `ray job submit` and JobSubmissionClient
+    temp_dir: str
+
+    def processes(self) -> list[psutil.Process]:
+        """This head's processes: every one whose command line names its temp dir."""
+        found = []
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                if any(self.temp_dir in part for part in proc.info["cmdline"] or []):
+                    found.append(proc)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return found
+
+
+@contextmanager
+def local_ray_head(num_cpus: int, num_gpus: int = 0, env: dict[str, str] | None = None) -> Iterator[LocalHead]:
+    """`ray start --head` on 127.0.0.1 with `num_cpus` / `num_gpus`, yielding where to submit jobs."""
+    temp_dir = tempfile.mkdtemp(prefix="mcr", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    dashboard = free_port()
+    env = dict(os.environ if env is None else env, RAY_AUTH_MODE="disabled", RAY_TMPDIR=temp_dir,
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    head = LocalHead(f"http://127.0.0.1:{dashboard}", env, temp_dir)
+    try:
+        subprocess.run(
+            [ray_executable(), "start", "--head", f"--port={free_port()}", "--node-ip-address=127.0.0.1",
+             f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}", "--include-dashboard=true",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+             f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+             f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+            env=env, check=True, capture_output=True, timeout=180,
+        )
+        yield head
+    finally:
+        procs = head.processes()
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in psutil.wait_procs(procs, timeout=15)[1]:
+            proc.kill()
+        shutil.rmtree(temp_dir, ignore_errors=True)
