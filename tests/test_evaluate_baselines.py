@@ -52,4 +52,4 @@ def test_skill_table_has_model_and_baselines():
     assert skill["z"].dims == ("source", "metric", "lead_time")
     np.testing.assert_allclose(skill["z"].sel(source="perfect", metric="weighted_rmse"), 0.0, atol=1e-12)
     np.testing.assert_allclose(skill["z"].sel(source="perfect", metric="acc"), 1.0)
-    assert (skill["z"].sel(source="persistence", metric="rmse") > 0).all()
+    assert (skill["z"].sel(source="persistence", metric="rmse_sqrt_before_time_avg") > 0).all()

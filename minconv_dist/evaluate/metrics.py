@@ -1,22 +1,24 @@
-"""Skill metrics as small named functions over xarray objects, one number per variable and lead time.
+"""Skill metrics as small functions over xarray objects, each named by what it computes and citing its source.
 
 Inputs are aligned: `forecast` and `truth` have the same dims, normally
-`(init_time, lead_time, latitude, longitude)` (use `align_truth`). Every function reduces over
-`init_time` (the "time" of the papers), `latitude` and `longitude` and keeps everything else, so a
-Dataset with one variable per channel and a `lead_time` dim gives a skill curve per variable.
+`(init_time, lead_time, latitude, longitude)` (use `align_truth`), one variable per channel. Every score
+reduces over `init_time`, `latitude` and `longitude` and keeps everything else, so it is a skill curve over
+`lead_time` per variable.
 
-Two definitions, chosen by name (`definition=`):
-- "weatherbench" (Rasp et al. 2020, `score.py`): RMSE = sqrt of the latitude-weighted mean squared
-  error over time, lat and lon together; ACC = weighted correlation of anomalies against a
-  climatology, with the mean anomaly removed, summed over time, lat and lon together.
-- "weatherbench2" (Rasp et al. 2024): RMSE per init time (sqrt of the weighted spatial mean), then
-  averaged over init times; ACC per init time (anomalies against a day-of-year/hour climatology, no
-  mean removal), then averaged.
-Latitude weights are cos(lat) normalised to mean 1 in both.
+Two sources, selected by `definition=` in `score`:
+- "weatherbench2": google-research/weatherbench2, `weatherbench2/metrics.py`. Spatial means are weighted by
+  grid-cell area (`cell_area_weights`, their `get_lat_weights`); a metric is computed per init time
+  (`Metric.compute_chunk`) and then averaged over init times (`Metric.compute`). RMSE is the square root of
+  the time-mean MSE (their `MSE`, square root taken after the evaluation as in `docs/source/evaluation.ipynb`);
+  `rmse_sqrt_before_time_avg` is their `RMSESqrtBeforeTimeAvg`. NaNs propagate (their default
+  `skipna=False`).
+- "weatherbench": pangeo-data/WeatherBench (v1, Rasp et al. 2020), `src/score.py`: `compute_weighted_rmse`
+  and `compute_weighted_acc`, with cos-latitude weights normalised to mean 1 (`cos_latitude_weights`), one
+  mean over time, latitude and longitude together.
 """
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import xarray as xr
@@ -25,66 +27,129 @@ X = TypeVar("X", xr.DataArray, xr.Dataset)
 
 TIME, LEAD, LAT, LON = "init_time", "lead_time", "latitude", "longitude"
 SPACE = (LAT, LON)
-DEFINITIONS = ("weatherbench", "weatherbench2")
 
 
-def latitude_weights(latitude: xr.DataArray) -> xr.DataArray:
-    """cos(latitude) normalised to mean 1, so a weighted mean of a constant is that constant."""
+def cell_area_weights(latitude: xr.DataArray) -> xr.DataArray:
+    """Relative area of each latitude row's cells, normalised to mean 1 (WeatherBench2's weights).
+
+    Source: weatherbench2 `weatherbench2/metrics.py`, `get_lat_weights` / `_cell_area_from_latitude`. Cell
+    edges lie halfway between rows and at ±90°, so a row at a pole gets a half-cell; a row's weight is
+    `sin(upper edge) - sin(lower edge)`. Latitude may ascend or descend; the weights follow its order.
+    """
+    degrees = np.asarray(latitude, dtype=float)
+    order = np.argsort(degrees)
+    rows = np.deg2rad(degrees[order])
+    if (np.diff(rows) <= 0).any() or (np.abs(degrees) > 90).any():
+        raise ValueError(f"latitudes must be distinct and within [-90, 90]; got {degrees.tolist()}")
+    edges = np.concatenate([[-np.pi / 2], (rows[:-1] + rows[1:]) / 2, [np.pi / 2]])
+    area = np.empty_like(rows)
+    area[order] = np.diff(np.sin(edges))
+    return latitude.copy(data=area / area.mean())
+
+
+def cos_latitude_weights(latitude: xr.DataArray) -> xr.DataArray:
+    """`cos(latitude)` normalised to mean 1 (WeatherBench v1's weights; 0 at a pole row).
+
+    Source: WeatherBench `src/score.py`, `compute_weighted_rmse` / `compute_weighted_acc` (`weights_lat`).
+    """
     w = np.cos(np.deg2rad(latitude))
     return w / w.mean()
 
 
-def _check_definition(definition: str) -> None:
-    if definition not in DEFINITIONS:
-        raise ValueError(f"unknown metric definition {definition!r}; expected one of {DEFINITIONS}")
+def area_mean(x: X) -> X:
+    """Mean over latitude and longitude weighted by `cell_area_weights`, one value per remaining index.
+
+    Source: weatherbench2 `weatherbench2/metrics.py`, `_spatial_average` (global, no region mask).
+    """
+    return x.weighted(cell_area_weights(x[LAT])).mean(SPACE, skipna=False)
+
+
+def mse_per_time(forecast: X, truth: X) -> X:
+    """Area-weighted mean squared error per init time: `mean_{lat,lon}(w (f - t)²)`.
+
+    Source: weatherbench2 `weatherbench2/metrics.py`, `MSE.compute_chunk`.
+    """
+    return area_mean((forecast - truth) ** 2)
+
+
+def mse(forecast: X, truth: X) -> X:
+    """`mse_per_time` averaged over init times. Source: weatherbench2 `metrics.py`, `MSE` (`Metric.compute`)."""
+    return mse_per_time(forecast, truth).mean(TIME, skipna=False)
 
 
 def rmse(forecast: X, truth: X) -> X:
-    """Unweighted RMSE over init time, lat and lon (equal-area grids; a reference for the weighted one)."""
-    return np.sqrt(((forecast - truth) ** 2).mean((TIME, *SPACE)))
+    """WeatherBench2 RMSE: `sqrt(mean_time(mean_{lat,lon}(w (f - t)²)))`, the root taken after the time mean.
+
+    Source: weatherbench2 `weatherbench2/metrics.py`, `MSE`, whose square root gives the published RMSE
+    (`docs/source/evaluation.ipynb`: "taking the square root after the time mean", ECMWF's convention).
+    """
+    return np.sqrt(mse(forecast, truth))
 
 
-def weighted_rmse(forecast: X, truth: X, definition: str = "weatherbench") -> X:
-    """Latitude-weighted RMSE: cells near the poles cover less area and count less."""
-    _check_definition(definition)
-    se = ((forecast - truth) ** 2).weighted(latitude_weights(truth[LAT]))
-    if definition == "weatherbench":
-        return np.sqrt(se.mean((TIME, *SPACE)))
-    return np.sqrt(se.mean(SPACE)).mean(TIME)
+def rmse_sqrt_before_time_avg(forecast: X, truth: X) -> X:
+    """`mean_time(sqrt(mean_{lat,lon}(w (f - t)²)))`: the per-time RMSE averaged over init times.
+
+    Source: weatherbench2 `weatherbench2/metrics.py`, `RMSESqrtBeforeTimeAvg`. Never above `rmse`, and
+    equal to it only when every init time has the same error.
+    """
+    return np.sqrt(mse_per_time(forecast, truth)).mean(TIME, skipna=False)
 
 
 def bias(forecast: X, truth: X) -> X:
-    """Latitude-weighted mean error: positive when the forecast runs high (same in both definitions)."""
-    return (forecast - truth).weighted(latitude_weights(truth[LAT])).mean((TIME, *SPACE))
+    """Mean error `mean_time(mean_{lat,lon}(w (f - t)))`, area-weighted; positive when the forecast runs high.
 
-
-def acc(forecast: X, truth: X, climatology: X, definition: str = "weatherbench") -> X:
-    """Anomaly correlation: skill at placing the departures from climatology, blind to amplitude.
-
-    `climatology` broadcasts against `truth`: for "weatherbench" Rasp et al. use the truth's mean over
-    the test period; for "weatherbench2" a day-of-year/hour climatology at each valid time.
+    Source: weatherbench2 `weatherbench2/metrics.py`, `Bias`. WeatherBench v1 defines no bias, so both
+    definitions report this one.
     """
-    _check_definition(definition)
-    w = latitude_weights(truth[LAT])
+    return area_mean(forecast - truth).mean(TIME, skipna=False)
+
+
+def acc_per_time(forecast: X, truth: X, climatology: X) -> X:
+    """Anomaly correlation per init time: `mean(w f'a') / sqrt(mean(w f'²) mean(w a'²))` over lat and lon.
+
+    `f' = f - c`, `a' = t - c` with `c` the climatology at each valid time (broadcast against `truth`);
+    no mean anomaly is removed. Source: weatherbench2 `weatherbench2/metrics.py`, `ACC.compute_chunk`.
+    """
     fa, a = forecast - climatology, truth - climatology
-    if definition == "weatherbench":
-        dims = (TIME, *SPACE)
-        fa, a = fa - fa.mean(dims), a - a.mean(dims)
-    else:
-        dims = SPACE
-    num = (w * fa * a).sum(dims)
-    den = np.sqrt((w * fa**2).sum(dims) * (w * a**2).sum(dims))
-    score = num / den
-    return score if definition == "weatherbench" else score.mean(TIME)
+    return area_mean(fa * a) / np.sqrt(area_mean(fa**2) * area_mean(a**2))
 
 
-#: metric name -> function(forecast, truth, climatology, definition)
-METRICS: dict[str, Callable[..., xr.Dataset]] = {
-    "rmse": lambda f, t, c, d: rmse(f, t),
-    "weighted_rmse": lambda f, t, c, d: weighted_rmse(f, t, d),
-    "bias": lambda f, t, c, d: bias(f, t),
-    "acc": lambda f, t, c, d: acc(f, t, c, d),
+def acc(forecast: X, truth: X, climatology: X) -> X:
+    """WeatherBench2 ACC: `acc_per_time` averaged over init times. Source: weatherbench2 `metrics.py`, `ACC`."""
+    return acc_per_time(forecast, truth, climatology).mean(TIME, skipna=False)
+
+
+def compute_weighted_rmse(forecast: X, truth: X) -> X:
+    """WeatherBench v1 RMSE: `sqrt(mean_{time,lat,lon}(w (f - t)²))`, `w` = `cos_latitude_weights`.
+
+    Source: WeatherBench `src/score.py`, `compute_weighted_rmse`, applied per lead time as their
+    `evaluate_iterative_forecast` does.
+    """
+    return np.sqrt((cos_latitude_weights(truth[LAT]) * (forecast - truth) ** 2).mean((TIME, *SPACE)))
+
+
+def compute_weighted_acc(forecast: X, truth: X, climatology: X) -> X:
+    """WeatherBench v1 ACC: `Σ w f'a' / sqrt(Σ w f'² Σ w a'²)`, sums over time, lat and lon together.
+
+    `f' = f - c - mean(f - c)`, `a' = t - c - mean(t - c)` (unweighted means over time, lat and lon),
+    `w` = `cos_latitude_weights`. Source: WeatherBench `src/score.py`, `compute_weighted_acc`, where `c` is
+    the truth's mean over time (`da_true.mean('time')`) and the score is taken per lead time.
+    """
+    dims = (TIME, *SPACE)
+    w = cos_latitude_weights(truth[LAT])
+    fa, a = forecast - climatology, truth - climatology
+    fa, a = fa - fa.mean(dims), a - a.mean(dims)
+    return (w * fa * a).sum(dims) / np.sqrt((w * fa**2).sum(dims) * (w * a**2).sum(dims))
+
+
+#: definition -> table label -> metric(forecast, truth); "acc" also takes the climatology.
+#: "weighted_rmse" is each definition's RMSE: WeatherBench2 `rmse` or WeatherBench v1 `compute_weighted_rmse`.
+METRICS: dict[str, dict[str, Callable[..., Any]]] = {
+    "weatherbench": {"weighted_rmse": compute_weighted_rmse, "bias": bias, "acc": compute_weighted_acc},
+    "weatherbench2": {"weighted_rmse": rmse, "rmse_sqrt_before_time_avg": rmse_sqrt_before_time_avg,
+                      "bias": bias, "acc": acc},
 }
+DEFINITIONS = tuple(METRICS)
 
 
 def score(
@@ -92,19 +157,23 @@ def score(
     truth: xr.Dataset,
     climatology: xr.Dataset | None = None,
     definition: str = "weatherbench",
-    metrics: tuple[str, ...] = ("rmse", "weighted_rmse", "bias", "acc"),
+    metrics: tuple[str, ...] | None = None,
 ) -> xr.Dataset:
-    """All named metrics stacked along a `metric` dim: `(metric, lead_time)` per variable.
+    """The definition's metrics (all of `METRICS[definition]` by default) stacked along a `metric` dim.
 
-    ACC needs `climatology`; without one it is skipped.
+    Gives `(metric, lead_time)` per variable. ACC needs `climatology`; without one it is skipped.
     """
-    _check_definition(definition)
-    unknown = set(metrics) - set(METRICS)
+    if definition not in METRICS:
+        raise ValueError(f"unknown metric definition {definition!r}; expected one of {DEFINITIONS}")
+    table = METRICS[definition]
+    names = tuple(table) if metrics is None else metrics
+    unknown = set(names) - set(table)
     if unknown:
-        raise ValueError(f"unknown metrics {sorted(unknown)}; expected some of {sorted(METRICS)}")
-    names = [m for m in metrics if m != "acc" or climatology is not None]
-    parts = [METRICS[m](forecast, truth, climatology, definition) for m in names]
-    return xr.concat(parts, dim="metric", coords="minimal", compat="override").assign_coords(metric=names)
+        raise ValueError(f"unknown metrics {sorted(unknown)} for definition {definition!r}; "
+                         f"expected some of {list(table)}")
+    names = tuple(m for m in names if m != "acc" or climatology is not None)
+    parts = [table[m](forecast, truth, climatology) if m == "acc" else table[m](forecast, truth) for m in names]
+    return xr.concat(parts, dim="metric", coords="minimal", compat="override").assign_coords(metric=list(names))
 
 
 def align_truth(forecast: xr.Dataset, truth: xr.Dataset) -> xr.Dataset:

@@ -10,7 +10,7 @@ from minconv_dist.evaluate.metrics import LAT, LEAD, LON, TIME, align_truth, sco
 
 
 def as_fields(data: xr.DataArray) -> xr.Dataset:
-    """(time|dayofyear, channel, lat, lon) DataArray -> Dataset with one variable per channel on (latitude, longitude)."""
+    """(time|dayofyear[, hour], channel, lat, lon) DataArray -> Dataset with one variable per channel on (latitude, longitude)."""
     return data.rename(lat=LAT, lon=LON).to_dataset("channel")
 
 
@@ -20,21 +20,23 @@ def evaluate_forecast(
 ) -> xr.Dataset:
     """Skill per variable with dims (source, metric, lead_time); sources: the model, persistence, climatology.
 
-    truth: (time, latitude, longitude) per variable; climatology: (dayofyear[, hour], latitude, longitude),
-    used for the climatology baseline and, under "weatherbench2", as the ACC reference. Under
-    "weatherbench" the ACC reference is the truth's mean over the verified period (Rasp et al. 2020).
-    Inputs are checked (variables, grid, valid times) before anything is computed.
+    truth: (time, latitude, longitude) per variable; climatology: (dayofyear[, hour], latitude, longitude), e.g.
+    `minconv_dist.data.weatherbench2_climatology`, for the climatology baseline. The ACC reference follows
+    `definition`: "weatherbench2" (WeatherBench2 `ACC`) uses that climatology at each valid time, and skips ACC
+    without one; "weatherbench" (WeatherBench v1 `compute_weighted_acc`) the truth's mean over the verified
+    valid times. Inputs are checked (variables, grid, valid times) before anything is computed.
     """
     truth_at = align_truth(forecast, truth)  # raises on any mismatch
-    forecast = forecast[list(truth_at.data_vars)].load()
+    names = list(truth_at.data_vars)
+    forecast = forecast[names].load()
     truth_at = truth_at.load()
-    used = truth[list(truth_at.data_vars)].sel(time=np.unique((forecast[TIME] + forecast[LEAD]).values))
-    sources = {name: forecast, "persistence": persistence(truth[list(truth_at.data_vars)], forecast[TIME], forecast[LEAD])}
-    acc_ref = used.mean("time") if definition == "weatherbench" else None
+    sources = {name: forecast, "persistence": persistence(truth[names], forecast[TIME], forecast[LEAD])}
     if climatology is not None:
-        sources["climatology"] = climatology_forecast(climatology[list(truth_at.data_vars)], forecast[TIME], forecast[LEAD])
-        if definition == "weatherbench2":
-            acc_ref = sources["climatology"]
+        sources["climatology"] = climatology_forecast(climatology[names], forecast[TIME], forecast[LEAD])
+    if definition == "weatherbench":
+        acc_ref = truth[names].sel(time=np.unique((forecast[TIME] + forecast[LEAD]).values)).mean("time")
+    else:
+        acc_ref = sources.get("climatology")
     parts = [score(src.load(), truth_at, acc_ref, definition) for src in sources.values()]
     out = xr.concat(parts, dim="source", coords="minimal", compat="override").assign_coords(source=list(sources))
     out.attrs["definition"] = definition
