@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import xarray as xr  # noqa: E402
 
-from minconv_dist.data import DimNames, compute_climatology, default_store, open_store  # noqa: E402
+from minconv_dist.data import CLIMATOLOGIES, DimNames, default_store, open_store  # noqa: E402
 from minconv_dist.evaluate import DEFINITIONS, align_truth, as_fields, evaluate_forecast, open_channels, to_frame  # noqa: E402
 from minconv_dist.evaluate.plots import plot_maps, plot_skill  # noqa: E402
 
@@ -29,9 +29,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-options", type=json.loads, default=None, help="JSON for fsspec (truth store)")
     p.add_argument("--dims", type=json.loads, default={}, help='truth dim names, e.g. {"lat": "latitude", "lon": "longitude"}')
     p.add_argument("--coarsen", type=int, help="block-average the truth grid (default: the forecast's coarsen attr)")
+    p.add_argument("--climatology", choices=list(CLIMATOLOGIES), default="weatherbench2",
+                   help="weatherbench2: mean by day of year and hour, smoothed over 61 days (WeatherBench2's); "
+                        "dayofyear: plain mean per day of year")
     p.add_argument("--climatology-range", nargs=2, metavar=("START", "END"),
-                   help="period for the day-of-year climatology (the training years); without it no climatology baseline")
-    p.add_argument("--definition", choices=DEFINITIONS, default="weatherbench")
+                   help="reference period of the climatology (the training years; WeatherBench2 uses 1990-01-01 "
+                        "2019-12-31); without it no climatology baseline")
+    p.add_argument("--definition", choices=DEFINITIONS, default="weatherbench",
+                   help="metric definitions: weatherbench2 (weatherbench2/metrics.py) or weatherbench (WeatherBench "
+                        "v1 src/score.py); see docs/evaluation.md")
     p.add_argument("--name", default="model", help="label of the model in tables and plots")
     p.add_argument("--map-leads", type=int, nargs="*", help="lead steps shown in the maps (default: first, middle, last)")
     p.add_argument("--out", required=True, help="output folder")
@@ -50,7 +56,8 @@ def main(argv: list[str] | None = None) -> xr.Dataset:
     align_truth(forecast, truth)  # fail on mismatched variables, grids or times before the climatology pass
     climatology = None
     if args.climatology_range:
-        clim = compute_climatology(url, channels, dims, tuple(args.climatology_range), args.storage_options, progress=False)
+        clim = CLIMATOLOGIES[args.climatology](url, channels, dims, tuple(args.climatology_range), args.storage_options,
+                                              progress=False)
         climatology = as_fields(clim.coarsen(lat=coarsen, lon=coarsen).mean() if coarsen > 1 else clim)
     skill = evaluate_forecast(forecast, truth, climatology, args.definition, args.name)
 

@@ -1,4 +1,4 @@
-"""Statistics and climatology against numpy on the loaded array; NormStats files."""
+"""Statistics against numpy on the loaded array; NormStats files (climatologies: test_evaluate_baselines.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-import xarray as xr
 
-from minconv_dist.data import DimNames, NormStats, compute_climatology, compute_stats, open_store
+from minconv_dist.data import DimNames, NormStats, compute_stats, open_store
 
 WB2 = DimNames(lat="latitude", lon="longitude")
 CHANNELS = "geopotential@500, temperature@850, 2m_temperature"
@@ -53,16 +52,6 @@ def test_normstats_save_load_normalize(tmp_path, s3_bucket, s3_options):
     path.write_text("{}")
     with pytest.raises(ValueError, match="not a NormStats JSON"):
         NormStats.load(str(path))
-
-
-def test_climatology_by_day_of_year_and_to_zarr(tiny_store, tmp_path):
-    clim = compute_climatology(tiny_store, "z", progress=False)
-    assert clim.dims == ("dayofyear", "channel", "lat", "lon") and clim.sizes["dayofyear"] == 10
-    z = open_store(tiny_store).z.values.astype(np.float64)
-    np.testing.assert_allclose(clim.sel(dayofyear=3, channel="z").values, z[48:72].mean(0), rtol=1e-6)
-    path = str(tmp_path / "clim.zarr")
-    clim.to_dataset().to_zarr(path)
-    assert xr.open_zarr(path).climatology.load().identical(clim)
 
 
 def test_stats_over_training_samples_only(tiny_sample_store):

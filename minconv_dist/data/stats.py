@@ -110,13 +110,3 @@ def compute_stats(url_or_ds: str | xr.Dataset, channels: str | list, dims: DimNa
         mean, sq = dask.compute(da.mean(over).data, (da**2).mean(over).data)
     std = np.sqrt(np.maximum(sq - mean**2, 0.0))
     return NormStats(channels=[str(s) for s in parse_channels(channels)], mean=mean.tolist(), std=std.tolist())
-
-
-def compute_climatology(url_or_ds: str | xr.Dataset, channels: str | list, dims: DimNames = DimNames(),
-                        time_range: tuple | None = None, storage_options: dict | None = None,
-                        progress: bool = True) -> xr.DataArray:
-    """Mean per day of year, dims (dayofyear, channel, lat, lon); save with `.to_dataset(name=...).to_zarr(url)`."""
-    da = _training_array(url_or_ds, channels, dims, time_range, storage_options)
-    with ProgressBar() if progress else nullcontext():
-        clim = da.groupby("time.dayofyear").mean("time").compute()
-    return clim.transpose("dayofyear", "channel", "lat", "lon").rename("climatology")

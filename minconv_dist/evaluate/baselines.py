@@ -1,7 +1,8 @@
 """Reference forecasts laid out like a model's, so the same metric code scores all of them.
 
 - persistence: the state at init time, held for every lead (hard to beat at short leads);
-- climatology: the climatological mean at each valid time (the floor every model must beat at long leads).
+- climatology: the climatological mean at each valid time's day of year (and hour), the floor every model
+  must beat at long leads.
 """
 from __future__ import annotations
 
@@ -21,10 +22,12 @@ def persistence(truth: xr.Dataset, init_time: xr.DataArray, lead_time: xr.DataAr
 
 
 def climatology_at(climatology: xr.Dataset, valid_time: xr.DataArray) -> xr.Dataset:
-    """The climatology (dims dayofyear[, hour], latitude, longitude) at each valid time.
+    """The climatology (dims dayofyear[, hour], latitude, longitude) at each valid time, with valid_time's dims.
 
-    Indexed by day of year, and by hour of day when the climatology has an `hour` dim (WeatherBench2).
-    Day 366 falls back to day 365 when the climatology was computed from years without a leap day.
+    Picks the valid time's day of year and, when the climatology has an `hour` dim (as
+    `minconv_dist.data.weatherbench2_climatology` has), its hour of day: the selection of weatherbench2
+    `weatherbench2/metrics.py`, `ACC.compute_chunk`. Day 366 falls back to day 365 when the climatology has
+    no day 366 (no leap day in its reference period).
     """
     doy = valid_time.dt.dayofyear
     if 366 not in climatology["dayofyear"].values:
