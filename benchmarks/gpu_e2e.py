@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from minconv_dist.data import write_synthetic_era5  # noqa: E402
-from minconv_dist.models import load_checkpoint  # noqa: E402
+from minconv_dist.models import load_model_file  # noqa: E402
 from minconv_dist.train.checkpoint import latest  # noqa: E402
 from minconv_dist.train.local_ray import local_ray_head, ray_executable  # noqa: E402
 
@@ -102,7 +102,7 @@ class Session:
         return max(versions, key=int) if versions else None
 
     def weights(self, name: str) -> dict[str, torch.Tensor]:
-        return load_checkpoint(f"{latest(f'{self.work}/runs/{name}')[0]}/model.pt")[0].state_dict()
+        return load_model_file(f"{latest(f'{self.work}/runs/{name}')[0]}/model.pt").state_dict()
 
     def metric(self, name: str, key: str) -> float | None:
         from mlflow.tracking import MlflowClient
@@ -206,7 +206,7 @@ def main() -> None:
     print(f"# GPU end-to-end: `{' '.join(sys.argv)}`, {device}, torch {torch.__version__}, "
           f"{datetime.date.today().isoformat()}\n\n| GPUs | check | result | detail |\n|---|---|---|---|", flush=True)
     # 3 epochs x 30 steps, a checkpoint every 15: long enough to stop, resume and kill inside an epoch
-    small = ["model.hidden_sizes=[32, 32]", "data.sequence_length=12", "data.teacher_steps=8", "data.stride=12",
+    small = ["model.hidden_size=32", "model.layers=2", "data.sequence_length=12", "data.teacher_steps=8", "data.stride=12",
              "data.batch_size=2", "optim.epochs=3", "optim.steps_per_epoch=30", "checkpoint.val_every=15",
              "checkpoint.val_batches=2", "tracking.log_every=5"]
     T, chunk = (240, 48) if args.cpu else (8760, 730)

@@ -82,8 +82,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     results = []
     for arch in args.models:
         torch.manual_seed(args.seed)
-        hidden = [args.hidden or PAPER_HIDDEN[arch]] * args.layers
-        model = build_model(arch, 1, hidden, padding="circular", norm="layer", grid=tuple(data.shape[-2:]),
+        hidden = args.hidden or PAPER_HIDDEN[arch]
+        model = build_model(arch, ["vorticity"], hidden, args.layers, padding="circular", norm="layer", grid=tuple(data.shape[-2:]),
                             scan_method=args.scan_method).to(device)
         params = sum(p.numel() for p in model.parameters())
         opt = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -125,7 +125,7 @@ def write_table(args: argparse.Namespace, results: list[dict], device: torch.dev
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     lines = [f"device: {name}; torch {torch.__version__}; args: {json.dumps(vars(args))}", "",
              "| model | hidden | params | epochs | s / epoch | closed-loop RMSE |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['hidden'][0]}x{len(r['hidden'])} | {r['params']:,} | {r['epochs']} | "
+    lines += [f"| {r['model']} | {r['hidden']}x{args.layers} | {r['params']:,} | {r['epochs']} | "
               f"{r['s_per_epoch']:.3f} | {r['closed_loop_rmse']:.4f} |" for r in results]
     Path(args.out).write_text("\n".join(lines) + "\n")
     Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=1))

@@ -35,17 +35,19 @@ PAPER_HIDDEN = {"minconvgru": 24, "minconvlstm": 20, "minconvexplstm": 20, "conv
 
 def train(arch: str, args: argparse.Namespace, stats, dims: DimNames) -> tuple[torch.nn.Module, dict]:
     torch.manual_seed(args.seed)
-    model = build_model(arch, 1, [PAPER_HIDDEN[arch]] * 3, padding="cylinder", norm="layer", grid=(16, 32))
+    model = build_model(arch, [args.channel], PAPER_HIDDEN[arch], 3, padding="cylinder", norm="layer", grid=(16, 32))
+    model.normalizer.set_stats(stats.mean, stats.std)
+    normalize = model.normalizer.normalize
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     data = WindowDataset(args.data, args.channel, args.seq_len + 1, stride=args.stride, time_range=tuple(args.train),
-                         coarsen=2, stats=stats, dims=dims, shuffle=True, seed=args.seed, rank=0, world_size=1,
+                         coarsen=2, dims=dims, shuffle=True, seed=args.seed, rank=0, world_size=1,
                          batch_size=args.batch_size)
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size)
     steps, t0 = 0, time.perf_counter()
     while steps < args.max_steps and time.perf_counter() - t0 < args.max_train_seconds:
         data.set_epoch(steps)
         for x in loader:
-            loss = F.mse_loss(model(x[:, :-1], teacher_steps=args.teacher), x[:, 1:])
+            loss = F.mse_loss(normalize(model(x[:, :-1], teacher_steps=args.teacher)), normalize(x[:, 1:]))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
         model, row = train(arch, args, stats, dims)
         store = Path(work.name) / f"forecast_{arch}.zarr"
         t0 = time.perf_counter()
-        write_forecast(model, truth_da, inits, context=args.teacher, steps=args.steps, out=str(store), stats=stats,
+        write_forecast(model, truth_da, inits, context=args.teacher, steps=args.steps, out=str(store),
                        batch_size=16, attrs={"model": arch, "data_source": "synthetic"}, overwrite=True)
         row["forecast_s"] = time.perf_counter() - t0
         fc = xr.open_zarr(store, consolidated=False)

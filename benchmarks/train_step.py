@@ -31,7 +31,7 @@ def make_step(
     channels_last: conv weights in channels-last memory format, so cuDNN's convs read and write NHWC
     (its fast layout for bf16/TF32) instead of transposing around each call; the fused scan reads
     the channels-last pre-activations in place and writes h channels-last."""
-    model = build_model(arch, 1, [hidden, hidden], grid=grid, norm=norm, scan_method=scan_method,
+    model = build_model(arch, 1, hidden, 2, grid=grid, norm=norm, scan_method=scan_method,
                         chunk_size=chunk_size).cuda()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -5,20 +5,18 @@
     python jobs/forecast.py --model models:/z500-minconvgru/3 ...        # MLflow registry
     python jobs/forecast.py --model official:best.pt --arch minconvgru --padding cylinder --stats stats.json ...
 
-The store defaults to the embedded synthetic one. See docs/evaluation.md.
+The model normalises its inputs and de-normalises its forecasts itself (the statistics are in its weights);
+official checkpoints have none, so they take --stats. The store defaults to the embedded synthetic one.
+See docs/evaluation.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from minconv_dist.data import DimNames, NormStats, default_store  # noqa: E402
-from minconv_dist.data.store import redact  # noqa: E402
-from minconv_dist.evaluate import init_times, load_model, open_channels, write_forecast  # noqa: E402
+from minconv_dist.data import DimNames, NormStats, default_store
+from minconv_dist.data.store import redact, redact_config
+from minconv_dist.evaluate import init_times, load_model, open_channels, write_forecast
 
 
 def parser() -> argparse.ArgumentParser:
@@ -27,10 +25,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", help="architecture, for official checkpoints")
     p.add_argument("--padding", default="zeros", help="padding, for official checkpoints")
     p.add_argument("--tanh-encoder", action="store_true", help="for official checkpoints")
-    p.add_argument("--stats", help="NormStats JSON (overrides the stats saved with the model)")
+    p.add_argument("--stats", help="NormStats JSON, for official checkpoints (others carry their statistics)")
     p.add_argument("--data", help="zarr store of initial conditions (default: the embedded synthetic store)")
     p.add_argument("--storage-options", type=json.loads, default=None, help="JSON for fsspec")
-    p.add_argument("--channels", help="channel specs, e.g. 'z' (default: those of the stats)")
+    p.add_argument("--channels", help="channel specs, e.g. 'z' (default: those the model was trained on)")
     p.add_argument("--dims", type=json.loads, default={}, help='store dim names, e.g. {"lat": "latitude", "lon": "longitude"}')
     p.add_argument("--coarsen", type=int, default=1, help="block-average the grid by this factor (as in training)")
     p.add_argument("--init-start", help="first init time (default: the data's first)")
@@ -47,23 +45,16 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> str:
     args = parser().parse_args(argv)
-    model, saved = load_model(args.model, arch=args.arch, padding=args.padding, tanh_encoder=args.tanh_encoder)
-    if args.stats:
-        stats = NormStats.load(args.stats)
-    elif saved is not None:
-        stats = NormStats(**saved)
-    else:
-        sys.exit(f"{args.model} carries no normalisation stats: pass --stats stats.json")
+    stats = NormStats.load(args.stats) if args.stats else None
+    model = load_model(args.model, arch=args.arch, padding=args.padding, tanh_encoder=args.tanh_encoder, stats=stats)
     url = args.data or default_store()
-    data = open_channels(url, args.channels or stats.channels, dims=DimNames(**args.dims), coarsen=args.coarsen,
-                         storage_options=args.storage_options)
+    data = open_channels(url, args.channels or model.normalizer.channels, dims=DimNames(**args.dims),
+                         coarsen=args.coarsen, storage_options=args.storage_options)
     inits = init_times(data["time"].values, args.init_start, args.init_end, args.init_every)
-    attrs = {"model_uri": args.model, "model_spec": getattr(model, "spec", None), "data_source": redact(url),
+    attrs = {"model_uri": args.model, "model_spec": model.spec, "data_source": redact(url),
              "channels": [str(c) for c in data["channel"].values], "coarsen": args.coarsen, "context": args.context,
-             "norm_stats": {"channels": stats.channels, "mean": stats.mean, "std": stats.std},
-             "config": {k: v for k, v in vars(args).items() if k != "storage_options"},
-             "created_by": "jobs/forecast.py"}
-    out = write_forecast(model, data, inits, context=args.context, steps=args.steps, out=args.out, stats=stats,
+             "config": redact_config(vars(args)), "created_by": "jobs/forecast.py"}
+    out = write_forecast(model, data, inits, context=args.context, steps=args.steps, out=args.out,
                          batch_size=args.batch_size, attrs=attrs, device=args.device, overwrite=args.overwrite)
     print(f"wrote {len(inits)} forecasts x {args.steps} leads to {out}")
     return out

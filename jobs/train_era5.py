@@ -9,4 +9,4 @@ import sys
 from minconv_dist.train.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(__doc__, base={"tracking": {"registered_model": "minconv-era5"}}))
+    sys.exit(main(__doc__))

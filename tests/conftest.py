@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import socket
 import uuid
 
 import pytest
 
 from minconv_dist.data import write_synthetic_era5
+from minconv_dist.train.local_ray import free_port
 
 # 10 days hourly on the 32x64 grid in 6-hour chunks: 240 frames, 2 MB, ~0.1 s to write.
 TINY = {"start": "2015-01-01", "end": "2015-01-11", "freq": "1h", "chunks": 6}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,5 @@
 """Forecast and evaluation jobs end to end on the embedded synthetic store, and their bad-input errors."""
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,14 +8,12 @@ import pytest
 import torch
 import xarray as xr
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
-import evaluate as evaluate_job  # noqa: E402
-import forecast as forecast_job  # noqa: E402
+from jobs import evaluate as evaluate_job
+from jobs import forecast as forecast_job
 
-from minconv_dist.data import NormStats, default_store  # noqa: E402
-from minconv_dist.evaluate import check_inputs, load_model, open_channels  # noqa: E402
-from minconv_dist.models import save_checkpoint  # noqa: E402
-from minconv_dist.models import build_model, to_official_state_dict  # noqa: E402
+from minconv_dist.data import NormStats, default_store
+from minconv_dist.evaluate import check_inputs, load_model, open_channels
+from minconv_dist.models import build_model, save_model_file, to_official_state_dict
 
 STATS = NormStats(["z"], [54107.863], [3349.0322])
 INIT = ["--init-start", "2016-03-01", "--init-end", "2016-03-04", "--init-every", "24h"]
@@ -24,30 +21,38 @@ INIT = ["--init-start", "2016-03-01", "--init-end", "2016-03-04", "--init-every"
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    os.environ.setdefault("MINCONV_CACHE", str(tmp_path_factory.mktemp("cache")))
-    return default_store()
+    with pytest.MonkeyPatch.context() as mp:  # the embedded store in a cache of this module's own, unset after
+        mp.setenv("MINCONV_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield default_store()
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     torch.manual_seed(0)
-    model = build_model("minconvgru", 1, [4, 4], padding="cylinder", norm="layer", grid=(16, 32))
+    model = build_model("minconvgru", ["z"], 4, 2, padding="cylinder", norm="layer", grid=(16, 32))
+    model.normalizer.set_stats(STATS.mean, STATS.std)
     path = tmp_path_factory.mktemp("model") / "model.pt"
-    save_checkpoint(path, model, STATS)
+    save_model_file(path, model)
     return path
 
 
-def test_checkpoint_round_trip_and_official_import(ckpt, tmp_path):
-    model, stats = load_model(str(ckpt))
-    assert stats == {"channels": ["z"], "mean": [54107.863], "std": [3349.0322]}
-    x = torch.randn(2, 5, 1, 16, 32)
+def test_model_file_round_trip_and_official_import(ckpt, tmp_path):
+    """The model file carries the statistics in its weights; an official checkpoint has none and takes them."""
+    model = load_model(str(ckpt))
+    assert model.normalizer.channels == ["z"]
+    torch.testing.assert_close(model.normalizer.mean, torch.tensor(STATS.mean))
+    torch.testing.assert_close(model.normalizer.std, torch.tensor(STATS.std))
+    x = 54000 + 3000 * torch.randn(2, 5, 1, 16, 32)  # physical units
     official = tmp_path / "official.pt"
     torch.save({"model_state_dict": to_official_state_dict(model), "epoch": 3}, official)
-    imported, none = load_model(f"official:{official}", arch="minconvgru", padding="cylinder")
-    assert none is None
+    stats = tmp_path / "stats.json"
+    STATS.save(str(stats))
+    imported = load_model(f"official:{official}", arch="minconvgru", padding="cylinder", stats=NormStats.load(str(stats)))
     torch.testing.assert_close(imported(x, teacher_steps=3), model(x, teacher_steps=3))
-    with pytest.raises(ValueError, match="arch"):
-        load_model(f"official:{official}")
+    with pytest.raises(ValueError, match="arch and stats"):
+        load_model(f"official:{official}", arch="minconvgru")
+    with pytest.raises(ValueError, match="its own normalisation statistics"):
+        load_model(str(ckpt), stats=STATS)
     with pytest.raises(ValueError, match="official"):
         load_model(str(official))
     with pytest.raises(FileNotFoundError, match="models:/"):
@@ -86,11 +91,11 @@ def test_forecast_then_evaluate(store, ckpt, tmp_path):
 
 
 def test_bad_inputs_fail_before_rollout(store, ckpt, tmp_path):
-    model, _ = load_model(str(ckpt))
+    model = load_model(str(ckpt))
     data = open_channels(store, "z", coarsen=2)
     inits = data["time"].values[100:102]
-    two = build_model("minconvgru", 2, [4], norm="group")
-    with pytest.raises(ValueError, match="takes 2 channels"):
+    two = build_model("minconvgru", ["z", "t"], 4, 1, norm="group")
+    with pytest.raises(ValueError, match=r"takes channels \['z', 't'\], the data gives \['z'\]"):
         check_inputs(two, data, inits, 4, 4)
     with pytest.raises(ValueError, match="grid"):
         check_inputs(model, open_channels(store, "z"), inits, 4, 4)
@@ -100,11 +105,6 @@ def test_bad_inputs_fail_before_rollout(store, ckpt, tmp_path):
         check_inputs(model, data, np.array(["1990-01-01"], dtype="datetime64[ns]"), 4, 4)
     with pytest.raises(KeyError, match="not in store"):
         open_channels(store, "t2m")
-    stats_t = tmp_path / "stats.json"
-    NormStats(["t"], [0.0], [1.0]).save(str(stats_t))
-    with pytest.raises(ValueError, match="stats are for channels"):
-        forecast_job.main(["--model", str(ckpt), "--stats", str(stats_t), "--channels", "z", "--coarsen", "2",
-                           "--out", str(tmp_path / "x.zarr"), *INIT])
 
 
 def test_evaluate_rejects_misaligned_stores(store, ckpt, tmp_path):

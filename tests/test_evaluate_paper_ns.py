@@ -1,12 +1,9 @@
 """The paper's Navier–Stokes comparison, tiny, on CPU: only that it runs end to end and writes its table."""
 import json
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import paper_navier_stokes as ns  # noqa: E402
+from benchmarks import paper_navier_stokes as ns
 
 
 def test_data_starts_at_the_initial_field_and_keeps_zero_mean_vorticity():

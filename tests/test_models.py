@@ -80,13 +80,13 @@ def test_cylinder_padding_wraps_longitude_and_zero_pads_latitude():
 
 
 def test_cylinder_conv_sees_across_the_dateline():
-    net = build_model("minconvgru", 1, [2], padding="cylinder", norm="group")
+    net = build_model("minconvgru", 1, 2, 1, padding="cylinder", norm="group")
     conv = net.cells[0].conv
     x = torch.zeros(1, 1, 2, 5, 8)
     x[0, 0, :, 2, 0] = 1.0  # a spike on the westernmost column
     y_cyl = conv(x.expand(-1, -1, 2, -1, -1).contiguous()) - conv(torch.zeros(1, 1, 2, 5, 8))
     assert y_cyl[..., -1].abs().sum() > 0  # felt on the easternmost column
-    y_zero = build_model("minconvgru", 1, [2], padding="zeros", norm="group").cells[0].conv
+    y_zero = build_model("minconvgru", 1, 2, 1, padding="zeros", norm="group").cells[0].conv
     y_zero.load_state_dict(conv.state_dict())
     z = y_zero(x.expand(-1, -1, 2, -1, -1).contiguous()) - y_zero(torch.zeros(1, 1, 2, 5, 8))
     assert z[..., -1].abs().sum() == 0
@@ -95,7 +95,7 @@ def test_cylinder_conv_sees_across_the_dateline():
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 @pytest.mark.parametrize("norm", ["layer", "group"])
 def test_network_shapes_multichannel(arch, norm):
-    model = build_model(arch, 3, [4, 4], padding="cylinder", norm=norm, grid=(6, 8))
+    model = build_model(arch, 3, 4, 2, padding="cylinder", norm=norm, grid=(6, 8))
     x = torch.randn(2, 5, 3, 6, 8)
     assert model(x, teacher_steps=3).shape == (2, 5, 3, 6, 8)
     forecast, state = model.rollout(x[:, :2], steps=4)
@@ -105,7 +105,7 @@ def test_network_shapes_multichannel(arch, norm):
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_closed_loop_feeds_predictions_back(arch):
     torch.manual_seed(0)
-    model = build_model(arch, 1, [3, 3], norm="group").double()
+    model = build_model(arch, 1, 3, 2, norm="group").double()
     x = torch.randn(2, 6, 1, 5, 5, dtype=torch.float64)
     y = model(x, teacher_steps=2)
     # Teacher-forced outputs depend only on the frames seen so far.
@@ -126,7 +126,7 @@ def test_closed_loop_feeds_predictions_back(arch):
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_rollout_continues_exactly(arch):
     torch.manual_seed(1)
-    model = build_model(arch, 2, [3, 3], norm="layer", grid=(4, 5)).double()
+    model = build_model(arch, 2, 3, 2, norm="layer", grid=(4, 5)).double()
     ctx = torch.randn(1, 3, 2, 4, 5, dtype=torch.float64)
     full, _ = model.rollout(ctx, 7)
     first, state = model.rollout(ctx, 3)
@@ -138,13 +138,13 @@ def test_rollout_continues_exactly(arch):
 
 
 def test_batch_and_grid_sizes_are_free_per_call():
-    model = build_model("minconvlstm", 1, [4], norm="group", padding="circular")
+    model = build_model("minconvlstm", 1, 4, 1, norm="group", padding="circular")
     for shape in [(1, 3, 1, 8, 8), (5, 2, 1, 16, 12)]:
         assert model(torch.randn(shape), teacher_steps=1).shape == shape
 
 
 def test_torch_compile_friendly():
-    model = build_model("minconvgru", 1, [4, 4], norm="layer", grid=(8, 8))
+    model = build_model("minconvgru", 1, 4, 2, norm="layer", grid=(8, 8))
     x = torch.randn(2, 5, 1, 8, 8)
     compiled = torch.compile(model, backend="eager", fullgraph=False)
     assert torch.allclose(compiled(x, teacher_steps=3), model(x, teacher_steps=3), atol=1e-6)
@@ -162,7 +162,7 @@ def test_torch_compile_friendly():
     ],
 )
 def test_bad_network_input(call, match):
-    model = build_model("minconvgru", 1, [4, 4], grid=(8, 8))
+    model = build_model("minconvgru", 1, 4, 2, grid=(8, 8))
     with pytest.raises(ValueError, match=match):
         call(model)
 
@@ -171,24 +171,25 @@ def test_bad_network_input(call, match):
     "kwargs, match",
     [
         (dict(arch="rnn"), "unknown arch"),
-        (dict(hidden_sizes=[4, 8]), "equal sizes"),
-        (dict(hidden_sizes=[]), "non-empty"),
+        (dict(hidden_size=0), "hidden_size=0"),
+        (dict(layers=0), "layers=0"),
         (dict(padding="reflect"), "unknown padding"),
         (dict(norm="batch"), "unknown norm"),
         (dict(grid=None), "needs grid"),
-        (dict(in_channels=0), "in_channels"),
+        (dict(channels=0), "at least one channel"),
+        (dict(channels=[]), "at least one channel"),
     ],
 )
 def test_bad_build_arguments(kwargs, match):
-    args = dict(arch="minconvgru", in_channels=1, hidden_sizes=[4, 4], grid=(8, 8)) | kwargs
+    args = dict(arch="minconvgru", channels=1, hidden_size=4, layers=2, grid=(8, 8)) | kwargs
     with pytest.raises(ValueError, match=match):
         build_model(**args)
 
 
 def test_chunked_network_equals_unchunked_values_and_grads():
     torch.manual_seed(3)
-    plain = build_model("minconvlstm", 1, [3, 3], norm="group").double()
-    chunked = build_model("minconvlstm", 1, [3, 3], norm="group", chunk_size=4).double()
+    plain = build_model("minconvlstm", 1, 3, 2, norm="group").double()
+    chunked = build_model("minconvlstm", 1, 3, 2, norm="group", chunk_size=4).double()
     chunked.load_state_dict(plain.state_dict())
     x = torch.randn(2, 11, 1, 5, 5, dtype=torch.float64)
     y_plain, y_chunked = plain(x, teacher_steps=9), chunked(x, teacher_steps=9)
@@ -198,4 +199,43 @@ def test_chunked_network_equals_unchunked_values_and_grads():
     for a, b in zip(g_plain, g_chunked):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-11)
     with pytest.raises(ValueError, match="chunk_size"):
-        build_model("minconvgru", 1, [3], norm="group", chunk_size=0)
+        build_model("minconvgru", 1, 3, 1, norm="group", chunk_size=0)
+
+
+def test_normalizing_is_the_models_first_step_and_its_last_is_the_inverse():
+    """A model with statistics on physical data == the same weights with identity statistics on normalised
+    data, de-normalised: the statistics change units, nothing else."""
+    torch.manual_seed(4)
+    physical = build_model("minconvlstm", ["z", "t"], 3, 2, norm="group").double()
+    physical.normalizer.set_stats([54000.0, 280.0], [3300.0, 15.0])
+    plain = build_model("minconvlstm", ["z", "t"], 3, 2, norm="group").double()
+    plain.load_state_dict({k: v for k, v in physical.state_dict().items() if not k.startswith("normalizer.")},
+                          strict=False)
+    mean = torch.tensor([54000.0, 280.0], dtype=torch.float64).view(2, 1, 1)
+    std = torch.tensor([3300.0, 15.0], dtype=torch.float64).view(2, 1, 1)
+    z = torch.randn(2, 6, 2, 5, 5, dtype=torch.float64)
+    expected = plain(z, teacher_steps=4) * std + mean
+    torch.testing.assert_close(physical(z * std + mean, teacher_steps=4), expected, rtol=1e-12, atol=1e-9)
+    forecast, _ = physical.rollout(z[:, :3] * std + mean, 4)
+    torch.testing.assert_close(forecast, plain.rollout(z[:, :3], 4)[0] * std + mean, rtol=1e-12, atol=1e-9)
+
+
+def test_statistics_survive_bf16_and_travel_in_the_state_dict(tmp_path):
+    from minconv_dist.models import load_model_file, save_model_file
+
+    model = build_model("minconvgru", ["geopotential@500"], 4, 1, grid=(8, 8))
+    model.normalizer.set_stats([54321.0], [3210.5])
+    model.bfloat16()
+    assert model.normalizer.mean.dtype == torch.float32 and model.normalizer.mean.item() == 54321.0
+    assert model.encoder[0].weight.dtype == torch.bfloat16
+    out = model(torch.full((1, 2, 1, 8, 8), 54321.0), teacher_steps=2)
+    assert out.dtype == torch.float32 and 4e4 < out.mean() < 7e4  # de-normalised in float32
+    model.float()
+    save_model_file(tmp_path / "m.pt", model)
+    loaded = load_model_file(tmp_path / "m.pt")
+    assert loaded.normalizer.channels == ["geopotential@500"] and loaded.normalizer.std.item() == 3210.5
+    with pytest.raises(ValueError, match="std > 0"):
+        loaded.normalizer.set_stats([0.0], [0.0])
+    with pytest.raises(ValueError, match="not a minconv_dist model file"):
+        torch.save({"spec": {}, "state_dict": {}}, tmp_path / "old.pt")
+        load_model_file(tmp_path / "old.pt")

@@ -23,7 +23,7 @@ def test_import_matches_official_forward_float64(tmp_path, arch, padding, grid, 
     torch.save({"model_state_dict": sd, "optimizer_state_dict": {}, "scheduler_state_dict": None, "epoch": 3,
                 "iteration": 10, "best_val_error": 0.5}, path)
     model = from_official_checkpoint(path, arch, padding=padding, tanh_encoder=tanh_encoder)
-    assert model.spec["hidden_sizes"] == [4, 4, 4] and model.spec["norm"] == ("layer" if grid else "group")
+    assert (model.spec["hidden_size"], model.spec["layers"]) == (4, 3) and model.spec["norm"] == ("layer" if grid else "group")
     x = torch.randn(2, 9, 2, H, W, dtype=torch.float64)
     for k in (1, 4, 9):
         ref = official_forward(sd, arch, x, k, padding, tanh_encoder)
@@ -42,7 +42,7 @@ def test_import_matches_official_forward_float32(arch, padding, grid):
 @pytest.mark.parametrize("arch, padding, grid", CASES)
 def test_round_trip_through_official_layout(tmp_path, arch, padding, grid):
     torch.manual_seed(0)
-    model = build_model(arch, 3, [5, 5], padding=padding, norm="layer" if grid else "group", grid=grid)
+    model = build_model(arch, 3, 5, 2, padding=padding, norm="layer" if grid else "group", grid=grid)
     torch.save(to_official_state_dict(model), tmp_path / "bare.pt")
     again = from_official_checkpoint(tmp_path / "bare.pt", arch, padding=padding)
     x = torch.randn(2, 6, 3, *(grid or (4, 4)))

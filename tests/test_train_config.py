@@ -16,14 +16,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_yaml_and_overrides(tmp_path):
-    assert load_config() == TrainConfig().validate()
+    assert load_config() == TrainConfig()
     path = tmp_path / "c.yaml"
     path.write_text("optim:\n  lr: 5e-4\ndata:\n  train_range: [1979-01-01, 2014-12-31]\n")
-    cfg = load_config(path, ["parallel.zero_stage=3", "model.hidden_sizes=[8, 8]", "data.url=null",
+    cfg = load_config(path, ["parallel.zero_stage=3", "model.hidden_size=8", "model.layers=2", "data.url=null",
                              "model.chunk_size=16"])
     assert cfg.model.chunk_size == 16
     assert cfg.optim.lr == 5e-4 and cfg.data.train_range == ["1979-01-01", "2014-12-31"]
-    assert cfg.parallel.zero_stage == 3 and cfg.model.hidden_sizes == [8, 8] and cfg.data.url is None
+    assert cfg.parallel.zero_stage == 3 and (cfg.model.hidden_size, cfg.model.layers) == (8, 2) and cfg.data.url is None
     assert cfg.optim.epochs == TrainConfig().optim.epochs  # untouched keys keep the dataclass default
 
 
@@ -34,11 +34,12 @@ def test_defaults_yaml_and_overrides(tmp_path):
     ("data.batch_size=two", "data.batch_size: expected int"),
     ("data.teacher_steps=30", r"data.teacher_steps: got 30, expected in \[1, data.sequence_length=24\]"),
     ("model.arch=transformer", "model.arch"),
-    ("model.hidden_sizes=[8, 16]", "model.hidden_sizes"),
-    ("model.chunk_size=0", r"model.chunk_size: got 0, expected null or >= 1"),
+    ("model.hidden_size=0", r"model.hidden_size: got 0, expected >= 1"),
+    ("model.norm=batch", r"model.norm: got 'batch', expected one of \['layer', 'group'\]"),
+    ("model.chunk_size=0", r"model.chunk_size: got 0, expected >= 1"),
     ("parallel.use_gpu=maybe", "parallel.use_gpu: expected bool"),
     ("optim", "expected key=value"),
-    ("data.train_samples=[0, 8]", r"data.train_samples: got \[0, 8\], expected null unless data.sample_dim"),
+    ("data.train_samples=[0, 8]", r"data.train_samples: got \[0, 8\], expected null unless data.dims.sample"),
 ])
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):
@@ -51,7 +52,7 @@ def test_bad_values_name_the_key(override, match):
     ("data.val_samples=[6, 9]", r"data.val_samples: got \[6, 9\], expected disjoint from data.train_samples=\[0, 8\]"),
 ])
 def test_sample_split_is_checked(override, match):
-    ns = ["data.sample_dim=sample", "data.train_samples=[0, 8]", "data.val_samples=[8, 10]"]
+    ns = ["data.dims.sample=sample", "data.train_samples=[0, 8]", "data.val_samples=[8, 10]"]
     cfg = load_config(overrides=ns)
     assert cfg.data.train_samples == [0, 8] and cfg.data.val_samples == [8, 10]
     with pytest.raises(ConfigError, match=match):
@@ -67,9 +68,21 @@ def test_yaml_file_errors(tmp_path):
         load_config(bad)
 
 
+def leaves(tree: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for key, value in tree.items():
+        out.update(leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return out
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
-def test_shipped_configs_load(name):
-    load_config(ROOT / "configs" / name)
+def test_shipped_configs_set_what_they_say(name):
+    """Every value a shipped YAML sets arrives in the config (on top of the job preset it is meant for)."""
+    preset = ROOT / "configs" / "navier_stokes.yaml" if name == "navier_stokes_paper.yaml" else None
+    cfg = load_config(ROOT / "configs" / name, preset=preset).to_dict()
+    for key, value in leaves(yaml.safe_load((ROOT / "configs" / name).read_text())).items():
+        got = leaves(cfg)[key]
+        assert got == value or str(got) == str(value) or got == [str(v) for v in value], (key, got, value)
 
 
 def test_lr_schedule_warms_up_then_decays_to_floor():

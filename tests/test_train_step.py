@@ -14,9 +14,8 @@ from minconv_dist.train import load_config
 from minconv_dist.train.checkpoint import master_weights
 from minconv_dist.train.engine import build_engine
 from minconv_dist.train.loop import train_step, validate
+from minconv_dist.train.local_ray import free_port
 from minconv_dist.train.meter import LossMeter, NonFiniteLossError
-
-from tests.conftest import free_port
 
 pytestmark = pytest.mark.timeout(300)
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
@@ -60,11 +59,12 @@ def collective_devices(monkeypatch):
 
 
 def engine_for(stage: int, precision: str, lr: float = 1e-2):
-    cfg = load_config(overrides=["model.hidden_sizes=[4, 4]", "data.batch_size=2", f"parallel.zero_stage={stage}",
+    cfg = load_config(overrides=["data.batch_size=2", f"parallel.zero_stage={stage}",
                                  f"parallel.precision={precision}", f"optim.lr={lr}", "optim.warmup_steps=0",
                                  "optim.grad_clip=0"])
     torch.manual_seed(0)
-    model = build_model("minconvgru", 1, [4, 4], padding="circular", grid=(8, 8))
+    model = build_model("minconvgru", ["z"], 4, 2, padding="circular", grid=(8, 8))
+    model.normalizer.set_stats([0.5], [2.0])
     return build_engine(cfg, model, total_steps=10, bf16=precision == "bf16")
 
 
@@ -79,9 +79,9 @@ def test_every_collective_gets_tensors_on_the_model_device(stage, process_group,
     engine = engine_for(stage, "fp32")
     meter = LossMeter(engine.device)
     for step, x in enumerate(batches(3), 1):
-        meter.update(train_step(engine, x.to(engine.device), 4, torch.float32, 0.0), step)
+        meter.update(train_step(engine, x.to(engine.device), 4, 0.0), step)
     meter.summary()
-    validate(engine, batches(2), 2, 4, torch.float32, engine.device)
+    validate(engine, batches(2), 2, 4, engine.device)
     master_weights(engine)
     assert collective_devices, "no collective was called: the spy is not wired"
     assert set(collective_devices) == {engine.device}
@@ -127,7 +127,7 @@ def test_exported_weights_are_the_fp32_masters(stage, process_group, tmp_path):
     get the masters (for ZeRO 1-3 checked against DeepSpeed's own offline consolidation of the checkpoint)."""
     engine = engine_for(stage, "bf16", lr=3e-3)
     for x in batches(3):
-        train_step(engine, x.to(engine.device), 4, torch.bfloat16, 0.0)
+        train_step(engine, x.to(engine.device), 4, 0.0)
     exported = master_weights(engine)
     names = [n for n, _ in engine.module.named_parameters()]
     assert set(names) <= set(exported) and all(exported[n].dtype == torch.float32 for n in names)

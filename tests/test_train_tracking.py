@@ -2,6 +2,7 @@
 an installed distribution; and the registered model loading where minconv_dist is not importable at all."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import sysconfig
@@ -27,9 +28,9 @@ importlib.metadata.version = version
 import torch
 from minconv_dist.models import build_model
 from minconv_dist.train.tracking import log_model, open_run
-model = build_model("minconvgru", 1, [4], grid=(8, 8))
-run = open_run({uri!r}, "e", "r", {{"model": {{"arch": "minconvgru"}}, "data": {{}}}}, "{{}}")
-print("VERSION", log_model({uri!r}, run, model, torch.zeros(1, 3, 1, 8, 8), "m", {{"channels": ["z"]}}))
+model = build_model("minconvgru", ["z"], 4, 1, grid=(8, 8))
+run = open_run({uri!r}, "e", "r", {{"model": {{"arch": "minconvgru"}}, "data": {{}}}})
+print("VERSION", log_model({uri!r}, run, model, torch.zeros(1, 3, 1, 8, 8), "m"))
 """
 LOAD = """
 import sys
@@ -47,8 +48,9 @@ print("SHAPE", tuple(model.rollout(torch.zeros(2, 3, 1, 8, 8), steps=4)[0].shape
 
 
 def run_child(code: str, cwd: Path) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the child's sys.path is set above only
     out = subprocess.run([sys.executable, "-S", "-c", textwrap.dedent(code)], cwd=cwd, capture_output=True,
-                         text=True, timeout=240)
+                         text=True, timeout=240, env=env)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     return out.stdout
 

@@ -45,6 +45,16 @@ def redact(url: str) -> str:
     return re.sub(r"(://)[^/@]*@", r"\1", url)
 
 
+def redact_config(value: Any) -> Any:
+    """A config (nested dicts and lists) safe to write anywhere: every `storage_options` entry dropped (it holds
+    credentials), every URL string redacted. The one place configs are scrubbed."""
+    if isinstance(value, dict):
+        return {k: redact_config(v) for k, v in value.items() if k != "storage_options"}
+    if isinstance(value, (list, tuple)):
+        return [redact_config(v) for v in value]
+    return redact(value) if isinstance(value, str) else value
+
+
 def is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
 

@@ -26,19 +26,18 @@ windows after a resume come in exactly the order the uninterrupted epoch would h
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import fsspec
 import numpy as np
-import pandas as pd
 import torch
-import torch.distributed as dist
 import xarray as xr
 import zarr
 
 from minconv_dist.data.channels import ChannelSpec, channel_layers, parse_channels
-from minconv_dist.data.stats import NormStats
+from minconv_dist.data.selection import coarsen as coarsen_grid
+from minconv_dist.data.selection import coarse_grid, sample_slice, time_slice
 from minconv_dist.data.store import DimNames, open_store, redact, zarr_store
 
 NAN_POLICIES = ("raise", "fill", "skip")
@@ -83,72 +82,58 @@ def consumed_per_worker(lengths: list[int], position: int, batch_size: int) -> t
 
 
 class WindowDataset(torch.utils.data.IterableDataset):
-    """Float32 windows `[T, C, H, W]` (normalised when `stats` is given) streamed from a zarr store.
+    """Raw float32 windows `[T, C, H, W]` (physical units: normalising is the model's first step) streamed
+    from a zarr store.
 
     `len(ds)` is the number of windows this rank yields per epoch. Use one DataLoader per rank, pass its
     `batch_size` here when resuming with loader workers, call `set_epoch` before each epoch and don't
     use `persistent_workers` (the workers' copies would not see the new epoch). Windows are views of
     the block they were cut from (no copy per window; DataLoader's collate copies them into the batch):
     treat them as read-only, `clone()` before modifying one in place.
+
+    nan_policy: "raise" (default), "skip" the windows holding NaN, or "fill" them with `fill_values`
+    (one per channel, e.g. the training means).
     """
 
     def __init__(self, url: str, channels: str | list, window: int, *, stride: int = 1,
                  time_range: tuple | None = None, sample_range: tuple[int, int] | None = None, coarsen: int = 1,
-                 stats: NormStats | None = None, dims: DimNames = DimNames(), storage_options: dict | None = None,
-                 shuffle: bool = True,
-                 seed: int = 0, rank: int | None = None, world_size: int | None = None,
-                 nan_policy: str = "raise", shuffle_buffer: int = 1024, batch_size: int = 1,
+                 dims: DimNames = DimNames(), storage_options: dict | None = None, shuffle: bool = True,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, nan_policy: str = "raise",
+                 fill_values: Sequence[float] | None = None, shuffle_buffer: int = 1024, batch_size: int = 1,
                  max_read_amplification: float = 1.05, prefetch: int = 2) -> None:
         super().__init__()
         if nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy={nan_policy!r}: expected one of {NAN_POLICIES}")
-        if nan_policy == "fill" and stats is None:
-            raise ValueError("nan_policy='fill' needs stats: NaN are replaced by the channel mean (0 once normalised)")
-        if window < 1 or stride < 1 or coarsen < 1 or batch_size < 1:
-            raise ValueError(f"window={window}, stride={stride}, coarsen={coarsen}, batch_size={batch_size}: "
-                             "all must be >= 1")
+        if window < 1 or stride < 1 or batch_size < 1:
+            raise ValueError(f"window={window}, stride={stride}, batch_size={batch_size}: all must be >= 1")
         if max_read_amplification <= 1:
             raise ValueError(f"max_read_amplification={max_read_amplification}: must be > 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} outside world_size={world_size}")
         self.url, self.storage_options, self.dims = url, storage_options, dims
         self.specs: list[ChannelSpec] = parse_channels(channels)
         self.channels = [str(s) for s in self.specs]
-        if stats is not None and stats.channels != self.channels:
-            raise ValueError(f"stats are for channels {stats.channels}, dataset reads {self.channels}")
-        self.window, self.stride, self.coarsen, self.stats = window, stride, coarsen, stats
+        if (nan_policy == "fill") != (fill_values is not None) or (
+                fill_values is not None and len(fill_values) != len(self.channels)):
+            raise ValueError(f"nan_policy='fill' takes fill_values, one per channel {self.channels} (and only "
+                             f"then); got nan_policy={nan_policy!r}, fill_values={fill_values}")
+        self.fill_values = None if fill_values is None else np.asarray(fill_values, np.float32)
+        self.window, self.stride, self.coarsen = window, stride, coarsen
         self.shuffle, self.seed, self.nan_policy = shuffle, seed, nan_policy
         self.shuffle_buffer, self.batch_size, self.prefetch = shuffle_buffer, batch_size, prefetch
-        if rank is None or world_size is None:
-            ready = dist.is_available() and dist.is_initialized()
-            rank = (dist.get_rank() if ready else 0) if rank is None else rank
-            world_size = (dist.get_world_size() if ready else 1) if world_size is None else world_size
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} outside world_size={world_size}")
         self.rank, self.world_size = rank, world_size
 
         layers = self._layers()
         first = layers[0]
-        all_times = pd.Index(first[dims.time].values)
-        if not (all_times.is_monotonic_increasing and all_times.is_unique):
-            raise ValueError(f"time coordinate {dims.time!r} of {redact(url)!r} is not strictly increasing")
-        if time_range is None:
-            self._t0, self._t1 = 0, all_times.size
-        else:
-            sl = all_times.slice_indexer(*time_range)
-            self._t0, self._t1 = sl.start or 0, all_times.size if sl.stop is None else sl.stop
+        all_times = first[dims.time].values
+        period = time_slice(all_times, time_range, url)
+        self._t0, self._t1 = period.start, period.stop
         n_times = self._t1 - self._t0
-        where = f"{redact(url)!r} between {time_range}" if time_range else repr(redact(url))
-        if n_times <= 0:
-            raise ValueError(f"time range {time_range} selects no time steps in {redact(url)!r} "
-                             f"(store covers {all_times[0]} to {all_times[-1]})")
+        where = f"{redact(url)!r} between {list(time_range)}" if time_range else repr(redact(url))
         if window > n_times:
             raise ValueError(f"window={window} is longer than the {n_times} time steps of {where}")
-        n_samples = first.sizes[dims.sample] if dims.sample else 1
-        if sample_range is not None and not dims.sample:
-            raise ValueError(f"sample_range={sample_range} needs a sample dim: set DimNames(sample=...)")
-        self._s0, self._s1 = (0, n_samples) if sample_range is None else sample_range
-        if not 0 <= self._s0 < self._s1 <= n_samples:
-            raise ValueError(f"sample_range={sample_range}: need 0 <= start < stop <= {n_samples}, "
-                             f"the number of samples in {redact(url)!r}")
+        samples = sample_slice(first.sizes[dims.sample] if dims.sample else 1, sample_range, url, dims.sample)
+        self._s0, self._s1 = samples.start, samples.stop
         self.windows_per_sample = (n_times - window) // stride + 1
         self.n_windows = self.windows_per_sample * (self._s1 - self._s0)
         if sample_range is not None:
@@ -156,15 +141,9 @@ class WindowDataset(torch.utils.data.IterableDataset):
         if self.n_windows < world_size:
             raise ValueError(f"{self.n_windows} windows in {where} cannot be shared by {world_size} ranks")
         samples, starts = self._locate(np.arange(self.n_windows))
-        self.times = all_times.values[starts]
+        self.times = all_times[starts]
         self.samples = first[dims.sample].values[samples] if dims.sample else None
-
-        h, w = first.sizes[dims.lat], first.sizes[dims.lon]
-        if h % coarsen or w % coarsen:
-            raise ValueError(f"coarsen={coarsen} does not divide the {h}x{w} grid of {redact(url)!r}")
-        self.grid = (h // coarsen, w // coarsen)
-        self.latitudes = first[dims.lat].values.reshape(-1, coarsen).mean(1)
-        self.longitudes = first[dims.lon].values.reshape(-1, coarsen).mean(1)
+        self.grid = coarse_grid(first.sizes[dims.lat], first.sizes[dims.lon], coarsen, url)
 
         chunk = self._chunk(layers, dims.time)
         extra = math.ceil((window - 1) / chunk) if window > 1 else 0
@@ -294,14 +273,15 @@ class WindowDataset(torch.utils.data.IterableDataset):
     def _read(self, layers: list[xr.DataArray], s_first: int, s_last: int, t_first: int,
               t_last: int) -> torch.Tensor:
         """Samples `[s_first, s_last)` x frames `[t_first, t_last)` of every channel as `[S, T, C, H, W]`
-        (S = 1 without a sample dim), coarsened and normalised."""
+        (S = 1 without a sample dim), coarsened."""
         where = {self.dims.time: slice(t_first, t_last)}
         if self.dims.sample:
             where[self.dims.sample] = slice(s_first, s_last)
         arrays = []
         for spec, layer in zip(self.specs, layers):
             try:
-                a = np.asarray(layer.isel(where).values, dtype=np.float32)
+                part = coarsen_grid(layer.isel(where), self.coarsen, self.dims.lat, self.dims.lon, self.url)
+                a = np.asarray(part.values, dtype=np.float32)
             except Exception as err:
                 key = self._bad_chunk(spec, s_first, s_last, t_first, t_last)
                 raise OSError(f"cannot read channel {spec} frames {t_first}:{t_last} of {redact(self.url)!r}"
@@ -309,10 +289,6 @@ class WindowDataset(torch.utils.data.IterableDataset):
                               + f" ({type(err).__name__}: {err})") from err
             arrays.append(a if self.dims.sample else a[None])
         x = np.stack(arrays, axis=2)
-        k = self.coarsen
-        if k > 1:
-            n, t, c, h, w = x.shape
-            x = x.reshape(n, t, c, h // k, k, w // k, k).mean(axis=(4, 6))
         nan = np.isnan(x)
         if nan.any() and self.nan_policy == "raise":
             s, t, c = (int(i) for i in np.argwhere(nan)[0][:3])
@@ -322,13 +298,10 @@ class WindowDataset(torch.utils.data.IterableDataset):
             raise ValueError(f"NaN in channel {spec} (variable {spec.variable!r}) at time "
                              f"{layers[c][self.dims.time].values[t_first + t]}{sample} of {redact(self.url)!r}"
                              + (f"; chunk {key!r} is missing from the store" if key else "")
-                             + "; pass nan_policy='fill' or 'skip' to continue")
-        out = torch.from_numpy(x)
-        if self.stats is not None:
-            out = self.stats.normalize(out)
+                             + "; set data.nan_policy to 'fill' or 'skip' to continue")
         if nan.any() and self.nan_policy == "fill":
-            out = torch.nan_to_num(out, nan=0.0)
-        return out
+            x = np.where(nan, self.fill_values[:, None, None], x)
+        return torch.from_numpy(x)
 
     def _bad_chunk(self, spec: ChannelSpec, s_first: int, s_last: int, t_first: int, t_last: int) -> str | None:
         """Key of the first chunk of `spec` in samples `[s_first, s_last)` x frames `[t_first, t_last)` that

@@ -8,7 +8,7 @@ from minconv_dist.evaluate.metrics import (
     DEFINITIONS, METRICS, acc, acc_per_time, align_truth, area_mean, bias, cell_area_weights, compute_weighted_acc,
     compute_weighted_rmse, cos_latitude_weights, mse, mse_per_time, rmse, rmse_sqrt_before_time_avg, score,
 )
-from minconv_dist.evaluate.model_io import load_model
+from minconv_dist.evaluate.model_uri import load_model
 from minconv_dist.evaluate.report import as_fields, evaluate_forecast, to_frame
 
 __all__ = [

@@ -18,7 +18,8 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from minconv_dist.data import DimNames, NormStats, open_store, select_channels
+from minconv_dist.data import DimNames, open_store, select_channels
+from minconv_dist.data.selection import coarsen as coarsen_grid
 from minconv_dist.evaluate.metrics import LAT, LEAD, LON, TIME
 
 
@@ -39,10 +40,10 @@ def check_inputs(model: torch.nn.Module, data: xr.DataArray, init_time: np.ndarr
     """
     if context < 1 or steps < 1:
         raise ValueError(f"context={context} and steps={steps} must both be >= 1")
-    channels = data.sizes["channel"]
-    if model.in_channels != channels:
-        raise ValueError(f"the model takes {model.in_channels} channels, the data gives {channels} "
-                         f"({list(map(str, data['channel'].values))}); pass the channels it was trained on")
+    channels = [str(c) for c in data["channel"].values]
+    if model.normalizer.channels != channels:
+        raise ValueError(f"the model takes channels {model.normalizer.channels}, the data gives {channels}; "
+                         "pass the channels it was trained on")
     grid = (data.sizes["lat"], data.sizes["lon"])
     if model.grid is not None and tuple(model.grid) != grid:
         raise ValueError(f"the model was built for grid {tuple(model.grid)} (LayerNorm over [H, W]), the data "
@@ -68,7 +69,6 @@ def write_forecast(
     context: int,
     steps: int,
     out: str,
-    stats: NormStats,
     batch_size: int = 8,
     attrs: dict[str, Any] | None = None,
     device: str | torch.device = "cpu",
@@ -83,8 +83,6 @@ def write_forecast(
     init_time = np.asarray(init_time, dtype="datetime64[ns]")
     idx = check_inputs(model, data, init_time, context, steps)
     channels = [str(c) for c in data["channel"].values]
-    if list(stats.channels) != channels:
-        raise ValueError(f"the normalisation stats are for channels {stats.channels}, the data gives {channels}")
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     dt = time_step(data["time"].values)
@@ -108,10 +106,10 @@ def write_forecast(
         for i in range(0, init_time.size, batch_size):
             rows = idx[i:i + batch_size, None] + window  # [b, context] time indices
             x = data.isel(time=xr.DataArray(rows, dims=("b", "t"))).transpose("b", "t", "channel", "lat", "lon")
-            x = stats.normalize(torch.from_numpy(x.values.astype(np.float32))).to(device)
+            x = torch.from_numpy(x.values.astype(np.float32)).to(device)
             with torch.no_grad():
-                y, _ = model.rollout(x, steps)
-            y = stats.denormalize(y.float().cpu()).numpy()  # [b, steps, C, H, W]
+                y, _ = model.rollout(x, steps)  # physical units: the model normalises inside
+            y = y.float().cpu().numpy()  # [b, steps, C, H, W]
             part = xr.Dataset({c: ((TIME, LEAD, LAT, LON), y[:, :, k]) for k, c in enumerate(channels)},
                               coords={TIME: init_time[i:i + batch_size]})
             part.to_zarr(tmp, region={TIME: slice(i, i + len(rows))}, consolidated=False)
@@ -126,12 +124,7 @@ def write_forecast(
 def open_channels(url: str, channels: str | list, *, dims: DimNames = DimNames(), coarsen: int = 1,
                   storage_options: dict | None = None) -> xr.DataArray:
     """Lazy (time, channel, lat, lon) from a store, block-averaged by `coarsen` as the training windows are."""
-    data = select_channels(open_store(url, storage_options), channels, dims)
-    if coarsen > 1:
-        if data.sizes["lat"] % coarsen or data.sizes["lon"] % coarsen:
-            raise ValueError(f"coarsen={coarsen} does not divide the {data.sizes['lat']}x{data.sizes['lon']} grid of {url}")
-        data = data.coarsen(lat=coarsen, lon=coarsen).mean()
-    return data
+    return coarsen_grid(select_channels(open_store(url, storage_options), channels, dims), coarsen, "lat", "lon", url)
 
 
 def init_times(times: np.ndarray, start: str | None, end: str | None, every: str) -> np.ndarray:

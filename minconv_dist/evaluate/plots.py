@@ -1,17 +1,15 @@
-"""The pictures users judge a forecast by: skill vs lead time, and truth/forecast/error maps. PNG via Agg."""
+"""The pictures users judge a forecast by: skill vs lead time, and truth/forecast/error maps. PNG files, drawn
+on matplotlib `Figure` objects (no pyplot: no global backend or figure list to set or leak)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+import xarray as xr
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import xarray as xr  # noqa: E402
-
-from minconv_dist.evaluate.metrics import LAT, LEAD, LON, TIME  # noqa: E402
+from minconv_dist.evaluate.metrics import LAT, LEAD, LON, TIME
 
 LABELS = {"rmse": "RMSE", "weighted_rmse": "lat-weighted RMSE", "bias": "bias", "acc": "ACC"}
 
@@ -24,7 +22,8 @@ def plot_skill(skill: xr.Dataset, variable: str, path: str | Path, metrics: tupl
                title: str = "") -> Path:
     """One panel per metric, one line per source (model and baselines), against lead time in hours."""
     metrics = tuple(m for m in metrics if m in skill["metric"].values)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
+    fig = Figure(figsize=(5 * len(metrics), 3.6))
+    axes = fig.subplots(1, len(metrics), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
         for source in skill["source"].values:
             curve = skill[variable].sel(source=source, metric=metric)
@@ -37,7 +36,6 @@ def plot_skill(skill: xr.Dataset, variable: str, path: str | Path, metrics: tupl
     fig.suptitle(title or f"{variable}: skill vs lead time ({skill.attrs.get('definition', '')})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return Path(path)
 
 
@@ -52,7 +50,8 @@ def plot_maps(forecast: xr.Dataset, truth: xr.Dataset, variable: str, path: str 
     lo, hi = float(min(tr.min(), fc.min())), float(max(tr.max(), fc.max()))
     err_max = float(abs(fc - tr).max()) or 1.0
     extent = [float(fc[LON].min()), float(fc[LON].max()), float(fc[LAT].min()), float(fc[LAT].max())]
-    fig, axes = plt.subplots(len(leads), 3, figsize=(12, 2.6 * len(leads)), squeeze=False)
+    fig = Figure(figsize=(12, 2.6 * len(leads)))
+    axes = fig.subplots(len(leads), 3, squeeze=False)
     for row, k in zip(axes, leads):
         t, f = tr.isel({LEAD: k - 1}).values, fc.isel({LEAD: k - 1}).values
         hours = _hours(fc[LEAD])[k - 1]
@@ -65,5 +64,4 @@ def plot_maps(forecast: xr.Dataset, truth: xr.Dataset, variable: str, path: str 
     fig.suptitle(f"{variable}, init {pd.Timestamp(fc[TIME].values)}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return Path(path)

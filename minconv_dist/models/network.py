@@ -1,4 +1,5 @@
-"""The network shared by all five cells: 1x1 encoder -> [cell + residual + post-norm] x L -> 1x1 decoder.
+"""The network shared by all five cells: normaliser -> 1x1 encoder -> [cell + residual + post-norm] x L ->
+1x1 decoder -> de-normaliser. Inputs and outputs are in physical units; everything between is normalised.
 
 Semantics follow the official implementation:
 - `forward(x, teacher_steps=k)`: frames 0..k-1 are read teacher-forced (Min cells: in parallel), then
@@ -14,6 +15,10 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from minconv_dist.models.normalizer import Normalizer
+
+NORMS = ("layer", "group")  # LayerNorm over [H, W] (the paper's), or GroupNorm(1, hidden) (grid-free)
+
 State = list[Any]  # one entry per layer: a tensor, or (h, c) for ConvLSTM
 
 
@@ -24,12 +29,15 @@ def _per_frame(module: nn.Module, x: Tensor) -> Tensor:
 
 
 class Network(nn.Module):
-    """Encoder, L residual recurrent layers with post-norm, decoder. Stateless between calls."""
+    """Normaliser, encoder, L residual recurrent layers with post-norm, decoder. Stateless between calls.
+
+    `channels` names the input channels (e.g. `geopotential@500`); their statistics are buffers of
+    `normalizer` (identity until set), so a model file carries them with the weights."""
 
     def __init__(
         self,
         cells: Sequence[nn.Module],
-        in_channels: int,
+        channels: Sequence[str],
         hidden: int,
         norm: str = "layer",
         grid: tuple[int, int] | None = None,
@@ -37,10 +45,12 @@ class Network(nn.Module):
         decode_cell_output: bool = False,
     ):
         super().__init__()
-        if norm not in ("layer", "group"):
-            raise ValueError(f"unknown norm {norm!r}; expected 'layer' (LayerNorm over [H, W]) or 'group'")
+        if norm not in NORMS:
+            raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
         if norm == "layer" and grid is None:
             raise ValueError("norm='layer' normalises over [H, W] and needs grid=(H, W)")
+        in_channels = len(channels)
+        self.normalizer = Normalizer(channels)
         self.in_channels = in_channels
         self.hidden = hidden
         self.grid = tuple(grid) if norm == "layer" else None
@@ -78,6 +88,10 @@ class Network(nn.Module):
             new_state.append(s)
         return _per_frame(self.decoder, out if self.decode_cell_output else z), new_state
 
+    def _normalized(self, x: Tensor) -> Tensor:
+        """Physical inputs -> normalised, in the network's dtype (the normalising itself in >= float32)."""
+        return self.normalizer.normalize(x).to(self.decoder.weight.dtype)
+
     def _closed_loop(self, y: Tensor, state: State, steps: int) -> tuple[list[Tensor], State]:
         preds = []
         for _ in range(steps):
@@ -86,26 +100,27 @@ class Network(nn.Module):
         return preds, state
 
     def forward(self, x: Tensor, teacher_steps: int | None = None) -> Tensor:
-        """x: [B, T, C, H, W] -> predictions [B, T, C, H, W] (k = teacher_steps, default T)."""
+        """x: [B, T, C, H, W] -> predictions [B, T, C, H, W] (k = teacher_steps, default T), physical units,
+        in at least float32."""
         self._check(x, "x", 5)
         T = x.shape[1]
         k = T if teacher_steps is None else teacher_steps
         if not 1 <= k <= T:
             raise ValueError(f"teacher_steps={k} must lie in [1, T={T}]")
-        y, state = self._layers(x[:, :k], None, parallel=True)
+        y, state = self._layers(self._normalized(x[:, :k]), None, parallel=True)
         preds, _ = self._closed_loop(y[:, -1], state, T - k)
-        return torch.cat([y, *(p.unsqueeze(1) for p in preds)], dim=1)
+        return self.normalizer.denormalize(torch.cat([y, *(p.unsqueeze(1) for p in preds)], dim=1))
 
     def rollout(self, context: Tensor, steps: int, state: State | None = None) -> tuple[Tensor, State]:
         """Warm up on context [B, Tc, C, H, W] (from `state` if given), then forecast `steps` frames.
 
-        Returns (forecast [B, steps, C, H, W], state). forecast[:, 0] predicts the frame after the
+        Returns (forecast [B, steps, C, H, W] in physical units, state). forecast[:, 0] predicts the frame after the
         context. The state has consumed every frame but the last forecast, so
         `rollout(forecast[:, -1:], m, state)` continues the same trajectory exactly.
         """
         self._check(context, "context", 5)
         if steps < 1:
             raise ValueError(f"steps={steps} must be >= 1")
-        y, state = self._layers(context, state, parallel=True)
+        y, state = self._layers(self._normalized(context), state, parallel=True)
         preds, state = self._closed_loop(y[:, -1], state, steps - 1)
-        return torch.stack([y[:, -1], *preds], dim=1), state
+        return self.normalizer.denormalize(torch.stack([y[:, -1], *preds], dim=1)), state

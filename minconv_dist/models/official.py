@@ -4,13 +4,14 @@ Official layout (see shared MODELS.md): `encoder.0`, `{cgru|clstm}.{l}.conv.{0|1
 padding is cylinder: index 0 is the pad module), ConvGRU's `conv_a`/`conv_b` likewise,
 `norms.{l}` (LayerNorm [H, W] or GroupNorm [hidden]) and `decoder`. Hidden sizes, grid, norm type and
 input channels are read off the weights; padding mode and the encoder's tanh leave no weights and
-must be given.
+must be given. The official code takes normalised inputs, so an imported model's normaliser starts as the
+identity (set its statistics with `model.normalizer.set_stats(mean, std)` to feed physical units).
 """
 from __future__ import annotations
 
 import os
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -58,11 +59,12 @@ def from_official_checkpoint(
     padding: str = "zeros",
     tanh_encoder: bool = False,
     scan_method: str = "auto",
+    channels: Sequence[str] | None = None,
 ) -> Network:
     """Build a `Network` whose outputs equal the official model's for the same input and teacher_steps.
 
     `path` is a file written by the official code (the full training dict or a bare state dict), or
-    such a dict already in memory.
+    such a dict already in memory. `channels` names the inputs (default `c0`, `c1`, ...).
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(ARCHS)}")
@@ -95,24 +97,30 @@ def from_official_checkpoint(
         raise ValueError("not an official checkpoint: no 'norms.0.weight'")
     norm, grid = ("layer", tuple(norm_weight.shape)) if norm_weight.dim() == 2 else ("group", None)
 
-    model = build_model(arch, in_channels, [hidden] * len(layers), padding=padding, norm=norm, grid=grid,
+    if channels is not None and len(channels) != in_channels:
+        raise ValueError(f"the checkpoint takes {in_channels} channels, got names for {len(channels)}: {list(channels)}")
+    model = build_model(arch, in_channels if channels is None else channels, hidden, len(layers), padding=padding, norm=norm, grid=grid,
                         tanh_encoder=tanh_encoder, scan_method=scan_method).to(norm_weight.dtype)
     ours = {}
     for key, value in sd.items():
         m = _CELL_KEY.match(key)
         ours[f"cells.{m.group(2)}.{m.group(3)}.{m.group(5)}" if m else key] = value
     missing, unexpected = model.load_state_dict(ours, strict=False)
+    missing = [k for k in missing if not k.startswith("normalizer.")]  # official models take normalised data
     if missing or unexpected:
         raise ValueError(f"weights don't fit arch {arch!r}: missing {missing[:4]}, unexpected {unexpected[:4]}")
     return model
 
 
 def to_official_state_dict(model: Network) -> dict[str, Tensor]:
-    """Our state dict renamed to the official layout (for round trips and for the official code)."""
+    """Our state dict renamed to the official layout (for round trips and for the official code). The official
+    layout has no normalisation statistics: the official code takes normalised inputs."""
     arch, padding = model.spec["arch"], model.spec["padding"]
     index = 1 if padding == "cylinder" else 0
     out = {}
     for key, value in model.state_dict().items():
+        if key.startswith("normalizer."):
+            continue
         m = re.match(r"^cells\.(\d+)\.(conv|conv_a|conv_b)\.(weight|bias)$", key)
         out[f"{PREFIX[arch]}.{m.group(1)}.{m.group(2)}.{index}.{m.group(3)}" if m else key] = value
     return out

@@ -23,8 +23,9 @@ ARCHS: dict[str, CellFactory] = {
 
 def build_model(
     arch: str,
-    in_channels: int,
-    hidden_sizes: Sequence[int],
+    channels: int | Sequence[str],
+    hidden_size: int,
+    layers: int = 1,
     padding: str = "zeros",
     norm: str = "layer",
     grid: tuple[int, int] | None = None,
@@ -32,33 +33,31 @@ def build_model(
     scan_method: str = "auto",
     chunk_size: int | None = None,
 ) -> Network:
-    """Build one of `ARCHS`. norm="layer" (the paper's LayerNorm over [H, W]) needs `grid`.
+    """Build one of `ARCHS`: `layers` cells of `hidden_size` channels (equal sizes: each layer adds a residual).
 
-    chunk_size: Min cells run conv + gates + scan per time chunk, recomputed in backward, so
+    channels: the input channels' names (e.g. `["geopotential@500"]`), or their number (named `c0`, `c1`, ...);
+    the model's normaliser keeps their statistics. norm="layer" (the paper's LayerNorm over [H, W]) needs
+    `grid`. chunk_size: Min cells run conv + gates + scan per time chunk, recomputed in backward, so
     activation memory grows with the chunk rather than with T (exact gradients; long sequences).
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(ARCHS)}")
-    if in_channels < 1:
-        raise ValueError(f"in_channels must be >= 1, got {in_channels}")
-    hidden_sizes = list(hidden_sizes)
-    if not hidden_sizes or len(set(hidden_sizes)) != 1 or hidden_sizes[0] < 1:
-        raise ValueError(
-            f"hidden_sizes must be a non-empty list of one positive size repeated (the residual "
-            f"needs equal sizes), got {hidden_sizes}"
-        )
+    names = [f"c{i}" for i in range(channels)] if isinstance(channels, int) else [str(c) for c in channels]
+    if not names:
+        raise ValueError(f"channels must name at least one channel, got {channels!r}")
+    if hidden_size < 1 or layers < 1:
+        raise ValueError(f"hidden_size={hidden_size} and layers={layers} must both be >= 1")
     check_padding(padding)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
-    hidden = hidden_sizes[0]
-    cells = [ARCHS[arch](hidden, padding, scan_method, chunk_size) for _ in hidden_sizes]
+    cells = [ARCHS[arch](hidden_size, padding, scan_method, chunk_size) for _ in range(layers)]
     model = Network(
-        cells, in_channels, hidden, norm=norm, grid=grid, tanh_encoder=tanh_encoder,
+        cells, names, hidden_size, norm=norm, grid=grid, tanh_encoder=tanh_encoder,
         decode_cell_output=arch == "convgru",
     )
-    # What rebuilds this model elsewhere (checkpoints, MLflow, the forecast job): plain values only.
+    # What rebuilds this model elsewhere (model files, MLflow, the forecast job): plain values only.
     model.spec = dict(
-        arch=arch, in_channels=in_channels, hidden_sizes=hidden_sizes, padding=padding, norm=norm,
+        arch=arch, channels=names, hidden_size=hidden_size, layers=layers, padding=padding, norm=norm,
         grid=list(grid) if grid is not None else None, tanh_encoder=tanh_encoder,
     )
     return model

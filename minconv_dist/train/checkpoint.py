@@ -6,9 +6,8 @@ Ray merges the ranks' uploads into one `checkpoint_*` directory of the run):
     ds/...               DeepSpeed engine: module, optimizer shards, LR scheduler   (all ranks)
     latest               DeepSpeed's tag pointer                                    (rank 0)
     rng_rank{r}.pt       python / numpy / torch RNG states of rank r                 (rank r)
-    model.pt             the model file: spec, fp32 master weights, stats        (rank 0)
-                         (minconv_dist.models.io: loads without DeepSpeed; the forecast job reads it)
-    stats.json           normalisation stats                                        (rank 0)
+    model.pt             the model file: spec + fp32 master weights, normaliser    (rank 0)
+                         included (minconv_dist.models.model_file: loads without DeepSpeed)
     config.yaml          the run's config, without storage_options (credentials)    (rank 0)
     position.json        epoch, step in epoch, global step, world size, MLflow run   (rank 0, written last)
 
@@ -19,7 +18,6 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +26,8 @@ import numpy as np
 import torch
 import yaml
 
-from minconv_dist.data import NormStats
-from minconv_dist.models import save_checkpoint
+from minconv_dist.data.store import redact_config
+from minconv_dist.models import save_model_file
 
 TAG = "ds"
 POSITION = "position.json"
@@ -91,17 +89,15 @@ def master_weights(engine: Any) -> dict[str, torch.Tensor] | None:
 
 
 def save(engine: Any, directory: str | Path, *, rank: int, world_size: int, position: dict[str, Any],
-         stats: NormStats, config: dict[str, Any]) -> None:
+         config: dict[str, Any]) -> None:
     """Write this rank's part of a checkpoint into a local `directory` (collective: all ranks call it)."""
     directory = Path(directory)
     engine.save_checkpoint(str(directory), tag=TAG)
     weights = master_weights(engine)
     torch.save(_rng_state(), directory / f"rng_rank{rank}.pt")
     if rank == 0:
-        save_checkpoint(directory / "model.pt", engine.module, stats, state_dict=weights)
-        (directory / "stats.json").write_text(json.dumps(asdict(stats)))
-        safe = {**config, "data": {k: v for k, v in config["data"].items() if k != "storage_options"}}
-        (directory / "config.yaml").write_text(yaml.safe_dump(safe, sort_keys=False))  # no credentials
+        save_model_file(directory / "model.pt", engine.module, state_dict=weights)
+        (directory / "config.yaml").write_text(yaml.safe_dump(redact_config(config), sort_keys=False))
         (directory / POSITION).write_text(json.dumps({**position, "world_size": world_size}))
 
 
@@ -127,7 +123,7 @@ def is_complete(fs: fsspec.AbstractFileSystem, directory: str) -> bool:
     if not fs.exists(pos):
         return False
     world = json.loads(fs.cat_file(pos))["world_size"]
-    needed = ["latest", "model.pt", "stats.json", *(f"rng_rank{r}.pt" for r in range(world))]
+    needed = ["latest", "model.pt", *(f"rng_rank{r}.pt" for r in range(world))]
     return all(fs.exists(f"{directory}/{name}") for name in needed)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
 
 from minconv_dist.train.config import ConfigError, load_config
 from minconv_dist.train.trainer import TrainingError, fit
@@ -18,7 +18,8 @@ SHORTCUTS = {
     "--gpu": ("parallel.use_gpu", "true: one GPU per worker (bf16)"),
     "--zero-stage": ("parallel.zero_stage", "DeepSpeed ZeRO stage 0-3"),
     "--arch": ("model.arch", "minconvgru | minconvlstm | minconvexplstm | convlstm | convgru"),
-    "--hidden-sizes": ("model.hidden_sizes", "e.g. '[24, 24, 24]'"),
+    "--hidden-size": ("model.hidden_size", "channels of every layer, e.g. 24"),
+    "--layers": ("model.layers", "number of recurrent layers, e.g. 3"),
     "--sequence-length": ("data.sequence_length", "T: frames predicted per window"),
     "--teacher-steps": ("data.teacher_steps", "k: teacher-forced frames (T - k closed loop)"),
     "--epochs": ("optim.epochs", "training epochs"),
@@ -26,9 +27,9 @@ SHORTCUTS = {
 }
 
 
-def main(description: str, base: dict[str, Any], argv: list[str] | None = None,
+def main(description: str, preset: Path | None = None, argv: list[str] | None = None,
          default_url: Callable[[], str] | None = None) -> int:
-    """Parse, train, print where the results are. `base` holds the job's own settings over the defaults;
+    """Parse, train, print where the results are. `preset` is the job's own YAML over the defaults;
     `default_url` makes the job's embedded store when no data.url is given (else fit's synthetic ERA5)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Every config key (see docs/training.md) can be set with --set "
@@ -44,7 +45,7 @@ def main(description: str, base: dict[str, Any], argv: list[str] | None = None,
     args = parser.parse_args(argv)
     shortcuts = [f"{key}={getattr(args, key)}" for _, (key, _) in SHORTCUTS.items() if getattr(args, key) is not None]
     try:
-        cfg = load_config(args.config, shortcuts + args.overrides, base=base)
+        cfg = load_config(args.config, shortcuts + args.overrides, preset=preset)
         if cfg.data.url is None and default_url is not None:
             cfg.data.url = default_url()
         fit(cfg, resume=args.resume)

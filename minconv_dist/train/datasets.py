@@ -2,13 +2,8 @@
 fail early) and in every worker (to train)."""
 from __future__ import annotations
 
-from minconv_dist.data import DimNames, NormStats, WindowDataset
+from minconv_dist.data import NormStats, WindowDataset
 from minconv_dist.train.config import TrainConfig
-
-
-def dims_of(cfg: TrainConfig) -> DimNames:
-    d = cfg.data
-    return DimNames(d.time_dim, d.level_dim, d.lat_dim, d.lon_dim, d.sample_dim)
 
 
 def split_of(cfg: TrainConfig, split: str) -> dict[str, tuple | None]:
@@ -20,13 +15,25 @@ def split_of(cfg: TrainConfig, split: str) -> dict[str, tuple | None]:
 
 def window_dataset(cfg: TrainConfig, url: str, stats: NormStats, split: str, *, rank: int,
                    world_size: int) -> WindowDataset:
-    """Windows of T + 1 frames of `split` for one rank: training windows shuffled at `data.stride`,
-    validation windows in order and disjoint (stride T + 1)."""
+    """Raw windows of T + 1 frames of `split` for one rank: training windows shuffled at `data.stride`,
+    validation windows in order and disjoint (stride T + 1). NaN are filled with the training means
+    when `data.nan_policy` is "fill"."""
     d = cfg.data
     train = split == "train"
     return WindowDataset(
         url, d.channels, d.sequence_length + 1, stride=d.stride if train else d.sequence_length + 1,
-        **split_of(cfg, split), coarsen=d.coarsen, stats=stats, dims=dims_of(cfg),
-        storage_options=d.storage_options or None, shuffle=train, seed=cfg.run.seed, batch_size=d.batch_size,
-        rank=rank, world_size=world_size,
+        **split_of(cfg, split), coarsen=d.coarsen, dims=d.dims, storage_options=d.storage_options or None,
+        shuffle=train, seed=cfg.run.seed, batch_size=d.batch_size, rank=rank, world_size=world_size,
+        nan_policy=d.nan_policy, fill_values=stats.mean if d.nan_policy == "fill" else None,
     )
+
+
+def build_network(cfg: TrainConfig, stats: NormStats, grid: tuple[int, int]):
+    """The run's network, its normaliser holding the training statistics."""
+    from minconv_dist.models import build_model
+
+    m = cfg.model
+    model = build_model(m.arch, stats.channels, m.hidden_size, m.layers, padding=m.padding, norm=m.norm,
+                        grid=grid, tanh_encoder=m.tanh_encoder, scan_method=m.scan_method, chunk_size=m.chunk_size)
+    model.normalizer.set_stats(stats.mean, stats.std)
+    return model

@@ -1,8 +1,9 @@
 """`worker_loop`: what every Ray Train worker runs. DeepSpeed owns the model; the loss is the paper's.
 
-Loss: a window x holds T + 1 frames [B, T+1, C, H, W]. The model reads x[:, :T] with teacher_steps = k
+Loss: a window x holds T + 1 raw frames [B, T+1, C, H, W]. The model reads x[:, :T] with teacher_steps = k
 (frames 0..k-1 teacher-forced, then T - k closed-loop steps) and its T outputs are compared with
-x[:, 1:T+1] by mean squared error over all frames, channels and grid points (normalised units).
+x[:, 1:T+1] by mean squared error over all frames, channels and grid points, in the units of the model's
+normaliser (so every channel weighs the same).
 
 A step queues its work on the device and returns: losses stay on the device (`LossMeter`), and the host
 reads them only on log, validation and epoch-end steps, where the ranks reduce them in one collective.
@@ -25,10 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from minconv_dist.data import NormStats
-from minconv_dist.models import build_model
 from minconv_dist.train import checkpoint
 from minconv_dist.train.config import TrainConfig, config_from_dict
-from minconv_dist.train.datasets import window_dataset
+from minconv_dist.train.datasets import build_network, window_dataset
 from minconv_dist.train.engine import build_engine
 from minconv_dist.train.meter import LossMeter
 from minconv_dist.train.tracking import MetricLogger
@@ -50,28 +50,36 @@ def teacher_steps_at(cfg: TrainConfig, epoch: int) -> int:
     return T - closed
 
 
-def train_step(engine: Any, x: Tensor, teacher_steps: int, dtype: torch.dtype, input_noise: float) -> Tensor:
-    """One forward, backward and optimizer step on x: [B, T+1, C, H, W]; returns the loss, on the device."""
+def normalized_mse(engine: Any, x: Tensor, teacher_steps: int, input_noise: float = 0.0) -> Tensor:
+    """The loss of x: [B, T+1, C, H, W] (raw): MSE of the T predictions against the next frames, both
+    normalised by the model's own statistics. Input noise is in normalised units too."""
+    normalize = engine.module.normalizer.normalize
     inputs = x[:, :-1]
     if input_noise:
-        inputs = inputs + input_noise * torch.randn_like(inputs)
-    loss = F.mse_loss(engine(inputs.to(dtype), teacher_steps=teacher_steps).float(), x[:, 1:])
+        inputs = inputs + input_noise * engine.module.normalizer.std.view(-1, 1, 1) * torch.randn_like(inputs)
+    return F.mse_loss(normalize(engine(inputs, teacher_steps=teacher_steps)), normalize(x[:, 1:]))
+
+
+def train_step(engine: Any, x: Tensor, teacher_steps: int, input_noise: float) -> Tensor:
+    """One forward, backward and optimizer step on x: [B, T+1, C, H, W]; returns the loss, on the device."""
+    loss = normalized_mse(engine, x, teacher_steps, input_noise)
     engine.backward(loss)
     engine.step()
     return loss.detach()
 
 
 def validate(engine: Any, loader: torch.utils.data.DataLoader, batches: int, teacher_steps: int,
-             dtype: torch.dtype, device: torch.device) -> tuple[float, tuple[Tensor, Tensor]]:
+             device: torch.device) -> tuple[float, tuple[Tensor, Tensor]]:
     """Mean validation loss over `batches` batches of every rank (collective), and rank-local
-    (truth, forecast) of the first window, [T, C, H, W] each, for a plot."""
+    (truth, forecast) of the first window, [T, C, H, W] each in physical units, for a plot."""
     engine.eval()
     total = torch.zeros((), device=device)
+    normalize = engine.module.normalizer.normalize
     with torch.no_grad():
         for i, x in enumerate(islice(loader, batches)):
             x = x.to(device, non_blocking=True)
-            pred = engine(x[:, :-1].to(dtype), teacher_steps=teacher_steps).float()
-            total += F.mse_loss(pred, x[:, 1:])
+            pred = engine(x[:, :-1], teacher_steps=teacher_steps)
+            total += F.mse_loss(normalize(pred), normalize(x[:, 1:]))
             if i == 0:
                 first = (x[0, 1:], pred[0])
     dist.all_reduce(total)
@@ -90,18 +98,15 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
     bf16 = cfg.parallel.precision == "bf16" or (cfg.parallel.precision == "auto" and on_gpu)
-    dtype = torch.bfloat16 if bf16 else torch.float32
 
-    d, m = cfg.data, cfg.model
+    d = cfg.data
     train_ds = window_dataset(cfg, loop_config["url"], stats, "train", rank=rank, world_size=world)
     val_ds = window_dataset(cfg, loop_config["url"], stats, "val", rank=rank, world_size=world)
     train_loader = torch.utils.data.DataLoader(train_ds, batch_size=d.batch_size, drop_last=True,
                                                num_workers=d.loader_workers, pin_memory=on_gpu)
     val_loader = torch.utils.data.DataLoader(val_ds, batch_size=d.batch_size, drop_last=True, pin_memory=on_gpu)
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
-    model = build_model(m.arch, len(stats.channels), m.hidden_sizes, padding=m.padding, norm=m.norm,
-                        grid=train_ds.grid, tanh_encoder=m.tanh_encoder, scan_method=m.scan_method,
-                        chunk_size=m.chunk_size)
+    model = build_network(cfg, stats, train_ds.grid)
     steps_per_epoch = loop_config["steps_per_epoch"]
     last_step = cfg.optim.epochs * steps_per_epoch
     engine = build_engine(cfg, model, last_step, bf16)
@@ -131,7 +136,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
             step = position["global_step"] + 1
             for callback in callbacks:
                 callback(engine, step, rank)
-            loss = train_step(engine, x.to(device, non_blocking=True), k, dtype, d.input_noise)
+            loss = train_step(engine, x.to(device, non_blocking=True), k, d.input_noise)
             position["step_in_epoch"], position["global_step"] = position["step_in_epoch"] + 1, step
             meter.update(loss, step)
             if step % cfg.tracking.log_every == 0:
@@ -159,17 +164,16 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
             if final or step % cfg.checkpoint.val_every == 0:
                 summary = meter.summary()  # never checkpoint weights that a non-finite loss has touched
                 val_loss, (truth, forecast) = validate(engine, val_loader, loop_config["val_batches"],
-                                                       d.teacher_steps, dtype, device)
+                                                       d.teacher_steps, device)
                 if logger is not None:
                     logger.log({"val_loss": val_loss}, step)
                     if cfg.tracking.plot:
-                        logger.plot_forecast(stats.denormalize(truth.cpu())[:, 0],
-                                             stats.denormalize(forecast.cpu())[:, 0], step, stats.channels[0])
+                        logger.plot_forecast(truth[:, 0].cpu(), forecast[:, 0].cpu(), step, stats.channels[0])
                     print(f"[minconv] step {step}/{last_step} val_loss {val_loss:.5f}", flush=True)
                 saved_position = {**position, "epoch_loss_total": summary["epoch_total"],
                                   "epoch_loss_count": summary["epoch_count"],
                                   "mlflow_run_id": loop_config["mlflow_run_id"]}
-                report(engine, rank, world, saved_position, cfg, stats,
+                report(engine, rank, world, saved_position, cfg,
                        {"epoch": position["epoch"], "step": step, "train_loss": summary["last"],
                         "val_loss": val_loss, "final": int(final)})
                 tick, tick_step = time.perf_counter(), step
@@ -177,13 +181,12 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
                 return
 
 
-def report(engine: Any, rank: int, world: int, position: dict[str, Any], cfg: TrainConfig, stats: NormStats,
+def report(engine: Any, rank: int, world: int, position: dict[str, Any], cfg: TrainConfig,
            metrics: dict[str, float]) -> None:
     """Write this rank's part of a checkpoint into a fresh local folder and report it to Ray (collective)."""
     local = Path(tempfile.mkdtemp(prefix="minconv-ckpt-"))
     try:
-        checkpoint.save(engine, local, rank=rank, world_size=world, position=position, stats=stats,
-                        config=cfg.to_dict())
+        checkpoint.save(engine, local, rank=rank, world_size=world, position=position, config=cfg.to_dict())
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(local)))
     finally:
         shutil.rmtree(local, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""MLflow helpers. The driver opens the run (params, config, stats) and logs the final model; rank 0 of
+"""MLflow helpers. The driver opens the run (params, config) and logs the final model; rank 0 of
 the workers logs metrics and plots into the same run by id, so no worker needs global MLflow state.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 import minconv_dist
-from minconv_dist.data.store import redact
+from minconv_dist.data.store import redact_config
 
 
 def resolve_uri(uri: str | None) -> str:
@@ -36,32 +36,28 @@ def _artifact_root(uri: str) -> str | None:
 
 
 def flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Config as flat `section.key` params; storage options (credentials) left out, URLs redacted."""
+    """A (redacted) config as flat `section.key` params."""
     out: dict[str, str] = {}
     for key, value in config.items():
-        name = prefix + key
-        if name == "data.storage_options":
-            continue
         if isinstance(value, dict):
-            out.update(flat_params(value, name + "."))
+            out.update(flat_params(value, f"{prefix}{key}."))
         else:
-            out[name] = redact(value) if isinstance(value, str) else str(value)
+            out[prefix + key] = str(value)
     return out
 
 
-def open_run(uri: str, experiment: str, run_name: str, config: dict[str, Any], stats_json: str) -> str:
-    """Create the run: params, config.yaml and stats.json as artifacts. Returns the run id."""
+def open_run(uri: str, experiment: str, run_name: str, config: dict[str, Any]) -> str:
+    """Create the run with the config as params and as config.yaml, credentials removed. Returns the run id."""
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=_artifact_root(uri))
     run = client.create_run(exp_id, run_name=run_name, tags={"minconv.arch": config["model"]["arch"]})
-    params = flat_params(config)
+    safe = redact_config(config)
+    params = flat_params(safe)
     keys = sorted(params)
     for i in range(0, len(keys), 100):
         client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, params[k]) for k in keys[i:i + 100]])
-    safe = dict(config, data={k: v for k, v in config["data"].items() if k != "storage_options"})
     client.log_text(run.info.run_id, yaml.safe_dump(safe, sort_keys=False), "config.yaml")
-    client.log_text(run.info.run_id, stats_json, "stats.json")
     return run.info.run_id
 
 
@@ -134,14 +130,13 @@ def _tracking_uri(uri: str) -> Iterator[None]:
 
 
 def log_model(uri: str, run_id: str, model: torch.nn.Module, example: torch.Tensor,
-              registered_name: str, stats: dict[str, Any] | None = None) -> str | None:
+              registered_name: str) -> str | None:
     """Log `model` (pickled: torch.export would freeze the batch size) with an input example and signature,
     and register it under `registered_name` (skipped when empty). Returns the registered version.
 
     The package's source travels with the model (`code_paths`), so it registers and loads whether or not
     minconv_dist is an installed distribution (under `ray job submit --working-dir` it is plain files).
-    `stats` (normalisation stats as a plain dict) travel in the model's metadata["norm_stats"], where
-    the forecast job finds them."""
+    The normalisation statistics are in the weights (the network's normaliser)."""
     model = PortableModel(model.eval())
     with torch.no_grad():
         output = model(example).numpy()
@@ -150,7 +145,7 @@ def log_model(uri: str, run_id: str, model: torch.nn.Module, example: torch.Tens
         info = mlflow.pytorch.log_model(
             model, name="model", serialization_format="pickle", input_example=example.numpy(),
             signature=signature, registered_model_name=registered_name or None,
-            metadata={"minconv_dist_version": minconv_dist.__version__, **({"norm_stats": stats} if stats else {})},
+            metadata={"minconv_dist_version": minconv_dist.__version__},
             code_paths=[os.path.dirname(minconv_dist.__file__)],
             # stated, not inferred: inference re-imports the model in a subprocess (~20 s)
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],

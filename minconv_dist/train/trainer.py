@@ -3,7 +3,6 @@ Train `TorchTrainer`, and log + register the final model in MLflow.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,10 +15,10 @@ from ray.train.torch import TorchTrainer
 
 from minconv_dist.data import NormStats, compute_stats, default_store, open_store
 from minconv_dist.data.store import redact
-from minconv_dist.models import load_checkpoint
+from minconv_dist.models import load_model_file
 from minconv_dist.train import checkpoint, tracking
 from minconv_dist.train.config import ConfigError, TrainConfig
-from minconv_dist.train.datasets import dims_of, split_of, window_dataset
+from minconv_dist.train.datasets import split_of, window_dataset
 from minconv_dist.train.loop import StepCallback, worker_loop
 from minconv_dist.train.meter import NonFiniteLossError
 
@@ -47,10 +46,10 @@ def _check_data(cfg: TrainConfig, url: str) -> tuple[NormStats, tuple[int, int],
     except (FileNotFoundError, OSError) as err:
         raise ConfigError(f"data.url: cannot open zarr store {redact(url)!r}: {err}") from err
     # a sample store is split by data.<split>_samples, a single series by data.<split>_range
-    key = {split: f"data.{split}_{'samples' if d.sample_dim else 'range'}" for split in ("train", "val")}
+    key = {split: f"data.{split}_{'samples' if d.dims.sample else 'range'}" for split in ("train", "val")}
     try:
         stats = (NormStats.load(d.stats_path, d.storage_options or None) if d.stats_path else
-                 compute_stats(url, d.channels, dims_of(cfg), **split_of(cfg, "train"),
+                 compute_stats(url, d.channels, d.dims, **split_of(cfg, "train"),
                                storage_options=d.storage_options or None, progress=False))
     except KeyError as err:
         raise ConfigError(f"data.channels: {err} in {redact(url)!r}") from err
@@ -104,7 +103,6 @@ def _run_dir(storage: str, name: str) -> str:
 def fit(cfg: TrainConfig, *, resume: str | None = None, callbacks: list[StepCallback] = ()) -> FitResult:
     """Train per `cfg`. `resume`: a run name under run.storage_path (or a run directory) to continue from its
     latest complete checkpoint. `callbacks` run on every worker after each step (picklable)."""
-    cfg.validate()
     storage = cfg.run.storage_path if "://" in cfg.run.storage_path else str(Path(cfg.run.storage_path).resolve())
     resume_from, position = None, {}
     if resume:
@@ -128,9 +126,7 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, callbacks: list[StepCall
     _check_resources(cfg)
 
     uri = tracking.resolve_uri(cfg.tracking.uri)
-    stats_json = json.dumps(asdict(stats))
-    run_id = position.get("mlflow_run_id") or tracking.open_run(uri, cfg.tracking.experiment, name,
-                                                                cfg.to_dict(), stats_json)
+    run_id = position.get("mlflow_run_id") or tracking.open_run(uri, cfg.tracking.experiment, name, cfg.to_dict())
     print(f"[minconv] run {name}: {run_dir}; MLflow {uri} run {run_id}; {steps_per_epoch} steps/epoch "
           f"x {cfg.optim.epochs} epochs on {cfg.parallel.num_workers} workers, ZeRO-{cfg.parallel.zero_stage}",
           flush=True)
@@ -167,9 +163,9 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, callbacks: list[StepCall
     if last is None:
         raise TrainingError(f"run {name} finished without a complete checkpoint in {run_dir}")
     with ray.train.Checkpoint(last[0]).as_directory() as directory:
-        model, model_stats = load_checkpoint(Path(directory) / "model.pt")
-    example = torch.zeros(1, cfg.data.sequence_length, model.in_channels, *grid)
-    version = tracking.log_model(uri, run_id, model, example, cfg.tracking.registered_model, model_stats)
+        model = load_model_file(Path(directory) / "model.pt")
+    example = model.normalizer.denormalize(torch.zeros(1, cfg.data.sequence_length, model.in_channels, *grid))
+    version = tracking.log_model(uri, run_id, model, example, cfg.tracking.registered_model)
     tracking.finish_run(uri, run_id, "FINISHED")
     metrics = dict(result.metrics or {}) or {"global_step": last[1]["global_step"]}
     print(f"[minconv] done: checkpoint {last[0]}; model {cfg.tracking.registered_model or '(not registered)'}"

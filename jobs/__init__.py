@@ -1,0 +1,1 @@
+"""Command-line entry points (run as scripts: python jobs/<name>.py); importable for tests."""

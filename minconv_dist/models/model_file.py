@@ -1,0 +1,48 @@
+"""The model file: a network's spec and its weights, normalisation statistics included (they are buffers of
+the network's normaliser), so the file alone forecasts in physical units.
+
+    torch.save({"format": "minconv_dist.model/2",
+                "spec": model.spec,                 # build_model(**spec) rebuilds it
+                "state_dict": model.state_dict()})  # weights and normalizer.mean / normalizer.std
+
+Training writes it into every checkpoint (`model.pt`), the forecast job reads it. Only tensors, lists,
+strings and numbers, so `torch.load(weights_only=True)` reads it. (A training checkpoint is a different
+thing: DeepSpeed shards, RNG states and the data position; see `minconv_dist.train.checkpoint`.)
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from minconv_dist.models.network import Network
+from minconv_dist.models.registry import build_model
+
+FORMAT = "minconv_dist.model/2"
+
+
+def save_model_file(path: str | os.PathLike, model: Network,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the model file atomically (a crash leaves the old file, not half a new one).
+
+    `state_dict` overrides `model.state_dict()` (e.g. the fp32 master weights gathered from ZeRO shards).
+    """
+    if not hasattr(model, "spec"):
+        raise ValueError("model has no .spec; build it with minconv_dist.models.build_model")
+    tmp = f"{os.fspath(path)}.tmp"
+    torch.save({"format": FORMAT, "spec": dict(model.spec),
+                "state_dict": model.state_dict() if state_dict is None else state_dict}, tmp)
+    os.replace(tmp, path)
+
+
+def load_model_file(path: str | os.PathLike) -> Network:
+    """The model in eval mode, from a model file."""
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        found = obj.get("format", sorted(obj)) if isinstance(obj, dict) else type(obj).__name__
+        hint = " (an official-repo checkpoint? use from_official_checkpoint / 'official:PATH')" \
+            if isinstance(obj, dict) and "model_state_dict" in obj else ""
+        raise ValueError(f"{path}: not a minconv_dist model file of format {FORMAT!r} (found {found}){hint}")
+    model = build_model(**obj["spec"])
+    model.load_state_dict(obj["state_dict"])
+    return model.eval()
