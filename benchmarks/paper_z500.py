@@ -25,7 +25,8 @@ import torch.nn.functional as F
 import xarray as xr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minconv_dist.data import DimNames, WindowDataset, compute_climatology, compute_stats, default_store  # noqa: E402
+from minconv_dist.data import DimNames, WindowDataset, compute_stats, dayofyear_climatology, default_store  # noqa: E402
+from minconv_dist.data.selection import coarsen  # noqa: E402
 from minconv_dist.evaluate import as_fields, evaluate_forecast, init_times, open_channels, write_forecast  # noqa: E402
 from minconv_dist.evaluate.plots import plot_maps, plot_skill  # noqa: E402
 from minconv_dist.models import build_model  # noqa: E402
@@ -87,8 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
     stats = compute_stats(args.data, args.channel, dims, tuple(args.train), progress=False)
     truth_da = open_channels(args.data, args.channel, dims=dims, coarsen=2)
     truth = as_fields(truth_da).load()
-    clim = compute_climatology(args.data, args.channel, dims, tuple(args.train), progress=False)
-    clim = as_fields(clim.coarsen(lat=2, lon=2).mean())
+    clim = dayofyear_climatology(args.data, args.channel, dims, tuple(args.train), progress=False)
+    clim = as_fields(coarsen(clim, 2, "lat", "lon", args.data))
     inits = init_times(truth_da["time"].values, *args.test, args.init_every)
 
     rows, skills, work = [], [], tempfile.TemporaryDirectory()

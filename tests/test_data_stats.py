@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from minconv_dist.data import DimNames, NormStats, compute_stats, open_store
 
@@ -28,11 +27,11 @@ def test_stats_equal_numpy_over_the_training_period_only(tiny_wb2_store):
 
 
 def test_empty_range_is_an_error(tiny_store):
-    with pytest.raises(ValueError, match="selects no data"):
+    with pytest.raises(ValueError, match=r"time_range=\[.2020-01-01., .2020-02-01.\] selects no time steps"):
         compute_stats(tiny_store, "z", time_range=("2020-01-01", "2020-02-01"), progress=False)
 
 
-def test_normstats_save_load_normalize(tmp_path, s3_bucket, s3_options):
+def test_normstats_save_load(tmp_path, s3_bucket, s3_options):
     stats = NormStats(["z", "t2m"], [54000.0, 280.0], [3300.0, 20.0])
     path = tmp_path / "stats.json"
     stats.save(str(path))
@@ -41,12 +40,6 @@ def test_normstats_save_load_normalize(tmp_path, s3_bucket, s3_options):
     url = f"s3://{s3_bucket}/model/stats.json"
     stats.save(url, s3_options)
     assert NormStats.load(url, s3_options) == stats
-    x = torch.tensor([54000.0 + 3300.0, 280.0 - 40.0]).view(2, 1, 1).expand(3, 2, 4, 8)
-    y = stats.normalize(x)
-    assert torch.allclose(y[:, 0], torch.ones(3, 4, 8)) and torch.allclose(y[:, 1], torch.full((3, 4, 8), -2.0))
-    assert torch.allclose(stats.denormalize(y), x)
-    with pytest.raises(ValueError, match="C=2"):
-        stats.normalize(torch.zeros(3, 4, 8))
     with pytest.raises(ValueError, match="non-positive std"):
         NormStats(["z"], [0.0], [0.0])
     path.write_text("{}")

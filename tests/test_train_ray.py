@@ -176,7 +176,7 @@ def test_mlflow_run_and_registered_model(reference, store):
 @pytest.mark.parametrize("override, match", [
     ("data.url=/nonexistent/store.zarr", "data.url: cannot open zarr store"),
     ("parallel.num_workers=16", "parallel: the Ray cluster cannot fit 16 workers"),
-    ("data.train_range=[1990-01-01, 1990-02-01]", "data.train_range.*selects no data"),
+    ("data.train_range=[1990-01-01, 1990-02-01]", "data.train_range.*selects no time steps"),
     ("data.channels=[geopotential@500]", "data.channels.*geopotential"),
     ("data.batch_size=100000", r"data.train_range=.*: fewer than data.batch_size=100000 windows per worker for 2"),
 ])

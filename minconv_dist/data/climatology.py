@@ -16,7 +16,7 @@ import pandas as pd
 import xarray as xr
 from dask.diagnostics import ProgressBar
 
-from minconv_dist.data.stats import _training_array
+from minconv_dist.data.selection import select_split
 from minconv_dist.data.store import DimNames
 
 #: WeatherBench2's reference period (its published climatology covers 1990-2019)
@@ -27,7 +27,7 @@ def dayofyear_climatology(url_or_ds: str | xr.Dataset, channels: str | list, dim
                           time_range: tuple | None = None, storage_options: dict | None = None,
                           progress: bool = True) -> xr.DataArray:
     """Mean per day of year over `time_range`, unsmoothed; dims (dayofyear, channel, lat, lon)."""
-    da = _training_array(url_or_ds, channels, dims, time_range, storage_options)
+    da = select_split(url_or_ds, channels, dims, time_range, None, storage_options)
     with ProgressBar() if progress else nullcontext():
         clim = da.groupby("time.dayofyear").mean("time").compute()
     return clim.transpose("dayofyear", "channel", "lat", "lon").rename("climatology")
@@ -83,7 +83,7 @@ def weatherbench2_climatology(url_or_ds: str | xr.Dataset, channels: str | list,
     on a partial year WeatherBench2 also fills the year's other missing days with its day 365, here they
     are left out.
     """
-    da = _training_array(url_or_ds, channels, dims, time_range, storage_options)
+    da = select_split(url_or_ds, channels, dims, time_range, None, storage_options)
     time = da["time"]
     rows = np.concatenate([np.arange(time.size), np.flatnonzero(_filled_day_366(time))])
     day = np.concatenate([time.dt.dayofyear.values, np.full(rows.size - time.size, 366)])

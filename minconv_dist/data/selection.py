@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from minconv_dist.data.store import redact
+from minconv_dist.data.channels import select_channels
+from minconv_dist.data.store import DimNames, open_store, redact
 
 
 def time_slice(times: np.ndarray, time_range: tuple | None, url: str, key: str = "time_range") -> slice:
@@ -51,3 +52,14 @@ def coarsen(data: xr.DataArray, factor: int, lat: str, lon: str, url: str) -> xr
     value is never averaged away."""
     coarse_grid(data.sizes[lat], data.sizes[lon], factor, url)
     return data if factor == 1 else data.coarsen({lat: factor, lon: factor}).reduce(np.mean)  # np.mean keeps NaN
+
+
+def select_split(url_or_ds: str | xr.Dataset, channels: str | list, dims: DimNames, time_range: tuple | None,
+                 sample_range: tuple[int, int] | None, storage_options: dict | None = None) -> xr.DataArray:
+    """Lazy `[[sample,] time, channel, lat, lon]` of a split: its period and (for sample stores) its samples."""
+    ds = open_store(url_or_ds, storage_options) if isinstance(url_or_ds, str) else url_or_ds
+    url = url_or_ds if isinstance(url_or_ds, str) else "the dataset"
+    samples = sample_slice(ds.sizes[dims.sample] if dims.sample else 1, sample_range, url, dims.sample)
+    da = select_channels(ds, channels, dims)
+    da = da.isel(time=time_slice(da["time"].values, time_range, url))
+    return da.isel(sample=samples) if dims.sample else da

@@ -1,7 +1,7 @@
-"""Normalisation statistics and climatology, computed with dask over the training period only.
+"""Normalisation statistics, computed with dask over the training split only.
 
-`NormStats` is a small JSON file meant to travel with the model: the same numbers must normalise
-training inputs and de-normalise forecasts, wherever the model is later run.
+`NormStats` holds them on the way to the model (whose normaliser keeps them as buffers, so they travel with
+the weights) and as a small JSON file (`data.stats_path`, `--stats` for official checkpoints).
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from dataclasses import asdict, dataclass
 import dask
 import fsspec
 import numpy as np
-import torch
 import xarray as xr
 from dask.diagnostics import ProgressBar
 
-from minconv_dist.data.channels import parse_channels, select_channels
-from minconv_dist.data.store import DimNames, is_local, local_path, open_store, redact
+from minconv_dist.data.channels import parse_channels
+from minconv_dist.data.selection import select_split
+from minconv_dist.data.store import DimNames, is_local, local_path, redact
 
 
 @dataclass
@@ -60,42 +60,6 @@ class NormStats:
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise ValueError(f"{redact(url)!r} is not a NormStats JSON file: {err}") from err
 
-    def _shaped(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if x.ndim < 3 or x.shape[-3] != len(self.channels):
-            raise ValueError(f"expected [..., C={len(self.channels)}, H, W] for channels {self.channels}, "
-                             f"got shape {tuple(x.shape)}")
-        as_t = lambda v: torch.tensor(v, dtype=x.dtype, device=x.device).view(-1, 1, 1)  # noqa: E731
-        return as_t(self.mean), as_t(self.std)
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """`(x - mean) / std` per channel; `x: [..., C, H, W]`."""
-        mean, std = self._shaped(x)
-        return (x - mean) / std
-
-    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
-        mean, std = self._shaped(x)
-        return x * std + mean
-
-
-def _training_array(url_or_ds: str | xr.Dataset, channels: str | list, dims: DimNames,
-                    time_range: tuple | None, storage_options: dict | None,
-                    sample_range: tuple[int, int] | None = None) -> xr.DataArray:
-    if sample_range is not None and not dims.sample:
-        raise ValueError(f"sample_range={sample_range} needs a sample dim: set DimNames(sample=...)")
-    ds = open_store(url_or_ds, storage_options) if isinstance(url_or_ds, str) else url_or_ds
-    da = select_channels(ds, channels, dims)
-    if time_range is not None:
-        da = da.sel(time=slice(*time_range))
-    if da.sizes["time"] == 0:
-        raise ValueError(f"time range {time_range} selects no data (store covers "
-                         f"{ds[dims.time].values[0]} to {ds[dims.time].values[-1]})")
-    if sample_range is not None:
-        n = da.sizes["sample"]
-        if not 0 <= sample_range[0] < sample_range[1] <= n:
-            raise ValueError(f"sample_range={sample_range}: need 0 <= start < stop <= {n}, the number of samples")
-        da = da.isel(sample=slice(*sample_range))
-    return da
-
 
 def compute_stats(url_or_ds: str | xr.Dataset, channels: str | list, dims: DimNames = DimNames(),
                   time_range: tuple | None = None, storage_options: dict | None = None,
@@ -104,7 +68,7 @@ def compute_stats(url_or_ds: str | xr.Dataset, channels: str | list, dims: DimNa
 
     `sample_range=(start, stop)` restricts a sample store to its training trajectories, as `time_range` does
     the training period of a single series."""
-    da = _training_array(url_or_ds, channels, dims, time_range, storage_options, sample_range).astype("float64")
+    da = select_split(url_or_ds, channels, dims, time_range, sample_range, storage_options).astype("float64")
     over = [d for d in da.dims if d != "channel"]
     with ProgressBar() if progress else nullcontext():
         mean, sq = dask.compute(da.mean(over).data, (da**2).mean(over).data)
