@@ -5,11 +5,19 @@ bare `ray stop`, which would stop every Ray on the machine.
 """
 from __future__ import annotations
 
+import os
+import shutil
+import signal
 import subprocess
+import sys
+import tempfile
+import time
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
+from mlflow.tracking import MlflowClient
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from minconv_dist.data import write_synthetic_era5
@@ -48,3 +56,36 @@ def test_ray_job_submit_train_era5_succeeds(local_cluster, tmp_path, monkeypatch
     assert status == JobStatus.SUCCEEDED, submit.stdout[-4000:] + submit.stderr[-2000:]
     assert list((tmp_path / "runs" / "job").glob("checkpoint_*/model.pt"))
     assert (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ctrl_c_ends_the_run_as_killed_cleans_up_and_prints_the_resume_command(tmp_path):
+    """SIGINT to the driver mid-training: exit 130, the MLflow run KILLED, the resume command printed, and no
+    process of the Ray it started left behind."""
+    store = str(tmp_path / "era5.zarr")
+    write_synthetic_era5(store, start="2015-01-01", end="2015-03-01", nlat=16, nlon=32)
+    ray_tmp = tempfile.mkdtemp(prefix="mci", dir="/tmp")  # this job's Ray session lives here only
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    settings = [f"data.url={store}", "data.train_range=[2015-01-01, 2015-01-31]",
+                "data.val_range=[2015-02-01, 2015-02-28]", "model.hidden_size=4", "model.layers=1",
+                "optim.epochs=50", "tracking.log_every=1", f"tracking.uri={uri}", f"run.storage_path={tmp_path}/runs",
+                "run.name=interrupted"]
+    proc = subprocess.Popen([sys.executable, "jobs/train_era5.py", *(a for s in settings for a in ("--set", s))],
+                            cwd=ROOT, env=dict(os.environ, RAY_TMPDIR=ray_tmp), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "[minconv] epoch 0 step 2/" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    out = "".join(seen) + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, out[-3000:]
+    assert f"continue with: python jobs/train_era5.py --resume {tmp_path}/runs/interrupted" in out
+    run = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("minconv_dist").experiment_id])[0]
+    assert run.info.status == "KILLED"
+    time.sleep(2)
+    left = [p.pid for p in psutil.process_iter(["cmdline"]) if ray_tmp in " ".join(p.info["cmdline"] or [])]
+    assert not left, f"Ray processes left behind: {left}"
+    shutil.rmtree(ray_tmp, ignore_errors=True)

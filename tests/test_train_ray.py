@@ -4,6 +4,7 @@ NaN handling, MLflow and the errors raised before any worker starts. One local R
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from minconv_dist.models import load_model_file
 from minconv_dist.train import ConfigError, fit, load_config
 from minconv_dist.train.checkpoint import latest
 from minconv_dist.train.meter import NonFiniteLossError
+from minconv_dist.train.resume import RunFinished, resume_config
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -135,6 +137,31 @@ def test_resume_continues_a_stopped_run_exactly(store, workdir, reference):
         fit(tiny(store, workdir, "stopped"))
 
 
+@pytest.mark.parametrize("change, match", [
+    ("optim.lr=1e-2", r"optim.lr was 0.005 in the run and would be 0.01"),
+    ("parallel.num_workers=1", r"parallel.num_workers was 2 in the run and would be 1"),  # the world size
+    ("optim.epochs=1", r"optim.epochs was 2 in the run and would be 1"),  # fewer epochs: another plan
+    ("data.batch_size=4", r"data.batch_size was 2"),
+])
+def test_resume_keeps_the_saved_plan(change, match, store, workdir, reference):
+    """A resume starts from the run's config.yaml; changes that would break exactness are refused before Ray."""
+    where = f"run.storage_path={workdir}/runs"
+    assert resume_config("zero0", None, [where]) == tiny(store, workdir, "zero0")  # no flags: the saved plan
+    resume_config("zero0", None, [where, "tracking.log_every=2", "run.stop_after_steps=4", "optim.epochs=5"])
+    with pytest.raises(ConfigError, match=match):
+        resume_config("zero0", None, [where, change])
+
+
+def test_resuming_a_finished_run_says_so_and_exits(store, workdir, reference):
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "jobs/train_era5.py", "--resume", "zero0", "--set",
+                          f"run.storage_path={workdir}/runs"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "run zero0 is finished (step 6); nothing to resume" in out.stdout, out.stderr
+    assert time.monotonic() - start < 30  # no Ray, no DeepSpeed
+    with pytest.raises(RunFinished):
+        fit(tiny(store, workdir, "zero0"), resume="zero0")
+
+
 @pytest.mark.slow
 def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(store, workdir, ray_session):
     cfg = tiny(store, workdir, "nan", "parallel.max_failures=0")
@@ -210,3 +237,15 @@ def test_navier_stokes_job_setup_trains_and_logs(workdir, ray_session, tmp_path)
     forecast, _ = mlflow.pytorch.load_model(f"models:/tiny-ns/{result.model_version}").rollout(
         torch.randn(2, 3, 1, 8, 8), steps=4)
     assert forecast.shape == (2, 4, 1, 8, 8) and torch.isfinite(forecast).all()
+
+
+@pytest.mark.parametrize("override, match", [
+    ("run.storage_path=runs", r"run.storage_path='runs' is relative: in a Ray job"),
+    ("tracking.uri=null", "tracking.uri is not set: in a Ray job"),
+])
+def test_ray_job_needs_durable_locations(override, match, store, workdir, monkeypatch):
+    """What `ray job submit --working-dir` does: the driver runs in a throw-away copy of the working dir."""
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(ConfigError, match=match):
+        fit(tiny(store, workdir, "job", override))

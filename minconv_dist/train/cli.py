@@ -8,7 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from minconv_dist.train.config import ConfigError, load_config
-from minconv_dist.train.trainer import TrainingError, fit
+from minconv_dist.train.resume import RunFinished, resume_config
+from minconv_dist.train.trainer import Interrupted, TrainingError, fit
 
 # flag -> config key; the value is passed through the same YAML parsing as --set
 SHORTCUTS = {
@@ -45,10 +46,22 @@ def main(description: str, preset: Path | None = None, argv: list[str] | None = 
     args = parser.parse_args(argv)
     shortcuts = [f"{key}={getattr(args, key)}" for _, (key, _) in SHORTCUTS.items() if getattr(args, key) is not None]
     try:
-        cfg = load_config(args.config, shortcuts + args.overrides, preset=preset)
+        if args.resume:  # the run's saved plan, with only the changes a resume may make
+            cfg = resume_config(args.resume, args.config, shortcuts + args.overrides)
+        else:
+            cfg = load_config(args.config, shortcuts + args.overrides, preset=preset)
         if cfg.data.url is None and default_url is not None:
             cfg.data.url = default_url()
         fit(cfg, resume=args.resume)
+    except RunFinished as done:
+        print(done)
+        return 0
+    except Interrupted as stop:
+        print(f"\n{stop}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # before training started: nothing to continue
+        print("\ninterrupted before training started", file=sys.stderr)
+        return 130
     except (ConfigError, TrainingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1

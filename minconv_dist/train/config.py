@@ -280,18 +280,35 @@ def _load_file(path: str | Path) -> dict[str, Any]:
     return loaded
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = (), preset: str | Path | None = None
-                ) -> TrainConfig:
-    """Defaults <- `preset` (a job's own YAML, configs/) <- YAML file `path` <- `key=value` overrides; each
-    value checked against its field as the config is built."""
+def explicit_values(path: str | Path | None = None, overrides: list[str] = (), preset: str | Path | None = None
+                    ) -> dict[str, Any]:
+    """What was asked for, as nested values: `preset` (a job's own YAML) <- YAML file `path` <- overrides."""
     values: dict[str, Any] = {}
     for file in (preset, path):
         if file is not None:
             values = _merge(values, _load_file(file))
     for text in overrides:
         values = _merge(values, parse_override(text))
+    return values
+
+
+def build_config(*layers: dict[str, Any]) -> TrainConfig:
+    """The defaults with `layers` of nested values on top, each value checked against its field."""
+    values: dict[str, Any] = {}
+    for layer in layers:
+        values = _merge(values, layer)
     return _build(TrainConfig, values)
 
 
-def config_from_dict(values: dict[str, Any]) -> TrainConfig:
-    return _build(TrainConfig, values)
+def load_config(path: str | Path | None = None, overrides: list[str] = (), preset: str | Path | None = None
+                ) -> TrainConfig:
+    """Defaults <- `preset` (a job's own YAML, configs/) <- YAML file `path` <- `key=value` overrides."""
+    return build_config(explicit_values(path, overrides, preset))
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config values as `section.key` -> value."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        out.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) and value else {prefix + key: value})
+    return out

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from minconv_dist.data import NormStats
 from minconv_dist.train import checkpoint
-from minconv_dist.train.config import TrainConfig, config_from_dict
+from minconv_dist.train.config import TrainConfig, build_config
 from minconv_dist.train.datasets import build_network, window_dataset
 from minconv_dist.train.engine import build_engine
 from minconv_dist.train.meter import LossMeter
@@ -90,7 +90,7 @@ def validate(engine: Any, loader: torch.utils.data.DataLoader, batches: int, tea
 def worker_loop(loop_config: dict[str, Any]) -> None:
     """Train per `loop_config` = {config, url, stats, steps_per_epoch, val_batches, mlflow_uri, mlflow_run_id,
     resume_from, callbacks}; report a checkpoint at every validation and at the end."""
-    cfg = config_from_dict(loop_config["config"])
+    cfg = build_config(loop_config["config"])
     stats = NormStats(**loop_config["stats"])
     callbacks: list[StepCallback] = loop_config.get("callbacks") or []
     ctx = ray.train.get_context()
@@ -170,7 +170,8 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
                     if cfg.tracking.plot:
                         logger.plot_forecast(truth[:, 0].cpu(), forecast[:, 0].cpu(), step, stats.channels[0])
                     print(f"[minconv] step {step}/{last_step} val_loss {val_loss:.5f}", flush=True)
-                saved_position = {**position, "epoch_loss_total": summary["epoch_total"],
+                saved_position = {**position, "finished": step == last_step,
+                                  "epoch_loss_total": summary["epoch_total"],
                                   "epoch_loss_count": summary["epoch_count"],
                                   "mlflow_run_id": loop_config["mlflow_run_id"]}
                 report(engine, rank, world, saved_position, cfg,

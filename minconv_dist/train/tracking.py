@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 
 import minconv_dist
 from minconv_dist.data.store import redact_config
+from minconv_dist.train.config import flatten
 
 
 def resolve_uri(uri: str | None) -> str:
@@ -35,17 +36,6 @@ def _artifact_root(uri: str) -> str | None:
     return None
 
 
-def flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """A (redacted) config as flat `section.key` params."""
-    out: dict[str, str] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(flat_params(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = str(value)
-    return out
-
-
 def open_run(uri: str, experiment: str, run_name: str, config: dict[str, Any]) -> str:
     """Create the run with the config as params and as config.yaml, credentials removed. Returns the run id."""
     client = MlflowClient(uri)
@@ -53,7 +43,7 @@ def open_run(uri: str, experiment: str, run_name: str, config: dict[str, Any]) -
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=_artifact_root(uri))
     run = client.create_run(exp_id, run_name=run_name, tags={"minconv.arch": config["model"]["arch"]})
     safe = redact_config(config)
-    params = flat_params(safe)
+    params = {key: str(value) for key, value in flatten(safe).items()}
     keys = sorted(params)
     for i in range(0, len(keys), 100):
         client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, params[k]) for k in keys[i:i + 100]])

@@ -3,6 +3,10 @@ Train `TorchTrainer`, and log + register the final model in MLflow.
 """
 from __future__ import annotations
 
+import os
+import queue
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,10 +25,21 @@ from minconv_dist.train.config import ConfigError, TrainConfig
 from minconv_dist.train.datasets import split_of, window_dataset
 from minconv_dist.train.loop import StepCallback, worker_loop
 from minconv_dist.train.meter import NonFiniteLossError
+from minconv_dist.train.resume import check_plan, check_unfinished, run_dir, saved_plan
 
 
 class TrainingError(RuntimeError):
     """Training failed; the message says why and where the last good checkpoint is."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the message says how to continue."""
+
+
+def resume_command(directory: str) -> str:
+    """The command that continues the run in `directory` (the job that is running, or the ERA5 job)."""
+    job = sys.argv[0] if sys.argv[0].endswith(".py") and "pytest" not in sys.argv[0] else "jobs/train_era5.py"
+    return f"python {job} --resume {directory}"
 
 
 @dataclass
@@ -73,6 +88,20 @@ def _check_data(cfg: TrainConfig, url: str) -> tuple[NormStats, tuple[int, int],
     return stats, ds.grid, steps, val_batches
 
 
+def _check_durable(cfg: TrainConfig) -> None:
+    """Under `ray job submit --working-dir` the driver runs in Ray's temporary copy of the working dir: a
+    relative run.storage_path or the default MLflow store would land there, lost to --resume and the UI."""
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:  # set by Ray for the driver of a submitted job
+        return
+    where = "an absolute path (one machine) or s3:// / gs:// (a cluster)"
+    if "://" not in cfg.run.storage_path and not os.path.isabs(cfg.run.storage_path):
+        raise ConfigError(f"run.storage_path={cfg.run.storage_path!r} is relative: in a Ray job it would be inside "
+                          f"the job's temporary copy of the working dir, where --resume cannot find it; set {where}")
+    if cfg.tracking.uri is None and not os.environ.get("MLFLOW_TRACKING_URI"):
+        raise ConfigError("tracking.uri is not set: in a Ray job the default ./mlflow.db would be inside the job's "
+                          "temporary copy of the working dir; set sqlite:////abs/path/mlflow.db or http://<server>")
+
+
 def _check_resources(cfg: TrainConfig) -> None:
     p = cfg.parallel
     need = {"CPU": p.num_workers * p.cpus_per_worker}
@@ -87,6 +116,24 @@ def _check_resources(cfg: TrainConfig) -> None:
                           "parallel.allow_autoscale=true on an autoscaling cluster")
 
 
+def _fit_beside_main_thread(trainer: TorchTrainer) -> ray.train.Result:
+    """`trainer.fit()` on a daemon thread. On the main thread Ray Train takes SIGINT itself, and its abort ends
+    the process without a word about the run; here Ctrl-C stays a KeyboardInterrupt of ours (see `fit`)."""
+    outcome: queue.Queue = queue.Queue()
+
+    def run() -> None:
+        try:
+            outcome.put((trainer.fit(), None))
+        except BaseException as err:  # noqa: BLE001 - handed to the main thread as it is
+            outcome.put((None, err))
+
+    threading.Thread(target=run, name="ray-train-fit", daemon=True).start()
+    result, error = outcome.get()
+    if error is not None:
+        raise error
+    return result
+
+
 def _worker_cause(err: ray.train.TrainingFailedError) -> BaseException:
     """The exception a worker raised (the lowest rank's), unwrapped from Ray's task error; else `err`."""
     failures = getattr(err, "worker_failures", None) or {}
@@ -96,38 +143,36 @@ def _worker_cause(err: ray.train.TrainingFailedError) -> BaseException:
     return getattr(failure, "cause", None) or failure
 
 
-def _run_dir(storage: str, name: str) -> str:
-    return f"{storage.rstrip('/')}/{name}"
-
-
 def fit(cfg: TrainConfig, *, resume: str | None = None, callbacks: list[StepCallback] = ()) -> FitResult:
     """Train per `cfg`. `resume`: a run name under run.storage_path (or a run directory) to continue from its
-    latest complete checkpoint. `callbacks` run on every worker after each step (picklable)."""
-    storage = cfg.run.storage_path if "://" in cfg.run.storage_path else str(Path(cfg.run.storage_path).resolve())
+    latest complete checkpoint; `cfg` must then keep the run's saved plan (`resume_config` builds such a
+    config). `callbacks` run on every worker before each step (picklable)."""
+    _check_durable(cfg)
     resume_from, position = None, {}
     if resume:
-        run_dir = resume if ("/" in resume) else _run_dir(storage, resume)
-        found = checkpoint.latest(run_dir)
-        if found is None:
-            raise ConfigError(f"--resume {resume!r}: no complete checkpoint under {run_dir}")
-        resume_from, position = found
-        storage, name = run_dir.rstrip("/").rsplit("/", 1)
+        directory = run_dir(resume, cfg.run.storage_path)
+        resume_from, position, saved = saved_plan(directory)
+        check_plan(saved, cfg, resume)
+        check_unfinished(saved, position, cfg, resume)
+        storage, name = directory.rsplit("/", 1)
     else:
         name = cfg.run.name or f"{cfg.model.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_dir = _run_dir(storage, name)
-        if checkpoint.latest(run_dir) is not None:
-            raise ConfigError(f"run.name: run {name!r} already has checkpoints in {run_dir}; "
+        directory = run_dir(name, cfg.run.storage_path)
+        storage = directory.rsplit("/", 1)[0]
+        if checkpoint.latest(directory) is not None:
+            raise ConfigError(f"run.name: run {name!r} already has checkpoints in {directory}; "
                               f"continue it with --resume {name} or choose another run.name")
     url = cfg.data.url or default_store()
     stats, grid, steps_per_epoch, val_batches = _check_data(cfg, url)
 
-    if not ray.is_initialized():
+    started_ray = not ray.is_initialized()
+    if started_ray:
         ray.init(log_to_driver=True)
     _check_resources(cfg)
 
     uri = tracking.resolve_uri(cfg.tracking.uri)
     run_id = position.get("mlflow_run_id") or tracking.open_run(uri, cfg.tracking.experiment, name, cfg.to_dict())
-    print(f"[minconv] run {name}: {run_dir}; MLflow {uri} run {run_id}; {steps_per_epoch} steps/epoch "
+    print(f"[minconv] run {name}: {directory}; MLflow {uri} run {run_id}; {steps_per_epoch} steps/epoch "
           f"x {cfg.optim.epochs} epochs on {cfg.parallel.num_workers} workers, ZeRO-{cfg.parallel.zero_stage}",
           flush=True)
     p = cfg.parallel
@@ -150,24 +195,30 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, callbacks: list[StepCall
         ),
     )
     try:
-        result = trainer.fit()
+        result = _fit_beside_main_thread(trainer)
+    except KeyboardInterrupt as err:  # Ctrl-C: end the MLflow run, stop the Ray this call started, say how to go on
+        tracking.finish_run(uri, run_id, "KILLED")
+        if started_ray:
+            ray.shutdown()
+        raise Interrupted(f"run {name} interrupted; MLflow run {run_id} ended as KILLED; continue with: "
+                          f"{resume_command(directory)}") from err
     except ray.train.TrainingFailedError as err:
         tracking.finish_run(uri, run_id, "FAILED")
-        last = checkpoint.latest(run_dir)
+        last = checkpoint.latest(directory)
         where = f"last good checkpoint: {last[0]} (step {last[1]['global_step']})" if last else "no checkpoint"
         cause = _worker_cause(err)
         kind = NonFiniteLossError if isinstance(cause, NonFiniteLossError) else TrainingError
         raise kind(f"run {name} failed: {str(cause).strip().splitlines()[-1]}; {where}; "
-                   f"continue with --resume {run_dir}") from err
-    last = checkpoint.latest(run_dir)
+                   f"continue with: {resume_command(directory)}") from err
+    last = checkpoint.latest(directory)
     if last is None:
-        raise TrainingError(f"run {name} finished without a complete checkpoint in {run_dir}")
-    with ray.train.Checkpoint(last[0]).as_directory() as directory:
-        model = load_model_file(Path(directory) / "model.pt")
+        raise TrainingError(f"run {name} finished without a complete checkpoint in {directory}")
+    with ray.train.Checkpoint(last[0]).as_directory() as local:
+        model = load_model_file(Path(local) / "model.pt")
     example = model.normalizer.denormalize(torch.zeros(1, cfg.data.sequence_length, model.in_channels, *grid))
     version = tracking.log_model(uri, run_id, model, example, cfg.tracking.registered_model)
     tracking.finish_run(uri, run_id, "FINISHED")
     metrics = dict(result.metrics or {}) or {"global_step": last[1]["global_step"]}
     print(f"[minconv] done: checkpoint {last[0]}; model {cfg.tracking.registered_model or '(not registered)'}"
           f" version {version}; view with: mlflow ui --backend-store-uri {uri}", flush=True)
-    return FitResult(name, run_dir, last[0], metrics, uri, run_id, version)
+    return FitResult(name, directory, last[0], metrics, uri, run_id, version)
