@@ -83,10 +83,7 @@ class Session:
         raise AssertionError("unreachable")
 
     def client(self):
-        from ray.job_submission import JobSubmissionClient
-
-        os.environ.update({k: v for k, v in self.head.env.items() if k.startswith("RAY_")})
-        return JobSubmissionClient(self.head.address)
+        return self.head.job_client()
 
     def status(self, job: str) -> str:
         return str(self.client().get_job_status(job)).rsplit(".", 1)[-1]

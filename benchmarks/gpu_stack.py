@@ -27,16 +27,20 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import cloudpickle
-import ray
-import ray.train
-import ray.train.torch
-import torch
-import torch.nn.functional as F
-from ray.train.torch import TorchTrainer
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from minconv_dist.train.local_ray import LOCAL_ONLY  # noqa: E402
+
+os.environ.update(LOCAL_ONLY)  # before Ray is imported: the Ray this script starts listens on 127.0.0.1 only
+
+import cloudpickle  # noqa: E402
+import ray  # noqa: E402
+import ray.train  # noqa: E402
+import ray.train.torch  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from ray.train.torch import TorchTrainer  # noqa: E402
 
 import benchmarks.sp_scan  # noqa: E402
 from benchmarks.sp_scan import sp_scan_check  # noqa: E402

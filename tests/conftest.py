@@ -1,13 +1,17 @@
-"""Shared fixtures: a moto S3 server on 127.0.0.1 and a tiny synthetic store."""
+"""Shared fixtures: a moto S3 server on 127.0.0.1 and a tiny synthetic store. Every Ray the tests start
+runs in Ray's single-machine mode (set here, before anything imports Ray): it listens on 127.0.0.1 only."""
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import pytest
 
 from minconv_dist.data import write_synthetic_era5
-from minconv_dist.train.local_ray import free_port
+from minconv_dist.train.local_ray import LOCAL_ONLY, free_port
+
+os.environ.update(LOCAL_ONLY)
 
 # 10 days hourly on the 32x64 grid in 6-hour chunks: 240 frames, 2 MB, ~0.1 s to write.
 TINY = {"start": "2015-01-01", "end": "2015-01-11", "freq": "1h", "chunks": 6}

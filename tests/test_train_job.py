@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 from mlflow.tracking import MlflowClient
-from ray.job_submission import JobStatus, JobSubmissionClient
+from ray.job_submission import JobStatus
 
 from minconv_dist.data import write_synthetic_era5
 from minconv_dist.train.local_ray import local_ray_head, ray_executable
@@ -29,13 +29,13 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def local_cluster():
     with local_ray_head(num_cpus=2) as head:
-        yield head.address, head.env
+        yield head.address, head.env, head
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_ray_job_submit_train_era5_succeeds(local_cluster, tmp_path, monkeypatch):
-    address, env = local_cluster
+def test_ray_job_submit_train_era5_succeeds(local_cluster, tmp_path):
+    address, env, head = local_cluster
     store = str(tmp_path / "era5.zarr")
     write_synthetic_era5(store, start="2015-01-01", end="2015-03-01", nlat=16, nlon=32)
     job_id = f"minconv-test-{uuid.uuid4().hex[:8]}"
@@ -51,8 +51,7 @@ def test_ray_job_submit_train_era5_succeeds(local_cluster, tmp_path, monkeypatch
          "python", "jobs/train_era5.py", *(arg for s in settings for arg in ("--set", s))],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=540,
     )
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    status = JobSubmissionClient(address).get_job_status(job_id)
+    status = head.job_client().get_job_status(job_id)
     assert status == JobStatus.SUCCEEDED, submit.stdout[-4000:] + submit.stderr[-2000:]
     assert list((tmp_path / "runs" / "job").glob("checkpoint_*/model.pt"))
     assert (tmp_path / "mlflow.db").exists()
@@ -89,3 +88,24 @@ def test_ctrl_c_ends_the_run_as_killed_cleans_up_and_prints_the_resume_command(t
     left = [p.pid for p in psutil.process_iter(["cmdline"]) if ray_tmp in " ".join(p.info["cmdline"] or [])]
     assert not left, f"Ray processes left behind: {left}"
     shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_local_head_listens_on_loopback_only_and_wants_its_token(local_cluster):
+    """The documented local head: no socket of its processes is reachable from the network, and a job client
+    without the head's token is turned away."""
+    address, env, _ = local_cluster
+    head_dir = env["RAY_TMPDIR"]
+    procs = {p.pid for p in psutil.process_iter(["cmdline"]) if head_dir in " ".join(p.info["cmdline"] or [])}
+    listening = [c.laddr for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in procs]
+    assert listening, "found no listening socket of the head: the check would prove nothing"
+    exposed = [a for a in listening if a.ip not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
+    assert not exposed, f"listening beyond loopback: {exposed}"
+    with_token = subprocess.run([ray_executable(), "job", "list", f"--address={address}"], env=env,
+                                capture_output=True, text=True, timeout=60)
+    assert with_token.returncode == 0, with_token.stderr[-2000:]
+    stranger = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN_PATH"} | {"HOME": str(Path(head_dir) / "nohome")}
+    without = subprocess.run([ray_executable(), "job", "list", f"--address={address}"], env=stranger,
+                             capture_output=True, text=True, timeout=60)
+    assert without.returncode != 0 and "token" in without.stderr.lower()

@@ -3,13 +3,14 @@ shortcut flags, all mapped onto the one `TrainConfig` (whose dataclass defaults 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from minconv_dist.train.config import ConfigError, load_config
+from minconv_dist.train.local_ray import LOCAL_ONLY
 from minconv_dist.train.resume import RunFinished, resume_config
-from minconv_dist.train.trainer import Interrupted, TrainingError, fit
 
 # flag -> config key; the value is passed through the same YAML parsing as --set
 SHORTCUTS = {
@@ -44,6 +45,11 @@ def main(description: str, preset: Path | None = None, argv: list[str] | None = 
     for flag, (key, text) in SHORTCUTS.items():
         parser.add_argument(flag, dest=key, metavar="VALUE", help=f"{text} (= --set {key}=VALUE)")
     args = parser.parse_args(argv)
+    if "RAY_ADDRESS" not in os.environ:  # the job starts its own Ray: on loopback only
+        for key, value in LOCAL_ONLY.items():
+            os.environ.setdefault(key, value)
+    from minconv_dist.train.trainer import Interrupted, TrainingError, fit  # imports Ray (and DeepSpeed, torch)
+
     shortcuts = [f"{key}={getattr(args, key)}" for _, (key, _) in SHORTCUTS.items() if getattr(args, key) is not None]
     try:
         if args.resume:  # the run's saved plan, with only the changes a resume may make

@@ -1,9 +1,11 @@
-"""A throw-away Ray head on this machine, for tests, benchmarks and one-machine jobs: bound to 127.0.0.1,
-in its own temporary folder with its own free ports, and stopped by the PIDs of its own processes (never
+"""A throw-away Ray head on this machine, for tests, benchmarks and one-machine jobs: every service on
+127.0.0.1 (Ray's single-machine mode, `LOCAL_ONLY`), token authentication on with a token of its own, in its
+own temporary folder with its own free ports, and stopped by the PIDs of its own processes (never
 `ray stop`, which stops every Ray of this user on the machine)."""
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -14,8 +16,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
+
+# Ray's single-machine mode: the node address is 127.0.0.1, so GCS, raylet, workers and agents listen on
+# loopback only (without it Ray 2.60 binds them to every interface, whatever --node-ip-address says). Ray
+# reads it when first imported, so it goes into the environment of the processes that start Ray.
+LOCAL_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 def free_port() -> int:
@@ -34,8 +42,15 @@ def ray_executable() -> str:
 @dataclass
 class LocalHead:
     address: str  # the dashboard / job server, e.g. http://127.0.0.1:8265
-    env: dict[str, str]  # the environment for `ray job submit` and JobSubmissionClient
+    env: dict[str, str]  # the environment for `ray job submit` (token included)
     temp_dir: str
+
+    def job_client(self) -> Any:
+        """A JobSubmissionClient that shows the head's token itself (Ray reads RAY_AUTH_* once per process)."""
+        from ray.job_submission import JobSubmissionClient
+
+        token = Path(self.env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+        return JobSubmissionClient(self.address, headers={"Authorization": f"Bearer {token}"})
 
     def processes(self) -> list[psutil.Process]:
         """This head's processes: every one whose command line names its temp dir."""
@@ -51,11 +66,15 @@ class LocalHead:
 
 @contextmanager
 def local_ray_head(num_cpus: int, num_gpus: int = 0, env: dict[str, str] | None = None) -> Iterator[LocalHead]:
-    """`ray start --head` on 127.0.0.1 with `num_cpus` / `num_gpus`, yielding where to submit jobs."""
+    """`ray start --head` on 127.0.0.1 with `num_cpus` / `num_gpus`, yielding where to submit jobs and the
+    environment (token included) that a job client needs."""
     temp_dir = tempfile.mkdtemp(prefix="mcr", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    token = Path(temp_dir) / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
     dashboard = free_port()
-    env = dict(os.environ if env is None else env, RAY_AUTH_MODE="disabled", RAY_TMPDIR=temp_dir,
-               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env = dict(os.environ if env is None else env, **LOCAL_ONLY, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
+               RAY_TMPDIR=temp_dir, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     head = LocalHead(f"http://127.0.0.1:{dashboard}", env, temp_dir)
     try:
         subprocess.run(
