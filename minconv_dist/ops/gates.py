@@ -5,16 +5,23 @@ Each Min cell's state follows h_t = a_t * h_{t-1} + b_t. A rule reads the pre-ac
 stacks the k gate blocks in the official order, and returns (a, b) in linear space, or
 (log a, log b) for the paper's log-space scan. Both forms are the same function of `pre`;
 the log form is kept because the official implementation computes exactly it.
+
+`GATES` is the one table of the kinds: the number of gate blocks, both rules and the KIND constant
+of the fused Triton kernels (ops/scan/triton_scan.py) are read from it and written nowhere else.
 """
 from __future__ import annotations
 
-from typing import Callable
+import functools
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 CHANNEL_DIM = -3
+
+GateRule = Callable[[Tensor], tuple[Tensor, Tensor]]
+BlockRule = Callable[..., tuple[Tensor, Tensor]]  # the k gate blocks -> (a, b) or (log a, log b)
 
 
 def g(x: Tensor) -> Tensor:
@@ -27,71 +34,85 @@ def log_g(x: Tensor) -> Tensor:
     return torch.where(x >= 0, (F.relu(x) + 0.5).log(), -F.softplus(-x))
 
 
-def _split(pre: Tensor, blocks: int) -> tuple[Tensor, ...]:
-    if pre.shape[CHANNEL_DIM] % blocks:
-        raise ValueError(
-            f"pre-activations have {pre.shape[CHANNEL_DIM]} channels, not a multiple of {blocks}"
-        )
-    return pre.chunk(blocks, dim=CHANNEL_DIM)
-
-
-def gru_gates(pre: Tensor) -> tuple[Tensor, Tensor]:
+def _gru(k: Tensor, h_tilde: Tensor) -> tuple[Tensor, Tensor]:
     """MinConvGRU: pre = [k, h~]; z = sigmoid(k); a = 1 - z, b = z * g(h~)."""
-    k, h_tilde = _split(pre, 2)
     z = torch.sigmoid(k)
     return 1 - z, z * g(h_tilde)
 
 
-def gru_log_gates(pre: Tensor) -> tuple[Tensor, Tensor]:
-    k, h_tilde = _split(pre, 2)
+def _gru_log(k: Tensor, h_tilde: Tensor) -> tuple[Tensor, Tensor]:
     return -F.softplus(k), -F.softplus(-k) + log_g(h_tilde)
 
 
-def lstm_gates(pre: Tensor) -> tuple[Tensor, Tensor]:
+def _lstm(f: Tensor, i: Tensor, h_tilde: Tensor) -> tuple[Tensor, Tensor]:
     """MinConvLSTM: pre = [f, i, h~]; f' = s(f)/(s(f)+s(i)), i' = s(i)/(s(f)+s(i))."""
-    f, i, h_tilde = _split(pre, 3)
     sf, si = torch.sigmoid(f), torch.sigmoid(i)
     total = sf + si
     return sf / total, si / total * g(h_tilde)
 
 
-def lstm_log_gates(pre: Tensor) -> tuple[Tensor, Tensor]:
-    f, i, h_tilde = _split(pre, 3)
+def _lstm_log(f: Tensor, i: Tensor, h_tilde: Tensor) -> tuple[Tensor, Tensor]:
     d = F.softplus(-f) - F.softplus(-i)
     return -F.softplus(d), -F.softplus(-d) + log_g(h_tilde)
 
 
-def explstm_gates(pre: Tensor) -> tuple[Tensor, Tensor]:
+def _explstm(f: Tensor, i: Tensor, h_tilde: Tensor) -> tuple[Tensor, Tensor]:
     """MinConvExpLSTM: pre = [f, i, h~]; f' = sigmoid(f - i), i' = 1 - f'."""
-    f, i, h_tilde = _split(pre, 3)
     a = torch.sigmoid(f - i)
     return a, (1 - a) * g(h_tilde)
 
 
-def explstm_log_gates(pre: Tensor) -> tuple[Tensor, Tensor]:
-    f, i, h_tilde = _split(pre, 3)
+def _explstm_log(f: Tensor, i: Tensor, h_tilde: Tensor) -> tuple[Tensor, Tensor]:
     d = f - i
     log_f = F.logsigmoid(d)
     return log_f, log_f - d + log_g(h_tilde)
 
 
-GateRule = Callable[[Tensor], tuple[Tensor, Tensor]]
+class GateKind(NamedTuple):
+    """One Min cell kind. A tuple with `blocks` first, where the earlier (blocks, rule, log rule) tuples had
+    it, so `GATES[kind][0]` (benchmarks/scan.py) still reads the number of blocks."""
 
-#: kind -> (number of gate blocks, linear rule, log rule)
-GATES: dict[str, tuple[int, GateRule, GateRule]] = {
-    "gru": (2, gru_gates, gru_log_gates),
-    "lstm": (3, lstm_gates, lstm_log_gates),
-    "explstm": (3, explstm_gates, explstm_log_gates),
+    blocks: int  # gate blocks stacked on the channel axis of `pre`
+    linear: BlockRule  # the gate blocks -> (a, b)
+    log: BlockRule  # the gate blocks -> (log a, log b)
+    name: str
+    kernel: int  # KIND constant of the fused Triton kernels (0 there is the plain scan)
+
+    def hidden(self, channels: int) -> int:
+        """The state's channels from those of `pre`, which must split into equal gate blocks."""
+        if channels % self.blocks:
+            raise ValueError(
+                f"{self.name}: pre-activations have {channels} channels, not a multiple of {self.blocks}"
+            )
+        return channels // self.blocks
+
+    def gates(self, pre: Tensor, log_space: bool = False) -> tuple[Tensor, Tensor]:
+        """(a, b), or (log a, log b) with log_space, from pre [..., k*hidden, H, W]."""
+        self.hidden(pre.shape[CHANNEL_DIM])
+        rule = self.log if log_space else self.linear
+        return rule(*pre.chunk(self.blocks, dim=CHANNEL_DIM))
+
+
+GATES: dict[str, GateKind] = {
+    kind.name: kind
+    for kind in (
+        GateKind(2, _gru, _gru_log, "gru", 1),
+        GateKind(3, _lstm, _lstm_log, "lstm", 2),
+        GateKind(3, _explstm, _explstm_log, "explstm", 3),
+    )
 }
 
 
-def gate_rule(kind: str, log_space: bool = False) -> GateRule:
+def gate_kind(kind: str) -> GateKind:
     if kind not in GATES:
         raise ValueError(f"unknown gate kind {kind!r}; expected one of {sorted(GATES)}")
-    return GATES[kind][2 if log_space else 1]
+    return GATES[kind]
+
+
+def gate_rule(kind: str, log_space: bool = False) -> GateRule:
+    """pre -> (a, b) of `kind` (or their logs)."""
+    return functools.partial(gate_kind(kind).gates, log_space=log_space)
 
 
 def gate_blocks(kind: str) -> int:
-    if kind not in GATES:
-        raise ValueError(f"unknown gate kind {kind!r}; expected one of {sorted(GATES)}")
-    return GATES[kind][0]
+    return gate_kind(kind).blocks

@@ -11,10 +11,11 @@ tile. When B*D alone cannot fill the GPU, time is split into chunks too: pass 1 
 to its affine map (prod a, end state from 0), a tiny scan over the chunks gives each chunk its initial
 state, pass 2 scans again from it.
 
-KIND says where (a, b) come from: 0 = given a and b; 1/2/3 = a Min cell's conv pre-activations
-[B, T, k*D] (gru/lstm/explstm, gate blocks stacked on channels), gates computed in registers. Every
-rule has b = (1 - a) * g(h~) (see ops/gates.py), so the kinds differ only in a(pre). The backward
-recomputes the gates from `pre` and reads the saved h; nothing else is stored.
+KIND says where (a, b) come from: PLAIN = given a and b; a Min cell's KIND (ops/gates.py `GATES`,
+with its number of gate blocks NB) = its conv pre-activations [B, T, NB*D], gate blocks stacked on
+channels, gates computed in registers. Every rule has b = (1 - a) * g(h~), so the kinds differ only in
+a(pre) (`_gates`) and its derivative (`_gates_grad`). The backward recomputes the gates from `pre` and
+reads the saved h; nothing else is stored.
 """
 from __future__ import annotations
 
@@ -25,11 +26,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from minconv_dist.ops.gates import GATES, gate_kind
 from minconv_dist.ops.scan.naive import scan_sequential
 
-#: Min cell kind -> KIND constant of the kernels
-KINDS = {"gru": 1, "lstm": 2, "explstm": 3}
-_BLOCKS = {0: 1, 1: 2, 2: 3, 3: 3}  # rows of pre hold this many D-blocks
+PLAIN = 0  # KIND of the plain scan: x = a, y = b, one block per row
+_PLAIN = tl.constexpr(PLAIN)
+_GRU = tl.constexpr(GATES["gru"].kernel)
+_LSTM = tl.constexpr(GATES["lstm"].kernel)
 _FWD_CONFIGS = [
     triton.Config({"BT": 8, "BD": 512}, num_warps=4),
     triton.Config({"BT": 16, "BD": 256}, num_warps=2),
@@ -68,15 +71,51 @@ def _last(x, rows, BT: tl.constexpr):
 
 
 @triton.jit
+def _program(T, D, chunk_len, BT: tl.constexpr, BD: tl.constexpr):
+    """Both kernels' set-up: this program's batch row bi, time chunk c = [t_lo, t_hi), columns offs_d
+    of D (mask dm), the tile's rows, and the offset of its state in a [B, n_chunks, D] tensor."""
+    pid_d = tl.program_id(0)
+    bi = tl.program_id(1).to(tl.int64)
+    c = tl.program_id(2)
+    offs_d = pid_d * BD + tl.arange(0, BD)
+    dm = offs_d < D
+    rows = tl.arange(0, BT)
+    t_lo = c * chunk_len
+    t_hi = tl.minimum(t_lo + chunk_len, T)
+    state_off = (bi * tl.num_programs(2) + c) * D + offs_d
+    return bi, c, offs_d, dm, rows, t_lo, t_hi, state_off
+
+
+@triton.jit
+def _x_off(bi, T, t, offs_d, D, NB: tl.constexpr, SHIFT: tl.constexpr = 0):
+    """Offsets of the tile at steps t + SHIFT, columns offs_d of batch row bi in x [B, T, NB*D]
+    (offsets, not pointers: a Min cell's gate blocks are read at +BS, +2BS from them)."""
+    return (bi * T + t[:, None] + SHIFT) * (NB * D) + offs_d[None, :]
+
+
+@triton.jit
+def _d_ptr(P, bi, T, t, offs_d, D, SHIFT: tl.constexpr = 0):
+    """Pointers of the tile at steps t + SHIFT, columns offs_d of batch row bi in a [B, T, D] tensor."""
+    return P + (bi * T + t[:, None] + SHIFT) * D + offs_d[None, :]
+
+
+@triton.jit
+def _g(x):
+    """minGRU's g (ops/gates.py) of a raw h~ block."""
+    x = x.to(tl.float32)
+    return tl.where(x >= 0, x + 0.5, _sigmoid(x))
+
+
+@triton.jit
 def _gates(x0, x1, KIND: tl.constexpr):
-    """(a, 1 - a) from the raw gate blocks, both computed directly for accuracy."""
+    """A Min cell's (a, 1 - a) from its raw gate blocks, both computed directly for accuracy."""
     x0 = x0.to(tl.float32)
-    if KIND == 1:  # gru: a = 1 - sigmoid(k)
+    if KIND == _GRU:  # a = 1 - sigmoid(k)
         a = _sigmoid(-x0)
         oma = _sigmoid(x0)
     else:
         x1 = x1.to(tl.float32)
-        if KIND == 2:  # lstm: a = s(f) / (s(f) + s(i))
+        if KIND == _LSTM:  # a = s(f) / (s(f) + s(i))
             sf = _sigmoid(x0)
             si = _sigmoid(x1)
             a = sf / (sf + si)
@@ -88,39 +127,25 @@ def _gates(x0, x1, KIND: tl.constexpr):
 
 
 @triton.jit
-def _raw(X, Y, off, m, BS, KIND: tl.constexpr):
-    """The raw loads of one tile, issued before they are used (prefetch): (a, b, -) for KIND 0,
-    (x0, x1, h~) for the Min cells (gru has no x1: it repeats x0)."""
-    r0 = tl.load(X + off, mask=m, other=0.0)
-    if KIND == 0:
-        r1 = tl.load(Y + off, mask=m, other=0.0)
-        r2 = r1
-    elif KIND == 1:
-        r1 = r0
-        r2 = tl.load(X + off + BS, mask=m, other=0.0)
-    else:
-        r1 = tl.load(X + off + BS, mask=m, other=0.0)
-        r2 = tl.load(X + off + 2 * BS, mask=m, other=0.0)
-    return r0, r1, r2
+def _gates_grad(w, x0, x1, KIND: tl.constexpr):
+    """dL/dx0, dL/dx1 from w = dL/da * a (1 - a), the gradient along logit(a) (gru: x1 is unused)."""
+    if KIND == _GRU:  # logit(a) = -k
+        d0 = -w
+        d1 = d0
+    elif KIND == _LSTM:  # logit(a) = log s(f) - log s(i)
+        d0 = w * _sigmoid(-x0.to(tl.float32))
+        d1 = -w * _sigmoid(-x1.to(tl.float32))
+    else:  # explstm: logit(a) = f - i
+        d0 = w
+        d1 = -w
+    return d0, d1
 
 
 @triton.jit
-def _ab(r0, r1, r2, KIND: tl.constexpr):
-    if KIND == 0:
-        a = r0.to(tl.float32)
-        b = r1.to(tl.float32)
-    else:
-        a, oma = _gates(r0, r1, KIND)
-        ht = r2.to(tl.float32)
-        b = oma * tl.where(ht >= 0, ht + 0.5, _sigmoid(ht))
-    return a, b
-
-
-@triton.jit
-def _craw(X, off, m, BS, KIND: tl.constexpr):
-    """Raw loads for the coefficient a alone (the backward's shifted a_{t+1})."""
+def _craw(X, off, m, BS, NB: tl.constexpr):
+    """Raw loads of what a is made of: (a, a) plain, (k, k) gru, (f, i) lstm/explstm."""
     r0 = tl.load(X + off, mask=m, other=0.0)
-    if KIND >= 2:
+    if NB == 3:
         r1 = tl.load(X + off + BS, mask=m, other=0.0)
     else:
         r1 = r0
@@ -128,8 +153,32 @@ def _craw(X, off, m, BS, KIND: tl.constexpr):
 
 
 @triton.jit
+def _raw(X, Y, off, m, BS, KIND: tl.constexpr, NB: tl.constexpr):
+    """The raw loads of one tile, issued before they are used: (a, b, b) plain, (x0, x1, h~) Min cells."""
+    if KIND == _PLAIN:
+        r0 = tl.load(X + off, mask=m, other=0.0)
+        r1 = tl.load(Y + off, mask=m, other=0.0)
+        r2 = r1
+    else:
+        r0, r1 = _craw(X, off, m, BS, NB)
+        r2 = tl.load(X + off + (NB - 1) * BS, mask=m, other=0.0)  # h~: the last block
+    return r0, r1, r2
+
+
+@triton.jit
+def _ab(r0, r1, r2, KIND: tl.constexpr):
+    if KIND == _PLAIN:
+        a = r0.to(tl.float32)
+        b = r1.to(tl.float32)
+    else:
+        a, oma = _gates(r0, r1, KIND)
+        b = oma * _g(r2)
+    return a, b
+
+
+@triton.jit
 def _coef_of(r0, r1, KIND: tl.constexpr):
-    if KIND == 0:
+    if KIND == _PLAIN:
         a = r0.to(tl.float32)
     else:
         a, _ = _gates(r0, r1, KIND)
@@ -137,61 +186,99 @@ def _coef_of(r0, r1, KIND: tl.constexpr):
 
 
 @triton.jit
-def _coef(X, off, m, BS, KIND: tl.constexpr):
-    r0, r1 = _craw(X, off, m, BS, KIND)
+def _coef(X, off, m, BS, KIND: tl.constexpr, NB: tl.constexpr):
+    r0, r1 = _craw(X, off, m, BS, NB)
     return _coef_of(r0, r1, KIND)
 
 
 @triton.jit
-def _store_grads(X, DX, DY, off, m, BS, gr, hp, KIND: tl.constexpr):
-    """Given gr = dL/dh_t and hp = h_{t-1}: store dL/da, dL/db (KIND 0) or dL/dpre (Min cells)."""
-    if KIND == 0:
+def _store_grads(X, DX, DY, off, m, BS, gr, hp, KIND: tl.constexpr, NB: tl.constexpr):
+    """Given gr = dL/dh_t and hp = h_{t-1}: store dL/da, dL/db (plain) or dL/dpre (Min cells)."""
+    if KIND == _PLAIN:
         tl.store(DX + off, (gr * hp).to(DX.dtype.element_ty), mask=m)
         tl.store(DY + off, gr.to(DY.dtype.element_ty), mask=m)
     else:
-        r0, r1, r2 = _raw(X, X, off, m, BS, KIND)
+        r0, r1, r2 = _raw(X, X, off, m, BS, KIND, NB)
         a, oma = _gates(r0, r1, KIND)
-        hoff = (KIND // 2 + 1) * BS
         ht = r2.to(tl.float32)
         sh = _sigmoid(ht)
-        gv = tl.where(ht >= 0, ht + 0.5, sh)
-        gd = tl.where(ht >= 0, 1.0, sh * (1.0 - sh))
+        gv = _g(ht)
+        gd = tl.where(ht >= 0, 1.0, sh * (1.0 - sh))  # g'(h~)
         # b = (1 - a) g(h~): the total derivative along a is da - db * g(h~)
         w = gr * (hp - gv) * a * oma
-        tl.store(DX + off + hoff, (gr * oma * gd).to(DX.dtype.element_ty), mask=m)
-        if KIND == 1:
-            tl.store(DX + off, (-w).to(DX.dtype.element_ty), mask=m)
-        else:
-            if KIND == 2:
-                df = w * _sigmoid(-r0.to(tl.float32))
-                di = -w * _sigmoid(-r1.to(tl.float32))
-            else:
-                df = w
-                di = -w
-            tl.store(DX + off, df.to(DX.dtype.element_ty), mask=m)
-            tl.store(DX + off + BS, di.to(DX.dtype.element_ty), mask=m)
+        tl.store(DX + off + (NB - 1) * BS, (gr * oma * gd).to(DX.dtype.element_ty), mask=m)
+        d0, d1 = _gates_grad(w, r0, r1, KIND)
+        tl.store(DX + off, d0.to(DX.dtype.element_ty), mask=m)
+        if NB == 3:
+            tl.store(DX + off + BS, d1.to(DX.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _scan_tile(a, b, h, prod, rows, BT: tl.constexpr, REDUCE: tl.constexpr):
+    """Scan a [BT, BD] tile of (a, b) along its rows from the carried state h: (states, prod), where
+    prod gains the tile's product of a when REDUCE."""
+    ca, cb = tl.associative_scan((a, b), 0, _combine)
+    hs = ca * h[None, :] + cb
+    if REDUCE:
+        prod = prod * _last(ca, rows, BT)
+    return hs, prod
+
+
+@triton.jit
+def _hprev(H, other, bi, T, t, valid, offs_d, D, LOAD: tl.constexpr):
+    """h_{t-1} of a backward tile (0 before step 0) when LOAD, else `other` (already loaded, or unused)."""
+    if LOAD:
+        hp = tl.load(_d_ptr(H, bi, T, t, offs_d, D, -1), mask=valid & (t >= 1)[:, None], other=0.0)
+    else:
+        hp = other
+    return hp
+
+
+@triton.jit
+def _adjoint_masks(t, t_lo, t_hi, dm):
+    """A backward tile's steps t (row 0 the latest) that are in the chunk, and those with an a_{t+1} in it."""
+    valid = (t >= t_lo)[:, None] & dm[None, :]
+    return valid, valid & (t + 1 < t_hi)[:, None]
+
+
+@triton.jit
+def _adjoint_loads(X, DH, H, bi, T, t, t_lo, t_hi, dm, offs_d, D, BS,
+                   NB: tl.constexpr, LOAD_HP: tl.constexpr):
+    """The raw loads of a backward tile, issued before they are used (prefetch): a_{t+1}'s blocks,
+    dh_t and, when LOAD_HP, h_{t-1}; with the tile's masks."""
+    valid, shifted = _adjoint_masks(t, t_lo, t_hi, dm)
+    c0, c1 = _craw(X, _x_off(bi, T, t, offs_d, D, NB, 1), shifted, BS, NB)
+    dh = tl.load(_d_ptr(DH, bi, T, t, offs_d, D), mask=valid, other=0.0)
+    hp = _hprev(H, dh, bi, T, t, valid, offs_d, D, LOAD_HP)
+    return valid, shifted, c0, c1, dh, hp
+
+
+@triton.jit
+def _adjoint_tile(X, DX, DY, H, coef, dh, hp, h0, u, prod, bi, T, t, valid, offs_d, rows, D, BS,
+                  KIND: tl.constexpr, NB: tl.constexpr, HAS_H0: tl.constexpr, REDUCE: tl.constexpr,
+                  LOAD_HP: tl.constexpr, BT: tl.constexpr):
+    """The backward's loop body: scan the tile's adjoint (coefficients a_{t+1}) from the carry u, then
+    store its gradients (loading h_{t-1} first when LOAD_HP) or, when REDUCE, fold it into prod.
+    Returns (u, prod) for the next tile."""
+    gr, prod = _scan_tile(coef, dh.to(tl.float32), u, prod, rows, BT, REDUCE)
+    if not REDUCE:
+        hp = _hprev(H, hp, bi, T, t, valid, offs_d, D, LOAD_HP).to(tl.float32)
+        if HAS_H0:
+            hp += tl.where((t == 0)[:, None], h0[None, :], 0.0)
+        _store_grads(X, DX, DY, _x_off(bi, T, t, offs_d, D, NB), valid, BS, gr, hp, KIND, NB)
+    return _last(gr, rows, BT), prod
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=["D", "KIND", "HAS_H0", "REDUCE"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _fwd_kernel(X, Y, H0, OUT, CA, CB, T, D, BS, chunk_len,
-                KIND: tl.constexpr, HAS_H0: tl.constexpr, REDUCE: tl.constexpr,
+                KIND: tl.constexpr, NB: tl.constexpr, HAS_H0: tl.constexpr, REDUCE: tl.constexpr,
                 BT: tl.constexpr, BD: tl.constexpr):
     """h_t = a_t h_{t-1} + b_t over one time chunk. H0: initial states [B, n_chunks, D].
     REDUCE: store the chunk's (prod a, end state from 0) to CA, CB instead of h.
     (Prefetching tile i+1 here was measured slower in bf16 and no faster in fp32: see docs/benchmarks.md.)"""
-    pid_d = tl.program_id(0)
-    bi = tl.program_id(1).to(tl.int64)
-    c = tl.program_id(2)
-    NB: tl.constexpr = 1 if KIND == 0 else (2 if KIND == 1 else 3)
-    offs_d = pid_d * BD + tl.arange(0, BD)
-    dm = offs_d < D
-    xo = offs_d  # BS: stride between gate blocks (= D, the blocks are stacked on channels)
-    rows = tl.arange(0, BT)
-    t_lo = c * chunk_len
-    t_hi = tl.minimum(t_lo + chunk_len, T)
-    state_off = (bi * tl.num_programs(2) + c) * D + offs_d
+    bi, c, offs_d, dm, rows, t_lo, t_hi, state_off = _program(T, D, chunk_len, BT, BD)
     if HAS_H0:
         h = tl.load(H0 + state_off, mask=dm, other=0.0).to(tl.float32)
     else:
@@ -200,16 +287,11 @@ def _fwd_kernel(X, Y, H0, OUT, CA, CB, T, D, BS, chunk_len,
     for t0 in range(t_lo, t_hi, BT):
         t = (t0 + rows).to(tl.int64)
         m = (t < t_hi)[:, None] & dm[None, :]
-        r0, r1, r2 = _raw(X, Y, (bi * T + t[:, None]) * (NB * D) + xo[None, :], m, BS, KIND)
+        r0, r1, r2 = _raw(X, Y, _x_off(bi, T, t, offs_d, D, NB), m, BS, KIND, NB)
         a, b = _ab(r0, r1, r2, KIND)
-        a = tl.where(m, a, 1.0)
-        b = tl.where(m, b, 0.0)
-        ca, cb = tl.associative_scan((a, b), 0, _combine)
-        hs = ca * h[None, :] + cb
-        if REDUCE:
-            prod = prod * _last(ca, rows, BT)
-        else:
-            tl.store(OUT + (bi * T + t[:, None]) * D + offs_d[None, :], hs.to(OUT.dtype.element_ty), mask=m)
+        hs, prod = _scan_tile(tl.where(m, a, 1.0), tl.where(m, b, 0.0), h, prod, rows, BT, REDUCE)
+        if not REDUCE:
+            tl.store(_d_ptr(OUT, bi, T, t, offs_d, D), hs.to(OUT.dtype.element_ty), mask=m)
         h = _last(hs, rows, BT)
     if REDUCE:
         tl.store(CA + state_off, prod, mask=dm)
@@ -220,89 +302,45 @@ def _fwd_kernel(X, Y, H0, OUT, CA, CB, T, D, BS, chunk_len,
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _bwd_kernel(X, Y, H0, H, DH, DX, DY, DH0, CA, CB, T, D, BS, chunk_len,
-                KIND: tl.constexpr, HAS_H0: tl.constexpr, REDUCE: tl.constexpr, CARRY: tl.constexpr,
-                BT: tl.constexpr, BD: tl.constexpr):
+                KIND: tl.constexpr, NB: tl.constexpr, HAS_H0: tl.constexpr, REDUCE: tl.constexpr,
+                CARRY: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
     """Adjoint g_t = dh_t + a_{t+1} g_{t+1}, scanned backwards over one time chunk.
 
     The carry between chunks is u = a_lo * g_lo (what step lo passes to step lo - 1), so a chunk's
     last step uses coefficient 1 and adds u. REDUCE: store the chunk's (prod a, u from a zero carry).
     Else: carry-in from CB when CARRY, store the gradients and, for chunk 0, dL/dh0 = a_0 g_0.
-    KIND 0: the loads of a_{t+1}, dh_t and h_{t-1} for tile i+1 are issued before tile i is scanned."""
-    pid_d = tl.program_id(0)
-    bi = tl.program_id(1).to(tl.int64)
-    c = tl.program_id(2)
-    NB: tl.constexpr = 1 if KIND == 0 else (2 if KIND == 1 else 3)
-    offs_d = pid_d * BD + tl.arange(0, BD)
-    dm = offs_d < D
-    xo = offs_d  # BS: stride between gate blocks (= D, the blocks are stacked on channels)
-    rows = tl.arange(0, BT)
-    t_lo = c * chunk_len
-    t_hi = tl.minimum(t_lo + chunk_len, T)
-    state_off = (bi * tl.num_programs(2) + c) * D + offs_d
+    PLAIN: the loads of a_{t+1}, dh_t and h_{t-1} for tile i+1 are issued before tile i is scanned."""
+    bi, c, offs_d, dm, rows, t_lo, t_hi, state_off = _program(T, D, chunk_len, BT, BD)
     if CARRY:
         u = tl.load(CB + state_off, mask=dm, other=0.0)
     else:
         u = tl.zeros([BD], dtype=tl.float32)
     if HAS_H0:
         h0 = tl.load(H0 + bi * D + offs_d, mask=dm, other=0.0).to(tl.float32)
+    else:
+        h0 = u  # never read: HAS_H0 is off
     prod = tl.full([BD], 1.0, tl.float32)
-    if KIND == 0:  # prefetch: measured faster for the plain scan (bf16), slower for the fused gates
+    if KIND == _PLAIN:  # prefetch: measured faster for the plain scan (bf16), slower for the fused gates
         t = (t_hi - 1 - rows).to(tl.int64)  # row 0 is the latest step
-        valid = (t >= t_lo)[:, None] & dm[None, :]
-        shifted = valid & (t + 1 < t_hi)[:, None]
-        c0, c1 = _craw(X, (bi * T + t[:, None] + 1) * (NB * D) + xo[None, :], shifted, BS, KIND)
-        dh = tl.load(DH + (bi * T + t[:, None]) * D + offs_d[None, :], mask=valid, other=0.0)
-        if REDUCE:
-            hp = dh
-        else:
-            hp = tl.load(H + (bi * T + t[:, None] - 1) * D + offs_d[None, :], mask=valid & (t >= 1)[:, None], other=0.0)
+        valid, shifted, c0, c1, dh, hp = _adjoint_loads(X, DH, H, bi, T, t, t_lo, t_hi, dm, offs_d, D, BS,
+                                                        NB, not REDUCE)
         for i in range(0, tl.cdiv(t_hi - t_lo, BT)):
             tn = t - BT
-            validn = (tn >= t_lo)[:, None] & dm[None, :]
-            shiftedn = validn & (tn + 1 < t_hi)[:, None]
-            c0n, c1n = _craw(X, (bi * T + tn[:, None] + 1) * (NB * D) + xo[None, :], shiftedn, BS, KIND)
-            dhn = tl.load(DH + (bi * T + tn[:, None]) * D + offs_d[None, :], mask=validn, other=0.0)
-            if REDUCE:
-                hpn = dhn
-            else:
-                hpn = tl.load(H + (bi * T + tn[:, None] - 1) * D + offs_d[None, :],
-                              mask=validn & (tn >= 1)[:, None], other=0.0)
+            validn, shiftedn, c0n, c1n, dhn, hpn = _adjoint_loads(X, DH, H, bi, T, tn, t_lo, t_hi, dm, offs_d,
+                                                                  D, BS, NB, not REDUCE)
             coef = tl.where(shifted, _coef_of(c0, c1, KIND), 1.0)
-            ca, cg = tl.associative_scan((coef, dh.to(tl.float32)), 0, _combine)
-            gr = ca * u[None, :] + cg
-            if REDUCE:
-                prod = prod * _last(ca, rows, BT)
-            else:
-                hpf = hp.to(tl.float32)
-                if HAS_H0:
-                    hpf += tl.where((t == 0)[:, None], h0[None, :], 0.0)
-                _store_grads(X, DX, DY, (bi * T + t[:, None]) * (NB * D) + xo[None, :], valid, BS, gr, hpf, KIND)
-            u = _last(gr, rows, BT)
-            t = tn
-            valid = validn
-            shifted = shiftedn
-            c0, c1 = c0n, c1n
-            dh = dhn
-            hp = hpn
+            u, prod = _adjoint_tile(X, DX, DY, H, coef, dh, hp, h0, u, prod, bi, T, t, valid, offs_d, rows,
+                                    D, BS, KIND, NB, HAS_H0, REDUCE, False, BT)
+            t, valid, shifted, c0, c1, dh, hp = tn, validn, shiftedn, c0n, c1n, dhn, hpn
     else:
         for i in range(0, tl.cdiv(t_hi - t_lo, BT)):
-            t = (t_hi - 1 - i * BT - rows).to(tl.int64)  # row 0 is the latest step
-            valid = (t >= t_lo)[:, None] & dm[None, :]
-            shifted = valid & (t + 1 < t_hi)[:, None]
-            coef = tl.where(shifted, _coef(X, (bi * T + t[:, None] + 1) * (NB * D) + xo[None, :], shifted, BS, KIND), 1.0)
-            dh = tl.load(DH + (bi * T + t[:, None]) * D + offs_d[None, :], mask=valid, other=0.0).to(tl.float32)
-            ca, cg = tl.associative_scan((coef, dh), 0, _combine)
-            gr = ca * u[None, :] + cg
-            if REDUCE:
-                prod = prod * _last(ca, rows, BT)
-            else:
-                hp = tl.load(H + (bi * T + t[:, None] - 1) * D + offs_d[None, :],
-                             mask=valid & (t >= 1)[:, None], other=0.0).to(tl.float32)
-                if HAS_H0:
-                    hp += tl.where((t == 0)[:, None], h0[None, :], 0.0)
-                _store_grads(X, DX, DY, (bi * T + t[:, None]) * (NB * D) + xo[None, :], valid, BS, gr, hp, KIND)
-            u = _last(gr, rows, BT)
-    a_lo = _coef(X, (bi * T + t_lo) * (NB * D) + xo, dm, BS, KIND)
+            t = (t_hi - 1 - i * BT - rows).to(tl.int64)
+            valid, shifted = _adjoint_masks(t, t_lo, t_hi, dm)
+            coef = tl.where(shifted, _coef(X, _x_off(bi, T, t, offs_d, D, NB, 1), shifted, BS, KIND, NB), 1.0)
+            dh = tl.load(_d_ptr(DH, bi, T, t, offs_d, D), mask=valid, other=0.0)
+            u, prod = _adjoint_tile(X, DX, DY, H, coef, dh, dh, h0, u, prod, bi, T, t, valid, offs_d, rows,
+                                    D, BS, KIND, NB, HAS_H0, REDUCE, True, BT)
+    a_lo = _coef(X, (bi * T + t_lo) * (NB * D) + offs_d, dm, BS, KIND, NB)
     if REDUCE:
         tl.store(CA + state_off, prod * a_lo, mask=dm)
         tl.store(CB + state_off, a_lo * u, mask=dm)
@@ -330,9 +368,10 @@ def _grid(B: int, D: int, n_chunks: int):
     return lambda meta: (triton.cdiv(D, meta["BD"]), B, n_chunks)
 
 
-def _forward(kind: int, x: Tensor, y: Tensor, h0: Tensor | None, out_dtype: torch.dtype) -> Tensor:
-    B, T, D = x.shape[0], x.shape[1], x.shape[2] // _BLOCKS[kind]
-    bs, flags = D, dict(KIND=kind)
+def _forward(kind: int, blocks: int, x: Tensor, y: Tensor, h0: Tensor | None,
+             out_dtype: torch.dtype) -> Tensor:
+    B, T, D = x.shape[0], x.shape[1], x.shape[2] // blocks
+    bs, flags = D, dict(KIND=kind, NB=blocks)
     out = torch.empty(B, T, D, device=x.device, dtype=out_dtype)
     chunk = _chunk_len(B, T, D, x.device)
     n_chunks = triton.cdiv(T, chunk)
@@ -349,11 +388,11 @@ def _forward(kind: int, x: Tensor, y: Tensor, h0: Tensor | None, out_dtype: torc
     return out
 
 
-def _backward(kind: int, x: Tensor, y: Tensor, h0: Tensor | None, h: Tensor, dh: Tensor):
+def _backward(kind: int, blocks: int, x: Tensor, y: Tensor, h0: Tensor | None, h: Tensor, dh: Tensor):
     B, T, D = h.shape
-    bs, flags = D, dict(KIND=kind, HAS_H0=h0 is not None)
+    bs, flags = D, dict(KIND=kind, NB=blocks, HAS_H0=h0 is not None)
     dx = torch.empty_like(x)
-    dy = torch.empty_like(y) if kind == 0 else dx
+    dy = torch.empty_like(y) if kind == PLAIN else dx
     dh0 = torch.empty(B, D, device=h.device, dtype=torch.float32) if h0 is not None else None
     chunk = _chunk_len(B, T, D, h.device)
     n_chunks = triton.cdiv(T, chunk)
@@ -368,45 +407,47 @@ def _backward(kind: int, x: Tensor, y: Tensor, h0: Tensor | None, h: Tensor, dh:
         carry = torch.cat([torch.zeros_like(ca[:, :1]), rev], dim=1).flip(1).contiguous()
     _bwd_kernel[_grid(B, D, n_chunks)](x, y, h0, h, dh, dx, dy, dh0, carry, carry, T, D, bs, chunk,
                                        REDUCE=False, CARRY=carry is not None, **flags)
-    return dx, (dy if kind == 0 else None), dh0
+    return dx, (dy if kind == PLAIN else None), dh0
 
 
 class _TritonScan(torch.autograd.Function):
-    """kind 0: x = a, y = b, both [B, T, D]; kind > 0: x = pre [B, T, k*D], y = pre (unused)."""
+    """PLAIN: x = a, y = b, both [B, T, D]; a Min cell's KIND: x = pre [B, T, blocks*D], y = pre (unused)."""
 
     @staticmethod
-    def forward(ctx, kind: int, x: Tensor, y: Tensor, h0: Tensor | None, out_dtype: torch.dtype) -> Tensor:
-        h = _forward(kind, x, y, h0, out_dtype)
-        ctx.kind = kind
+    def forward(ctx, kind: int, blocks: int, x: Tensor, y: Tensor, h0: Tensor | None,
+                out_dtype: torch.dtype) -> Tensor:
+        h = _forward(kind, blocks, x, y, h0, out_dtype)
+        ctx.kind, ctx.blocks = kind, blocks
         ctx.save_for_backward(x, y, h0, h)
         return h
 
     @staticmethod
     def backward(ctx, dh: Tensor):
         x, y, h0, h = ctx.saved_tensors
-        dx, dy, dh0 = _backward(ctx.kind, x, y, h0, h, dh.contiguous())
-        return None, dx, dy, None if h0 is None else dh0.to(h0.dtype), None
+        dx, dy, dh0 = _backward(ctx.kind, ctx.blocks, x, y, h0, h, dh.contiguous())
+        return None, None, dx, dy, None if h0 is None else dh0.to(h0.dtype), None
 
 
 def _flat(t: Tensor) -> Tensor:
+    """[B, T, ...] -> [B, T, D], contiguous."""
     return t.reshape(t.shape[0], t.shape[1], -1).contiguous()
+
+
+def _flat_state(h0: Tensor | None) -> Tensor | None:
+    """[B, ...] -> [B, D], contiguous."""
+    return None if h0 is None else h0.reshape(h0.shape[0], -1).contiguous()
 
 
 def scan_triton(a: Tensor, b: Tensor, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """`scan` on CUDA tensors: a, b [B, T, ...] (fp32/bf16/fp16), h0 [B, ...] or None (zeros)."""
-    flat_h0 = None if h0 is None else h0.reshape(h0.shape[0], -1).contiguous()
-    h = _TritonScan.apply(0, _flat(a), _flat(b), flat_h0, b.dtype).view(b.shape)
+    h = _TritonScan.apply(PLAIN, 1, _flat(a), _flat(b), _flat_state(h0), b.dtype).view(b.shape)
     return h, h[:, -1]
 
 
 def gate_scan_triton(kind: str, pre: Tensor, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Fused gates + scan from a Min cell's pre-activations [B, T, k*hidden, H, W] (no a/b in memory)."""
-    blocks = _BLOCKS[KINDS[kind]]
-    B, T, C = pre.shape[:3]
-    if C % blocks:
-        raise ValueError(f"gate_scan({kind!r}): pre has {C} channels, not a multiple of {blocks}")
-    shape = (B, T, C // blocks, *pre.shape[3:])
-    flat_h0 = None if h0 is None else h0.reshape(B, -1).contiguous()
+    cell = gate_kind(kind)
+    shape = (*pre.shape[:2], cell.hidden(pre.shape[2]), *pre.shape[3:])
     x = _flat(pre)
-    h = _TritonScan.apply(KINDS[kind], x, x, flat_h0, pre.dtype).view(shape)
+    h = _TritonScan.apply(cell.kernel, cell.blocks, x, x, _flat_state(h0), pre.dtype).view(shape)
     return h, h[:, -1]
