@@ -28,7 +28,7 @@ def test_chunked_scan_equals_unchunked(chunk_size, method):
 
 @pytest.mark.parametrize("kind", sorted(GATES))
 def test_chunked_gate_scan_equals_unchunked(kind):
-    (pre,) = _leaves((1, 20, GATES[kind][0] * 2, 3, 3), seed=2)
+    (pre,) = _leaves((1, 20, GATES[kind].blocks * 2, 3, 3), seed=2)
     (h0,) = _leaves((1, 2, 3, 3), seed=3)
     outs = []
     for cs in (None, 6):

@@ -3,12 +3,12 @@ import pytest
 import torch
 
 from minconv_dist.ops.gates import GATES
-from minconv_dist.ops.scan import SCANS, gate_scan, scan
+from minconv_dist.ops.scan import SCANS, gate_scan, resolve, scan
 
 TORCH_METHODS = ["doubling", "log"]  # "triton" is tested on the GPU (test_scan_triton.py)
 
 
-def _inputs(B, T, D, seed):
+def _inputs(B, T, D, seed=0):
     gen = torch.Generator().manual_seed(seed)
     a = torch.rand(B, T, *D, generator=gen, dtype=torch.float64) * 0.98 + 0.01
     b = torch.rand(B, T, *D, generator=gen, dtype=torch.float64) + 0.05  # positive: "log" needs it
@@ -34,8 +34,25 @@ def test_method_equals_sequential(method, B, T, D, with_h0):
     h, last, g = _value_and_grads(method, a, b, h0, w)
     torch.testing.assert_close(h, h_ref, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(last, last_ref, rtol=1e-10, atol=1e-12)
+    assert torch.equal(last, h[:, -1])
     for x, r in zip(g, g_ref):
         torch.testing.assert_close(x, r, rtol=1e-9, atol=1e-10)
+
+
+def test_scan_gradcheck_tiny():
+    a, b, h0 = _inputs(1, 4, (2,))
+    for method in ("sequential", *TORCH_METHODS):
+        assert torch.autograd.gradcheck(
+            lambda a, b, h0: scan(a, b, h0, method=method)[0], (a.requires_grad_(), b.requires_grad_(), h0.requires_grad_())
+        )
+
+
+def test_carrying_the_final_state_equals_one_long_scan():
+    a, b, h0 = _inputs(2, 10, (3,))
+    h_full, _ = scan(a, b, h0)
+    h1, last1 = scan(a[:, :4], b[:, :4], h0)
+    h2, _ = scan(a[:, 4:], b[:, 4:], last1)
+    assert torch.allclose(torch.cat([h1, h2], 1), h_full, rtol=1e-12)
 
 
 def test_doubling_handles_signed_inputs_and_keeps_dtype():
@@ -50,7 +67,7 @@ def test_doubling_handles_signed_inputs_and_keeps_dtype():
 @pytest.mark.parametrize("method", ["doubling", "sequential"])
 def test_gate_scan_methods_equal_log_form(kind, method):
     gen = torch.Generator().manual_seed(3)
-    pre = torch.randn(2, 9, GATES[kind][0] * 3, 4, 5, generator=gen, dtype=torch.float64) * 3
+    pre = torch.randn(2, 9, GATES[kind].blocks * 3, 4, 5, generator=gen, dtype=torch.float64) * 3
     h0 = torch.full((2, 3, 4, 5), 0.5, dtype=torch.float64)
     ref, last_ref = gate_scan(kind, pre, h0, method="log")
     h, last = gate_scan(kind, pre, h0, method=method)
@@ -60,6 +77,7 @@ def test_gate_scan_methods_equal_log_form(kind, method):
 
 def test_auto_is_a_torch_method_on_cpu_and_triton_needs_cuda():
     a, b, h0 = _inputs(1, 5, (2,), seed=0)
+    assert resolve("auto", a) == "doubling"
     torch.testing.assert_close(scan(a, b, h0)[0], scan(a, b, h0, method="sequential")[0])
     if "triton" in SCANS:
         with pytest.raises(ValueError, match="needs CUDA"):

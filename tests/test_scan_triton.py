@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from minconv_dist.ops.gates import GATES, gate_rule
-from minconv_dist.ops.scan import SCANS, gate_scan, scan
+from minconv_dist.ops.scan import GATE_SCANS, SCANS, gate_scan, resolve, scan
 
 pytestmark = [
     pytest.mark.gpu,
@@ -60,7 +60,7 @@ def test_triton_scan_matches_float64(dtype, B, T, D, with_h0):
 @pytest.mark.parametrize("B,T,hw", [(2, 1, (3, 5)), (2, 45, (8, 9)), (1, 400, (2, 3)), (2, 70, (64, 64))])
 def test_fused_gate_scan_matches_gates_then_scan(kind, dtype, B, T, hw):
     hidden = 3
-    pre = torch.randn(B, T, GATES[kind][0] * hidden, *hw) * 3
+    pre = torch.randn(B, T, GATES[kind].blocks * hidden, *hw) * 3
     h0 = torch.rand(B, hidden, *hw) + 0.25
 
     def fused(pre, h0):
@@ -73,13 +73,36 @@ def test_fused_gate_scan_matches_gates_then_scan(kind, dtype, B, T, hw):
     _check(fused, (pre, h0), dtype, ref_fn=unfused)
 
 
-def test_auto_picks_triton_on_cuda_and_chunking_composes():
+def _spy(monkeypatch, registry, name):
+    """Replace registry[name] by a wrapper that records each call; returns the list of calls."""
+    calls, fn = [], registry[name]
+
+    def spy(*args):
+        calls.append(args)
+        return fn(*args)
+
+    monkeypatch.setitem(registry, name, spy)
+    return calls
+
+
+def test_auto_picks_triton_on_cuda_and_chunking_composes(monkeypatch):
+    calls = _spy(monkeypatch, SCANS, "triton")
     a = (torch.rand(2, 50, 8, device="cuda") * 0.9 + 0.05).requires_grad_()
     b = torch.randn(2, 50, 8, device="cuda", requires_grad=True)
+    assert resolve("auto", a) == "triton"
     h, last = scan(a, b)
+    assert len(calls) == 1
     h_c, last_c = scan(a, b, chunk_size=16)
+    assert len(calls) == 1 + 4  # one call per chunk of 16 of the 50 steps
     torch.testing.assert_close(h_c, h, rtol=1e-6, atol=1e-6)
     g = torch.autograd.grad(h.sum() + last.sum(), (a, b))
     g_c = torch.autograd.grad(h_c.sum() + last_c.sum(), (a, b))
     for x, y in zip(g_c, g):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_gate_scan_is_the_fused_kernel_on_cuda(monkeypatch):
+    calls = _spy(monkeypatch, GATE_SCANS, "triton")
+    pre = torch.randn(2, 7, GATES["gru"].blocks * 3, 4, 4, device="cuda")
+    h, _ = gate_scan("gru", pre, torch.full((2, 3, 4, 4), 0.5, device="cuda"))
+    assert len(calls) == 1 and h.shape == (2, 7, 3, 4, 4)

@@ -19,7 +19,7 @@ ChunkFn = Callable[..., tuple[Tensor, Tensor]]
 
 
 def run_chunked(
-    fn: ChunkFn, xs: Sequence[Tensor], h0: Tensor | None, chunk_size: int, recompute: bool = True
+    fn: ChunkFn, xs: Sequence[Tensor], h0: Tensor | None, chunk_size: int
 ) -> tuple[Tensor, Tensor]:
     """y [B, T, ...], h_last from fn(*[x[:, s:s+chunk_size] for x in xs], h) chunk after chunk."""
     if chunk_size < 1:
@@ -28,11 +28,10 @@ def run_chunked(
     ys, h = [], h0
     for start in range(0, T, chunk_size):
         chunks = [x[:, start:start + chunk_size] for x in xs]
-        if recompute and torch.is_grad_enabled():
+        if torch.is_grad_enabled():
             y, h = checkpoint(fn, *chunks, h, use_reentrant=False)
         else:
             y, h = fn(*chunks, h)
         ys.append(y)
         h = h.clone()  # h is a view into y: a clone lets y's chunk go once it is concatenated
     return torch.cat(ys, dim=1), h
-

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from minconv_dist.ops.scan import scan
+from minconv_dist.ops.scan.api import scan
 
 
 def _gather(x: Tensor, group) -> Tensor:
