@@ -239,3 +239,37 @@ def test_statistics_survive_bf16_and_travel_in_the_state_dict(tmp_path):
     with pytest.raises(ValueError, match="not a minconv_dist model file"):
         torch.save({"spec": {}, "state_dict": {}}, tmp_path / "old.pt")
         load_model_file(tmp_path / "old.pt")
+
+
+@pytest.mark.parametrize("arch", ["minconvgru", "minconvlstm", "minconvexplstm"])
+def test_warm_states_equal_step_by_step_warm_up(arch):
+    """One pass in segments with the state carried == a rollout over all frames up to each end, in float64."""
+    torch.manual_seed(5)
+    model = build_model(arch, ["z", "t"], 3, 2, padding="cylinder", norm="layer", grid=(4, 6)).double()
+    model.normalizer.set_stats([54000.0, 280.0], [3300.0, 15.0])
+    scale = torch.tensor([3300.0, 15.0], dtype=torch.float64).view(2, 1, 1)
+    mean = torch.tensor([54000.0, 280.0], dtype=torch.float64).view(2, 1, 1)
+    x = mean + scale * torch.randn(2, 13, 2, 4, 6, dtype=torch.float64)
+    ends = [0, 4, 5, 9]
+    first, carry = model.warm_states(x[:, :7], [e for e in ends if e < 7])  # the record in two stretches
+    rest, last = model.warm_states(x[:, 7:], [e - 7 for e in ends if e >= 7], carry)
+    for end, (state, y) in zip(ends, first + rest):
+        expected, expected_state = model.rollout(x[:, :end + 1], 4)
+        torch.testing.assert_close(y, expected[:, 0], rtol=1e-10, atol=1e-10)
+        more, _ = model.rollout(y[:, None], 3, state)  # the forecast continues from the warm state
+        torch.testing.assert_close(more, expected[:, 1:], rtol=1e-10, atol=1e-10)
+        step_state = None  # the cells' step form, frame by frame
+        for t in range(end + 1):
+            _, step_state = model._layers(model._normalized(x[:, t]), step_state, parallel=False)
+        for a, b in zip(state, step_state):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    _, full = model.rollout(x, 1)
+    for a, b in zip(last, full):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_warm_states_rejects_bad_ends():
+    model = build_model("minconvgru", 1, 2, 1, norm="group")
+    for ends in ([3, 3], [5], [-1]):
+        with pytest.raises(ValueError, match="ascending frame indices"):
+            model.warm_states(torch.randn(1, 5, 1, 4, 4), ends)

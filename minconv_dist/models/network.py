@@ -124,3 +124,25 @@ class Network(nn.Module):
         y, state = self._layers(self._normalized(context), state, parallel=True)
         preds, state = self._closed_loop(y[:, -1], state, steps - 1)
         return self.normalizer.denormalize(torch.stack([y[:, -1], *preds], dim=1)), state
+
+    def warm_states(self, x: Tensor, ends: Sequence[int], state: State | None = None
+                    ) -> tuple[list[tuple[State, Tensor]], State]:
+        """Read x [B, T, C, H, W] (physical units) in consecutive parallel passes that end at each of `ends`
+        (ascending frame indices in [0, T)) and at the last frame, carrying the state from pass to pass.
+
+        Returns ([(state after frame e, prediction of frame e + 1 [B, C, H, W] in physical units) for e in
+        ends], state after the last frame). So one scan over a long record gives the state at every init time
+        e, the same as `rollout(x[:, :e + 1], steps, state)` reaches, and `rollout(y[:, None], m, state_e)`
+        continues the forecast from it; pass the returned state with the next stretch of the record. Exact for
+        every cell; only the Min cells run each pass as one scan (ConvLSTM/ConvGRU loop over its frames).
+        """
+        self._check(x, "x", 5)
+        T, ends = x.shape[1], [int(e) for e in ends]
+        if any(not 0 <= e < T for e in ends) or any(a >= b for a, b in zip(ends, ends[1:])):
+            raise ValueError(f"ends must be strictly ascending frame indices in [0, {T}), got {ends[:5]} ...")
+        z, start, found = self._normalized(x), 0, []
+        for end in ends + ([T - 1] if not ends or ends[-1] != T - 1 else []):
+            y, state = self._layers(z[:, start:end + 1], state, parallel=True)
+            found.append((state, self.normalizer.denormalize(y[:, -1])))
+            start = end + 1
+        return found[:len(ends)], state
