@@ -27,7 +27,8 @@ import xarray as xr
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minconv_dist.data import DimNames, WindowDataset, compute_stats, dayofyear_climatology, default_store  # noqa: E402
 from minconv_dist.data.selection import coarsen  # noqa: E402
-from minconv_dist.evaluate import as_fields, evaluate_forecast, init_times, open_channels, write_forecast  # noqa: E402
+from minconv_dist.evaluate import (as_fields, evaluate_forecast, from_weatherbench2, init_times,  # noqa: E402
+                                   open_channels, open_forecast, write_forecast)
 from minconv_dist.evaluate.plots import plot_maps, plot_skill  # noqa: E402
 from minconv_dist.models import build_model  # noqa: E402
 
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
         write_forecast(model, truth_da, inits, context=args.teacher, steps=args.steps, out=str(store),
                        batch_size=16, attrs={"model": arch, "data_source": "synthetic"}, overwrite=True)
         row["forecast_s"] = time.perf_counter() - t0
-        fc = xr.open_zarr(store, consolidated=False)
+        fc = from_weatherbench2(open_forecast(str(store)), [args.channel])  # WB2 layout -> our channel
         skill = evaluate_forecast(fc, truth, clim, args.definition, name=arch)
         skills.append(skill if not skills else skill.sel(source=[arch]))
         if arch == args.models[0]:
@@ -120,8 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
         s = skill[args.channel].sel(source=source)
         r = info.get(source)
         cells = [f"{r['params']:,}", str(r["steps"]), f"{r['s_per_step']:.3f}"] if r else ["—"] * 3
-        rmse = [f"{float(s.sel(metric='weighted_rmse', lead_time=np.timedelta64(h, 'h'))):.0f}" for h in leads]
-        acc = [f"{float(s.sel(metric='acc', lead_time=np.timedelta64(h, 'h'))):.3f}" for h in leads]
+        rmse = [f"{float(s.sel(metric='weighted_rmse', prediction_timedelta=np.timedelta64(h, 'h'))):.0f}" for h in leads]
+        acc = [f"{float(s.sel(metric='acc', prediction_timedelta=np.timedelta64(h, 'h'))):.3f}" for h in leads]
         table.append(f"| {source} | " + " | ".join(cells + rmse + acc) + " |")
     text = "\n".join(table) + "\n"
     (out / "z500_results.md").write_text(text)

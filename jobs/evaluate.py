@@ -1,25 +1,38 @@
-"""Evaluation job: score a forecast zarr store against a truth store, beside persistence and climatology.
+"""Evaluation job: score forecast zarr stores in the WeatherBench2 layout (ours, or published ones) against a
+truth store, beside persistence and climatology.
 
     python jobs/evaluate.py --forecast forecast.zarr --out results/ --climatology-range 2015-01-01 2015-12-31
+    python jobs/evaluate.py --forecast forecast.zarr gs://weatherbench2/datasets/hres/...zarr --name ours hres \\
+        --forecast-storage-options '{"token": "anon"}' --truth gs://... --dims '{"lat": "latitude", "lon": "longitude"}'
 
-Writes metrics.csv and skill.zarr (dims source, metric, lead_time; one variable per channel), skill_<var>.png
-and maps_<var>.png; with --mlflow-run-id also logs them to that MLflow run. See docs/evaluation.md.
+Prints a summary (the main metrics at a few leads); writes metrics.csv (every value), skill.zarr (WB2
+variables with a `level` dim), skill_<variable>_<level>.png and maps_<variable>_<level>.png to --out (any
+fsspec URL, all or nothing); with --mlflow-run-id also logs them to that MLflow run. See docs/evaluation.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import PurePosixPath
 
 import xarray as xr
 
 from minconv_dist.data import CLIMATOLOGIES, DimNames
-from minconv_dist.evaluate import DEFINITIONS, to_frame
-from minconv_dist.evaluate.run import evaluate_store, log_to_mlflow, write_outputs
+from minconv_dist.data.store import redact
+from minconv_dist.evaluate import DEFINITIONS, summary
+from minconv_dist.evaluate.outputs import check_target
+from minconv_dist.evaluate.run import evaluate_stores, write_outputs
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--forecast", required=True, help="forecast zarr store written by jobs/forecast.py")
+    p.add_argument("--forecast", required=True, nargs="+",
+                   help="forecast zarr stores (WB2 layout: time, prediction_timedelta, [level,] latitude, longitude); "
+                        "all are scored on the variables and init times they share, the first one's data_source "
+                        "and coarsen attrs pick the truth")
+    p.add_argument("--name", nargs="+", help="labels of the forecasts in tables and plots (default: 'model', then "
+                                             "each store's file name)")
+    p.add_argument("--forecast-storage-options", type=json.loads, default=None, help="JSON for fsspec (forecasts)")
     p.add_argument("--truth", help="truth zarr store (default: the forecast's data_source attr, else the embedded store)")
     p.add_argument("--storage-options", type=json.loads, default=None, help="JSON for fsspec (truth store)")
     p.add_argument("--dims", type=json.loads, default={}, help='truth dim names, e.g. {"lat": "latitude", "lon": "longitude"}')
@@ -33,24 +46,38 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--definition", choices=DEFINITIONS, default="weatherbench",
                    help="metric definitions: weatherbench2 (weatherbench2/metrics.py) or weatherbench (WeatherBench "
                         "v1 src/score.py); see docs/evaluation.md")
-    p.add_argument("--name", default="model", help="label of the model in tables and plots")
     p.add_argument("--map-leads", type=int, nargs="*", help="lead steps shown in the maps (default: first, middle, last)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder: local path or fsspec URL (s3://, gs://, memory://)")
+    p.add_argument("--out-storage-options", type=json.loads, default=None, help="JSON for fsspec (--out)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--mlflow-run-id", help="log metrics and files to this MLflow run")
     p.add_argument("--tracking-uri", help="MLflow tracking URI of that run (default: $MLFLOW_TRACKING_URI)")
     return p
 
 
+def names(urls: list[str], given: list[str] | None) -> list[str]:
+    """The forecasts' labels: given ones (one per store), else 'model' then each further store's file stem."""
+    if given is not None and len(given) != len(urls):
+        raise SystemExit(f"--name: {len(given)} names for {len(urls)} forecasts")
+    out = given or ["model", *(PurePosixPath(u.rstrip("/")).stem for u in urls[1:])]
+    if len(set(out)) != len(out) or {"persistence", "climatology"} & set(out):
+        raise SystemExit(f"--name: labels {out} must be distinct and not 'persistence' or 'climatology'")
+    return out
+
+
 def main(argv: list[str] | None = None) -> xr.Dataset:
     args = parser().parse_args(argv)
-    skill, forecast, truth = evaluate_store(
-        args.forecast, truth_url=args.truth, dims=DimNames(**args.dims), coarsen=args.coarsen,
-        storage_options=args.storage_options, climatology=args.climatology,
-        climatology_range=args.climatology_range, definition=args.definition, name=args.name)
-    files = write_outputs(skill, forecast, truth, args.out, args.map_leads)
-    if args.mlflow_run_id:
-        log_to_mlflow(skill, files, args.mlflow_run_id, args.tracking_uri)
-    print(to_frame(skill).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    check_target(args.out, args.out_storage_options, args.overwrite)  # before the long part
+    skill, forecasts, truth = evaluate_stores(
+        dict(zip(names(args.forecast, args.name), args.forecast)), truth_url=args.truth, dims=DimNames(**args.dims),
+        coarsen=args.coarsen, storage_options=args.storage_options,
+        forecast_storage_options=args.forecast_storage_options, climatology=args.climatology,
+        climatology_range=args.climatology_range, definition=args.definition)
+    write_outputs(skill, next(iter(forecasts.values())), truth, args.out, args.map_leads,
+                  storage_options=args.out_storage_options, overwrite=args.overwrite,
+                  mlflow_run_id=args.mlflow_run_id, tracking_uri=args.tracking_uri)
+    print(summary(skill).to_string(float_format=lambda v: f"{v:.4g}"))
+    print(f"all metrics: {redact(args.out.rstrip('/'))}/metrics.csv")
     return skill
 
 

@@ -21,11 +21,11 @@ def truth(days=6) -> xr.Dataset:
 
 def test_persistence_holds_the_init_state():
     t = truth()
-    init, lead = t["time"][[24, 48]], xr.DataArray(np.arange(1, 4) * np.timedelta64(1, "h"), dims="lead_time")
-    p = persistence(t, xr.DataArray(init.values, dims="init_time"), lead)
-    assert p["z"].dims == ("init_time", "lead_time", "latitude", "longitude")
+    init, lead = t["time"][[24, 48]], xr.DataArray(np.arange(1, 4) * np.timedelta64(1, "h"), dims="prediction_timedelta")
+    p = persistence(t, xr.DataArray(init.values, dims="time"), lead)
+    assert p["z"].dims == ("time", "prediction_timedelta", "latitude", "longitude")
     for k in range(3):
-        np.testing.assert_array_equal(p["z"].isel(lead_time=k), t["z"].isel(time=[24, 48]))
+        np.testing.assert_array_equal(p["z"].isel(prediction_timedelta=k), t["z"].isel(time=[24, 48]))
 
 
 def test_climatology_by_day_of_year_with_leap_day_fallback():
@@ -36,9 +36,9 @@ def test_climatology_by_day_of_year_with_leap_day_fallback():
     np.testing.assert_array_equal(got, [1.0, 364.0])  # day 2 -> index 1; leap day 366 -> day 365
     with pytest.raises(ValueError, match="no dayofyear"):
         climatology_at(clim.isel(dayofyear=slice(0, 10)), valid)
-    init = xr.DataArray(valid.values[:1], dims="init_time")
-    f = climatology_forecast(clim, init, xr.DataArray([np.timedelta64(1, "D")], dims="lead_time"))
-    assert f["z"].dims == ("init_time", "lead_time", "latitude", "longitude") and float(f["z"][0, 0, 0, 0]) == 2.0
+    init = xr.DataArray(valid.values[:1], dims="time")
+    f = climatology_forecast(clim, init, xr.DataArray([np.timedelta64(1, "D")], dims="prediction_timedelta"))
+    assert f["z"].dims == ("time", "prediction_timedelta", "latitude", "longitude") and float(f["z"][0, 0, 0, 0]) == 2.0
 
 
 def test_climatology_at_picks_day_and_hour():
@@ -50,10 +50,10 @@ def test_climatology_at_picks_day_and_hour():
     np.testing.assert_array_equal(climatology_at(clim, valid)["z"][:, 0, 0], [206.0, 6012.0, 36618.0])
     no_leap_day = clim.isel(dayofyear=slice(0, 365))
     assert float(climatology_at(no_leap_day, valid)["z"][2, 0, 0]) == 36518.0  # day 366 -> 365
-    init = xr.DataArray(pd.to_datetime(["2016-12-31 06:00"]).values, dims="init_time")
-    lead = xr.DataArray(np.array([6, 12, 18]) * np.timedelta64(1, "h"), dims="lead_time")
+    init = xr.DataArray(pd.to_datetime(["2016-12-31 06:00"]).values, dims="time")
+    lead = xr.DataArray(np.array([6, 12, 18]) * np.timedelta64(1, "h"), dims="prediction_timedelta")
     f = climatology_forecast(clim, init, lead)
-    assert f["z"].dims == ("init_time", "lead_time", "latitude", "longitude")
+    assert f["z"].dims == ("time", "prediction_timedelta", "latitude", "longitude")
     np.testing.assert_array_equal(f["z"][0, :, 0, 0], [36612.0, 36618.0, 100.0])  # the last is 2017-01-01 00:00
     with pytest.raises(ValueError, match="no hour"):
         climatology_at(clim, xr.DataArray(pd.to_datetime(["2016-01-02 03:00"]).values, dims="valid"))
@@ -127,14 +127,15 @@ def test_dayofyear_climatology_and_to_zarr(tiny_store, tmp_path):
 def test_skill_table_has_model_and_baselines():
     t = truth()
     init_values = t["time"].values[[30, 50, 70]]
-    init = xr.DataArray(init_values, dims="init_time", coords={"init_time": init_values})
+    init = xr.DataArray(init_values, dims="time", coords={"time": init_values})
     lead_values = np.arange(1, 6) * np.timedelta64(1, "h")
-    lead = xr.DataArray(lead_values, dims="lead_time", coords={"lead_time": lead_values})
-    perfect = xr.Dataset({"z": t["z"].sel(time=init + lead).drop_vars("time")}).transpose("init_time", "lead_time", ...)
+    lead = xr.DataArray(lead_values, dims="prediction_timedelta", coords={"prediction_timedelta": lead_values})
+    valid = t["z"].rename(time="valid_time").sel(valid_time=init + lead).drop_vars("valid_time")
+    perfect = xr.Dataset({"z": valid}).transpose("time", "prediction_timedelta", ...)
     clim = t.groupby("time.dayofyear").mean()
     skill = evaluate_forecast(perfect, t, clim, "weatherbench2", name="perfect")
     assert list(skill["source"].values) == ["perfect", "persistence", "climatology"]
-    assert skill["z"].dims == ("source", "metric", "lead_time")
+    assert skill["z"].dims == ("source", "metric", "prediction_timedelta")
     np.testing.assert_allclose(skill["z"].sel(source="perfect", metric="weighted_rmse"), 0.0, atol=1e-12)
     np.testing.assert_allclose(skill["z"].sel(source="perfect", metric="acc"), 1.0)
     assert (skill["z"].sel(source="persistence", metric="rmse_sqrt_before_time_avg") > 0).all()

@@ -1,5 +1,7 @@
 """Forecast and evaluation jobs end to end on the embedded synthetic store, and their bad-input errors."""
+import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -64,13 +66,21 @@ def test_forecast_then_evaluate(store, ckpt, tmp_path):
     forecast_job.main(["--model", str(ckpt), "--out", str(out), "--coarsen", "2", "--context", "6", "--steps", "8",
                        "--batch-size", "3", *INIT])
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]  # renamed into place, nothing left over
-    fc = xr.open_zarr(out, consolidated=False)
-    assert fc["z"].dims == ("init_time", "lead_time", "latitude", "longitude")
-    assert fc["z"].shape == (4, 8, 16, 32)
-    assert pd.Timestamp(fc["init_time"].values[0]) == pd.Timestamp("2016-03-01")
-    assert (fc["lead_time"].values == np.arange(1, 9) * np.timedelta64(1, "h")).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # consolidated, nothing to rename or guess
+        fc = xr.open_zarr(out)
+    # WeatherBench2's layout: z is z500, geopotential on level 500
+    assert list(fc.data_vars) == ["geopotential"] and list(fc["level"].values) == [500]
+    assert fc["geopotential"].dims == ("time", "prediction_timedelta", "level", "latitude", "longitude")
+    assert fc["geopotential"].shape == (4, 8, 1, 16, 32)
+    assert pd.Timestamp(fc["time"].values[0]) == pd.Timestamp("2016-03-01")
+    assert (fc["prediction_timedelta"].values == np.arange(1, 9) * np.timedelta64(1, "h")).all()
+    assert fc["geopotential"].attrs["units"] == "m**2 s**-2" and fc["geopotential"].attrs["long_name"] == "Geopotential"
+    assert fc["latitude"].attrs["units"] == "degrees_north" and fc["longitude"].attrs["units"] == "degrees_east"
+    assert fc["level"].attrs["units"] == "hPa" and "long_name" in fc["time"].attrs
+    assert "long_name" in fc["prediction_timedelta"].attrs
     assert fc.attrs["model_uri"] == str(ckpt) and fc.attrs["coarsen"] == 2 and "data_source" in fc.attrs
-    assert 40000 < float(fc["z"].mean()) < 70000  # de-normalised to m²/s²
+    assert 40000 < float(fc["geopotential"].mean()) < 70000  # de-normalised to m²/s²
 
     res = tmp_path / "res"
     skill = evaluate_job.main(["--forecast", str(out), "--out", str(res), "--climatology-range", "2015-01-01",
@@ -78,8 +88,8 @@ def test_forecast_then_evaluate(store, ckpt, tmp_path):
     assert list(skill["source"].values) == ["model", "persistence", "climatology"]
     table = pd.read_csv(res / "metrics.csv")
     assert set(table["metric"]) == {"weighted_rmse", "rmse_sqrt_before_time_avg", "bias", "acc"}
-    assert len(table) == 3 * 4 * 8
-    for png in ("skill_z.png", "maps_z.png"):
+    assert len(table) == 3 * 4 * 8 and set(table["variable"]) == {"geopotential"} and set(table["level"]) == {500}
+    for png in ("skill_geopotential_500.png", "maps_geopotential_500.png"):
         assert (res / png).read_bytes()[:4] == b"\x89PNG"
     # persistence is perfect at lead 0 only; at lead 1 h on a smooth field it is already close
     pers = skill["z"].sel(source="persistence", metric="weighted_rmse").values
@@ -131,10 +141,154 @@ def test_evaluate_logs_to_an_mlflow_run(store, ckpt, tmp_path, monkeypatch):
     skill = evaluate_job.main(["--forecast", str(out), "--out", str(tmp_path / "res"), "--climatology-range",
                                "2015-01-01", "2015-12-31", "--mlflow-run-id", run.info.run_id, "--map-leads", "1"])
     client = mlflow.tracking.MlflowClient()
-    history = client.get_metric_history(run.info.run_id, "eval/model/weighted_rmse/z")
+    history = client.get_metric_history(run.info.run_id, "eval/model/weighted_rmse/geopotential_500")
     logged = [m.value for m in sorted(history, key=lambda m: m.step)]
     expected = skill["z"].sel(source="model", metric="weighted_rmse").values
     assert [m.step for m in sorted(history, key=lambda m: m.step)] == [1, 2, 3]
     np.testing.assert_allclose(logged, expected, rtol=1e-6)
     files = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "evaluation")}
-    assert {"metrics.csv", "skill_z.png", "maps_z.png"} <= files
+    assert {"metrics.csv", "skill_geopotential_500.png", "maps_geopotential_500.png"} <= files
+
+
+def published_baseline(store, path, noise=20.0):
+    """A forecast written by hand as WeatherBench2 publishes them: init times every 12 h, leads 0..8 h every 2 h,
+    dims (time, prediction_timedelta, level, longitude, latitude) with latitude descending, geopotential on
+    levels 500 and 850, temperature beside it (not in our truth); z500 = truth + noise."""
+    truth = open_channels(store, "z", coarsen=2).sel(channel="z").load()
+    init = pd.date_range("2016-02-29 12:00", "2016-03-05", freq="12h").values
+    lead = np.arange(0, 9, 2) * np.timedelta64(1, "h")
+    z = truth.sel(time=(init[:, None] + lead).ravel()).values.reshape(init.size, lead.size, 16, 32)
+    z = z + noise * np.random.default_rng(0).standard_normal(z.shape)
+    geo = np.stack([z, 0.3 * z], axis=2)[..., ::-1, :].transpose(0, 1, 2, 4, 3)  # levels; lat descending; lon, lat
+    dims = ("time", "prediction_timedelta", "level", "longitude", "latitude")
+    ds = xr.Dataset({"geopotential": (dims, geo.astype(np.float32)), "temperature": (dims, np.zeros_like(geo))},
+                    coords={"time": init, "prediction_timedelta": lead, "level": np.array([500, 850], np.int32),
+                            "latitude": truth["lat"].values[::-1], "longitude": truth["lon"].values})
+    ds.to_zarr(path, consolidated=True, zarr_format=2)
+    return path
+
+
+def test_a_published_weatherbench2_forecast_is_scored_beside_ours(store, ckpt, tmp_path):
+    ours = tmp_path / "ours.zarr"
+    forecast_job.main(["--model", str(ckpt), "--out", str(ours), "--coarsen", "2", "--context", "6", "--steps", "8",
+                       *INIT])
+    hres = published_baseline(store, tmp_path / "hres.zarr")
+    res = tmp_path / "res"
+    skill = evaluate_job.main(["--forecast", str(ours), str(hres), "--out", str(res), "--definition", "weatherbench2",
+                               "--climatology-range", "2015-01-01", "2015-12-31", "--map-leads", "1"])
+    assert list(skill["source"].values) == ["model", "hres", "persistence", "climatology"]
+    assert list(skill.data_vars) == ["z"]  # scored under the truth's channel name: z is geopotential at 500
+    hours = skill["prediction_timedelta"].values / np.timedelta64(1, "h")
+    np.testing.assert_array_equal(hours, np.arange(0, 9))  # every lead of either forecast
+    rmse = skill["z"].sel(metric="weighted_rmse")
+    hres_rmse = rmse.sel(source="hres").values
+    assert np.isnan(hres_rmse[1::2]).all() and np.allclose(hres_rmse[::2], 20.0, rtol=0.05)  # its noise
+    assert np.isnan(rmse.sel(source="model").values[0]) and np.isfinite(rmse.sel(source="model").values[1:]).all()
+    assert float(rmse.sel(source="persistence")[0]) == 0.0
+    table = pd.read_csv(res / "metrics.csv")
+    assert set(table["source"]) == {"model", "hres", "persistence", "climatology"}
+    assert set(zip(table["variable"], table["level"])) == {("geopotential", 500)}
+
+    # the published forecast alone: the truth defaults to the embedded store, scored on all its init times
+    alone = evaluate_job.main(["--forecast", str(hres), "--name", "hres", "--coarsen", "2", "--out",
+                               str(tmp_path / "alone")])
+    assert list(alone["source"].values) == ["hres", "persistence"]
+    np.testing.assert_allclose(alone["z"].sel(source="hres", metric="weighted_rmse"), 20.0, rtol=0.05)
+
+
+def test_warmup_pass_forecasts_equal_rollouts_over_the_record(store, ckpt, tmp_path):
+    """--warmup all: each init's forecast == a rollout warmed up on every frame from the record's start;
+    --warmup N for one init == --context N; ConvLSTM/ConvGRU are refused."""
+    model = load_model(str(ckpt))
+    data = open_channels(store, "z", coarsen=2)
+    out = tmp_path / "warm.zarr"
+    forecast_job.main(["--model", str(ckpt), "--out", str(out), "--coarsen", "2", "--warmup", "all", "--steps", "3",
+                       "--warmup-chunk", "1000", "--batch-size", "3", *INIT])
+    fc = xr.open_zarr(out)["geopotential"].sel(level=500)
+    assert fc.sizes["time"] == 4
+    for k in (0, 3):
+        end = int(np.searchsorted(data["time"].values, fc["time"].values[k]))
+        with torch.no_grad():
+            expected, _ = model.rollout(torch.from_numpy(data.isel(time=slice(0, end + 1)).values[None]), 3)
+        np.testing.assert_allclose(fc.isel(time=k).values, expected[0, :, 0].numpy(), rtol=1e-5)
+
+    one = ["--model", str(ckpt), "--coarsen", "2", "--steps", "4", "--init-start", "2016-03-01", "--init-end",
+           "2016-03-01"]
+    forecast_job.main([*one, "--out", str(tmp_path / "w.zarr"), "--warmup", "12"])
+    forecast_job.main([*one, "--out", str(tmp_path / "c.zarr"), "--context", "12"])
+    np.testing.assert_allclose(xr.open_zarr(tmp_path / "w.zarr")["geopotential"].values,
+                               xr.open_zarr(tmp_path / "c.zarr")["geopotential"].values, rtol=1e-6)
+
+    lstm = build_model("convlstm", ["z"], 2, 1, padding="cylinder", norm="layer", grid=(16, 32))
+    save_model_file(tmp_path / "lstm.pt", lstm)
+    with pytest.raises(ValueError, match="ConvLSTMCell.*use --context"):
+        forecast_job.main(["--model", str(tmp_path / "lstm.pt"), "--coarsen", "2", "--warmup", "all", *INIT,
+                           "--out", str(tmp_path / "x.zarr")])
+    with pytest.raises(SystemExit):
+        forecast_job.main([*one, "--out", str(tmp_path / "y.zarr"), "--warmup", "0"])
+
+
+def test_forecast_and_evaluation_outputs_at_fsspec_urls(store, ckpt, tmp_path, monkeypatch, s3_options, s3_bucket):
+    """--out s3://... writes to S3 (not a local folder named 's3:'), with its own storage options; the
+    evaluation's outputs go to S3 or memory://; existing outputs are replaced only with --overwrite."""
+    from minconv_dist.data import open_store
+    from minconv_dist.evaluate.run import open_outputs
+
+    monkeypatch.chdir(tmp_path)
+    so = json.dumps(s3_options)
+    fc_url = f"s3://{s3_bucket}/runs/fc.zarr"
+    args = ["--model", str(ckpt), "--coarsen", "2", "--context", "4", "--steps", "3", *INIT, "--out", fc_url,
+            "--out-storage-options", so]
+    forecast_job.main(args)
+    assert os.listdir(tmp_path) == []  # nothing local
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fc = xr.open_zarr(fc_url, storage_options=s3_options)  # plain xarray: consolidated WB2 layout
+    assert fc["geopotential"].dims == ("time", "prediction_timedelta", "level", "latitude", "longitude")
+    assert fc.attrs["minconv_complete"] is True and "storage_options" not in fc.attrs["config"]
+    assert "testing" not in json.dumps(fc.attrs)  # the credentials stay out of the store
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        forecast_job.main(args)
+    forecast_job.main([*args, "--overwrite"])
+
+    for out, out_so in ((f"s3://{s3_bucket}/eval", s3_options), ("memory://evaluations/first", None)):
+        cli = ["--forecast", fc_url, "--forecast-storage-options", so, "--out", out, "--map-leads", "1"]
+        skill = evaluate_job.main(cli + (["--out-storage-options", json.dumps(out_so)] if out_so else []))
+        written, table = open_outputs(out, out_so)
+        xr.testing.assert_allclose(written["geopotential"].sel(level=500, drop=True), skill["z"])
+        assert len(table) == 2 * 3 * 3  # model and persistence, 3 metrics, 3 leads
+    assert open_store(f"s3://{s3_bucket}/eval/skill.zarr", s3_options)["geopotential"].dims == (
+        "source", "metric", "prediction_timedelta", "level")
+
+
+def test_interrupted_outputs_are_refused_or_absent(store, ckpt, tmp_path, monkeypatch):
+    """A forecast writer that dies leaves nothing locally and a store readers refuse in memory://; an evaluation
+    folder without its completeness marker is refused and replaced only with --overwrite."""
+    from minconv_dist.evaluate import forecast as forecast_module
+    from minconv_dist.evaluate.outputs import MARKER, filesystem
+    from minconv_dist.evaluate.run import open_outputs
+
+    def crash(*_args, **_kwargs):
+        raise RuntimeError("node lost")
+
+    monkeypatch.setattr(forecast_module, "_write_batch", crash)
+    args = ["--model", str(ckpt), "--coarsen", "2", "--context", "4", "--steps", "2", *INIT]
+    for out in (str(tmp_path / "fc.zarr"), "memory://crash/fc.zarr"):
+        with pytest.raises(RuntimeError, match="node lost"):
+            forecast_job.main([*args, "--out", out])
+    assert os.listdir(tmp_path) == []  # the local store was written aside and removed
+    with pytest.raises(ValueError, match="incomplete.*--overwrite"):
+        evaluate_job.main(["--forecast", "memory://crash/fc.zarr", "--out", str(tmp_path / "res")])
+    monkeypatch.undo()
+
+    forecast_job.main([*args, "--out", "memory://crash/fc.zarr", "--overwrite"])
+    out = "memory://crash/res"
+    evaluate_job.main(["--forecast", "memory://crash/fc.zarr", "--out", out])
+    fs, root = filesystem(out)
+    fs.rm(f"{root}/{MARKER}")  # as if the run had died before its last write
+    with pytest.raises(ValueError, match="partial output"):
+        open_outputs(out)
+    with pytest.raises(FileExistsError):
+        evaluate_job.main(["--forecast", "memory://crash/fc.zarr", "--out", out])
+    evaluate_job.main(["--forecast", "memory://crash/fc.zarr", "--out", out, "--overwrite"])
+    assert len(open_outputs(out)[1]) == 2 * 3 * 2  # model and persistence, 3 metrics, 2 leads

@@ -22,8 +22,8 @@ def field(values, lats=LATS, n_lon=2) -> xr.Dataset:
     v = np.broadcast_to(np.asarray(values, float)[..., None], np.shape(values) + (n_lon,))
     init = pd.date_range("2017-01-01", periods=v.shape[0], freq="D").values
     lead = np.arange(1, v.shape[1] + 1) * np.timedelta64(1, "h")
-    return xr.Dataset({"z": (("init_time", "lead_time", "latitude", "longitude"), v)},
-                      coords={"init_time": init, "lead_time": lead, "latitude": lats, "longitude": [0.0, 180.0][:n_lon]})
+    return xr.Dataset({"z": (("time", "prediction_timedelta", "latitude", "longitude"), v)},
+                      coords={"time": init, "prediction_timedelta": lead, "latitude": lats, "longitude": [0.0, 180.0][:n_lon]})
 
 
 def test_cell_area_weights_with_and_without_pole_rows():
@@ -129,7 +129,7 @@ def test_score_labels_follow_the_definition_and_reject_unknown_names():
     wb2, v1 = score(fc, truth, definition="weatherbench2"), score(fc, truth)
     assert list(wb2["metric"].values) == ["weighted_rmse", "rmse_sqrt_before_time_avg", "bias"]  # no climatology: no ACC
     assert list(v1["metric"].values) == ["weighted_rmse", "bias"]
-    assert wb2["z"].dims == ("metric", "lead_time")
+    assert wb2["z"].dims == ("metric", "prediction_timedelta")
     np.testing.assert_allclose(wb2["z"].sel(metric="weighted_rmse"), rmse(fc, truth)["z"])
     np.testing.assert_allclose(v1["z"].sel(metric="weighted_rmse"), compute_weighted_rmse(fc, truth)["z"])
     assert not np.allclose(wb2["z"].sel(metric="weighted_rmse"), v1["z"].sel(metric="weighted_rmse"))
@@ -156,7 +156,7 @@ def test_align_truth_picks_valid_times_and_reorders_latitude():
     t = align_truth(fc, truth)
     assert t["z"].dims == fc["z"].dims and list(t["latitude"].values) == LATS
     # init day 1 (hour 24) + lead 2 h -> value 26
-    assert float(t["z"].isel(init_time=1, lead_time=1, latitude=0, longitude=0)) == 26.0
+    assert float(t["z"].isel(time=1, prediction_timedelta=1, latitude=0, longitude=0)) == 26.0
 
 
 @pytest.mark.parametrize("change, message", [

@@ -1,20 +1,26 @@
-"""Evaluation: WeatherBench2/WeatherBench metrics by lead time, persistence/climatology baselines, forecast writer, plots.
+"""Evaluation: WeatherBench2/WeatherBench metrics by lead time, persistence/climatology baselines, forecast writer
+(WeatherBench2 layout), plots.
 
 Imports xarray and zarr; the models never import this package.
 """
 from minconv_dist.evaluate.baselines import climatology_at, climatology_forecast, persistence
-from minconv_dist.evaluate.forecast import check_inputs, init_times, open_channels, time_step, write_forecast
+from minconv_dist.evaluate.forecast import (check_inputs, init_times, open_channels, open_forecast, time_step,
+                                            write_forecast)
+from minconv_dist.evaluate.layout import (from_weatherbench2, label, store_channels, to_weatherbench2,
+                                          weatherbench2_key, with_cf_attrs)
 from minconv_dist.evaluate.metrics import (
     DEFINITIONS, METRICS, acc, acc_per_time, align_truth, area_mean, bias, cell_area_weights, compute_weighted_acc,
-    compute_weighted_rmse, cos_latitude_weights, mse, mse_per_time, rmse, rmse_sqrt_before_time_avg, score,
+    compute_weighted_rmse, cos_latitude_weights, match_grid, mse, mse_per_time, rmse, rmse_sqrt_before_time_avg,
+    score,
 )
 from minconv_dist.evaluate.model_uri import load_model
-from minconv_dist.evaluate.report import as_fields, evaluate_forecast, to_frame
+from minconv_dist.evaluate.report import as_fields, evaluate_forecast, evaluate_forecasts, summary, to_frame
 
 __all__ = [
     "DEFINITIONS", "METRICS", "acc", "acc_per_time", "align_truth", "area_mean", "as_fields", "bias",
     "cell_area_weights", "check_inputs", "climatology_at", "climatology_forecast", "compute_weighted_acc",
-    "compute_weighted_rmse", "cos_latitude_weights", "evaluate_forecast", "init_times", "load_model", "mse",
-    "mse_per_time", "open_channels", "persistence", "rmse", "rmse_sqrt_before_time_avg", "score", "time_step",
-    "to_frame", "write_forecast",
+    "compute_weighted_rmse", "cos_latitude_weights", "evaluate_forecast", "evaluate_forecasts",
+    "from_weatherbench2", "init_times", "label", "load_model", "match_grid", "mse", "mse_per_time", "open_channels",
+    "open_forecast", "persistence", "rmse", "rmse_sqrt_before_time_avg", "score", "store_channels", "summary",
+    "time_step", "to_frame", "to_weatherbench2", "weatherbench2_key", "with_cf_attrs", "write_forecast",
 ]

@@ -9,15 +9,16 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-from minconv_dist.evaluate.metrics import LEAD, TIME
+from minconv_dist.evaluate.layout import LEAD, TIME
 
 
 def persistence(truth: xr.Dataset, init_time: xr.DataArray, lead_time: xr.DataArray) -> xr.Dataset:
-    """truth (time, latitude, longitude) -> (init_time, lead_time, latitude, longitude): truth at init time."""
+    """truth (time, latitude, longitude) -> (time, prediction_timedelta, latitude, longitude), `time` now the
+    init time: the truth at init time for every lead."""
     missing = ~np.isin(init_time.values, truth["time"].values)
     if missing.any():
         raise ValueError(f"init times {init_time.values[missing][:3]} ... are not in the truth")
-    at_init = truth.sel(time=init_time).drop_vars("time")
+    at_init = truth.sel(time=init_time.values)
     return at_init.expand_dims({LEAD: lead_time.values}, axis=1).transpose(TIME, LEAD, ...)
 
 
@@ -44,6 +45,6 @@ def climatology_at(climatology: xr.Dataset, valid_time: xr.DataArray) -> xr.Data
 
 
 def climatology_forecast(climatology: xr.Dataset, init_time: xr.DataArray, lead_time: xr.DataArray) -> xr.Dataset:
-    """(init_time, lead_time, latitude, longitude): the climatology at each valid time."""
+    """(time, prediction_timedelta, latitude, longitude), `time` the init time: the climatology at each valid time."""
     valid = init_time + lead_time
     return climatology_at(climatology, valid).transpose(TIME, LEAD, ...)

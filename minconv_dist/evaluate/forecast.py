@@ -1,17 +1,20 @@
-"""Batched, streaming rollouts written to a zarr store with forecast coordinates, atomically.
+"""Batched, streaming rollouts written to a zarr store in the WeatherBench2 forecast layout, all or nothing.
 
-Layout of the store: one variable per channel (named as the channel spec, e.g. `z` or
-`geopotential@500`), dims `(init_time, lead_time, latitude, longitude)`, physical units (de-normalised),
-`lead_time` as timedelta (lead k = k time steps after init), `init_time` = the last context frame.
-Root attrs say which model, config and data made it.
+Layout of the store (`evaluate/layout.py`): dims `time` (the init time: the last frame read before the
+forecast), `prediction_timedelta` (lead k = k data time steps), `latitude`, `longitude`, and `level` for
+variables on pressure levels; variables named as WeatherBench2 names them (`geopotential` on `level` 500,
+not `geopotential@500`; `z` is z500), physical units, CF attributes, consolidated metadata, zarr format 2.
+Root attrs say which model, config and data made it; `channels` lists the model's channels.
+
+Two ways to give the model its state at each init time:
+- context (any cell): warm up on the `context` frames ending at init time, per init, in batches;
+- warm-up pass (Min cells): one pass over the record from `warmup` frames before the first init time, in
+  consecutive parallel scans between init times with the state carried (`Network.warm_states`).
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
@@ -20,7 +23,10 @@ import xarray as xr
 
 from minconv_dist.data import DimNames, open_store, select_channels
 from minconv_dist.data.selection import coarsen as coarsen_grid
-from minconv_dist.evaluate.metrics import LAT, LEAD, LON, TIME
+from minconv_dist.data.store import COMPLETE_ATTR, redact, set_attrs, zarr_store
+from minconv_dist.evaluate.layout import LAT, LEAD, LON, TIME, to_weatherbench2, with_cf_attrs
+from minconv_dist.evaluate.outputs import staged
+from minconv_dist.models import MinConvCell
 
 
 def time_step(times: np.ndarray) -> np.timedelta64:
@@ -61,64 +67,141 @@ def check_inputs(model: torch.nn.Module, data: xr.DataArray, init_time: np.ndarr
     return idx
 
 
+def warmup_start(model: torch.nn.Module, idx: np.ndarray, warmup: int | str) -> int:
+    """First frame of the warm-up pass: the record's first with "all", else `warmup` frames ending at the
+    first init time (so `warmup=N` for one init equals `context=N`). Refuses non-Min cells and unsorted inits."""
+    kinds = sorted({type(c).__name__ for c in model.cells if not isinstance(c, MinConvCell)})
+    if kinds:
+        raise ValueError(f"--warmup runs the Min cells' parallel scan over the record; this model has {kinds} "
+                         "cells, which run step by step: use --context instead")
+    if (np.diff(idx) <= 0).any():
+        raise ValueError("--warmup needs strictly ascending init times")
+    if warmup == "all":
+        return 0
+    if int(warmup) < 1 or idx[0] < int(warmup) - 1:
+        raise ValueError(f"--warmup {warmup}: need 1 <= warmup <= {idx[0] + 1} (the frames up to the first "
+                         "init time)")
+    return int(idx[0]) - int(warmup) + 1
+
+
+def _frames(data: xr.DataArray, rows: np.ndarray, device: str | torch.device) -> torch.Tensor:
+    """data at time indices rows [b, t] -> float32 tensor [b, t, C, H, W] on `device`."""
+    x = data.isel(time=xr.DataArray(rows, dims=("b", "t"))).transpose("b", "t", "channel", "lat", "lon")
+    return torch.from_numpy(x.values.astype(np.float32)).to(device)
+
+
+def context_forecasts(model: torch.nn.Module, data: xr.DataArray, idx: np.ndarray, *, context: int, steps: int,
+                      batch_size: int, device: str | torch.device) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first init's position, forecasts [b, steps, C, H, W]) per batch: each warmed up on its own context."""
+    window = np.arange(-context + 1, 1)
+    for i in range(0, idx.size, batch_size):
+        with torch.no_grad():
+            y, _ = model.rollout(_frames(data, idx[i:i + batch_size, None] + window, device), steps)
+        yield i, y
+
+
+def _forecast_from(model: torch.nn.Module, warm: list, steps: int) -> torch.Tensor:
+    """Forecasts [b, steps, C, H, W] from b (state, first prediction) pairs of `Network.warm_states`."""
+    state = [torch.cat(layer, dim=0) for layer in zip(*(s for s, _ in warm))]
+    first = torch.cat([y for _, y in warm], dim=0)[:, None]
+    if steps == 1:
+        return first
+    return torch.cat([first, model.rollout(first, steps - 1, state)[0]], dim=1)
+
+
+def warm_forecasts(model: torch.nn.Module, data: xr.DataArray, idx: np.ndarray, *, start: int, steps: int,
+                   batch_size: int, device: str | torch.device, chunk: int = 256
+                   ) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first init's position, forecasts [b, steps, C, H, W]) per batch, the states from one pass over frames
+    start..idx[-1], read `chunk` frames at a time with the state carried (memory: one chunk, one batch)."""
+    pending, done, state = [], 0, None
+    for c0 in range(start, int(idx[-1]) + 1, chunk):
+        c1 = min(c0 + chunk, int(idx[-1]) + 1)
+        ends = idx[(idx >= c0) & (idx < c1)] - c0
+        with torch.no_grad():
+            warm, state = model.warm_states(_frames(data, np.arange(c0, c1)[None], device), ends, state)
+            pending += warm
+            while len(pending) >= batch_size or (pending and c1 > idx[-1]):
+                batch, pending = pending[:batch_size], pending[batch_size:]
+                yield done, _forecast_from(model, batch, steps)
+                done += len(batch)
+
+
+def forecast_template(channels: list[str], init_time: np.ndarray, lead: np.ndarray, lat: np.ndarray,
+                      lon: np.ndarray, batch_size: int) -> xr.Dataset:
+    """The whole store, lazily (NaN, not computed): WB2 layout, CF attrs, chunks of `batch_size` init times."""
+    import dask.array as dsa
+
+    shape = (init_time.size, lead.size, lat.size, lon.size)
+    fields = {c: ((TIME, LEAD, LAT, LON), dsa.full(shape, np.nan, dtype=np.float32, chunks=(batch_size, -1, -1, -1)))
+              for c in channels}
+    wb2 = with_cf_attrs(to_weatherbench2(xr.Dataset(fields, coords={TIME: init_time, LEAD: lead, LAT: lat, LON: lon})))
+    return wb2.chunk({d: batch_size if d == TIME else -1 for d in wb2.dims})
+
+
+def _write_batch(store: Any, y: torch.Tensor, channels: list[str], position: int) -> None:
+    """Forecasts [b, steps, C, H, W] into the store's init-time rows position..position+b."""
+    y = y.float().cpu().numpy()
+    part = to_weatherbench2(xr.Dataset({c: ((TIME, LEAD, LAT, LON), y[:, :, k]) for k, c in enumerate(channels)}))
+    part.drop_vars(list(part.coords)).to_zarr(store, region={TIME: slice(position, position + len(y))},
+                                              consolidated=False)
+
+
 def write_forecast(
     model: torch.nn.Module,
     data: xr.DataArray,
     init_time: np.ndarray,
     *,
-    context: int,
+    context: int = 20,
     steps: int,
     out: str,
+    warmup: int | str | None = None,
+    warmup_chunk: int = 256,
     batch_size: int = 8,
     attrs: dict[str, Any] | None = None,
     device: str | torch.device = "cpu",
     overwrite: bool = False,
+    storage_options: dict | None = None,
 ) -> str:
-    """Roll `model` out from each init time and write the forecast store at the local path `out`.
+    """Roll `model` out from each init time and write the forecast store at `out` (a local path or any
+    fsspec URL, with `storage_options`), all or nothing (`evaluate/outputs.py`).
 
-    data: (time, channel, lat, lon) in physical units (lazy is fine: only `batch_size` context windows
-    are loaded at a time). Each init warms up on its `context` frames ending at init time, then
-    forecasts `steps` frames. Written under a temporary name in the same folder, renamed when whole.
+    data: (time, channel, lat, lon) in physical units (lazy is fine: only one batch of context windows, or
+    one `warmup_chunk` of frames, is loaded at a time). With `warmup=None` each init warms up on its
+    `context` frames ending at init time; with `warmup=N` or "all" (Min cells only) the states come from one
+    pass over the record starting N frames before the first init time (its first frame with "all").
+    Then each init forecasts `steps` frames.
     """
     init_time = np.asarray(init_time, dtype="datetime64[ns]")
-    idx = check_inputs(model, data, init_time, context, steps)
+    idx = check_inputs(model, data, init_time, context if warmup is None else 1, steps)
+    start = None if warmup is None else warmup_start(model, idx, warmup)
     channels = [str(c) for c in data["channel"].values]
-    if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
-    dt = time_step(data["time"].values)
-    H, W = data.sizes["lat"], data.sizes["lon"]
-    coords = {TIME: init_time, LEAD: dt * np.arange(1, steps + 1), LAT: data["lat"].values, LON: data["lon"].values}
-    import dask.array as dsa
-
-    template = xr.Dataset(
-        {c: ((TIME, LEAD, LAT, LON), dsa.zeros((init_time.size, steps, H, W), chunks=(batch_size, steps, H, W),
-                                               dtype=np.float32)) for c in channels},
-        coords=coords,
-        attrs={k: v if isinstance(v, (str, int, float, bool)) else json.dumps(v) for k, v in (attrs or {}).items()},
-    )
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}-{os.path.basename(out)}")
-    try:
-        template.to_zarr(tmp, mode="w", compute=False, consolidated=False, zarr_format=3)
-        model = model.to(device).eval()
-        window = np.arange(-context + 1, 1)
-        for i in range(0, init_time.size, batch_size):
-            rows = idx[i:i + batch_size, None] + window  # [b, context] time indices
-            x = data.isel(time=xr.DataArray(rows, dims=("b", "t"))).transpose("b", "t", "channel", "lat", "lon")
-            x = torch.from_numpy(x.values.astype(np.float32)).to(device)
-            with torch.no_grad():
-                y, _ = model.rollout(x, steps)  # physical units: the model normalises inside
-            y = y.float().cpu().numpy()  # [b, steps, C, H, W]
-            part = xr.Dataset({c: ((TIME, LEAD, LAT, LON), y[:, :, k]) for k, c in enumerate(channels)},
-                              coords={TIME: init_time[i:i + batch_size]})
-            part.to_zarr(tmp, region={TIME: slice(i, i + len(rows))}, consolidated=False)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    lead = time_step(data["time"].values) * np.arange(1, steps + 1)
+    template = forecast_template(channels, init_time, lead, data["lat"].values, data["lon"].values, batch_size)
+    template.attrs = {k: v if isinstance(v, (str, int, float, bool)) else json.dumps(v)
+                      for k, v in {**(attrs or {}), "channels": channels, COMPLETE_ATTR: False}.items()}
+    model = model.to(device).eval()
+    run = dict(steps=steps, batch_size=batch_size, device=device)
+    batches = (context_forecasts(model, data, idx, context=context, **run) if start is None else
+               warm_forecasts(model, data, idx, start=start, chunk=warmup_chunk, **run))
+    with staged(out, storage_options, overwrite) as target:
+        store = zarr_store(target, storage_options)
+        template.to_zarr(store, mode="w", compute=False, consolidated=False, zarr_format=2)
+        for position, y in batches:
+            _write_batch(store, y, channels, position)
+        set_attrs(target, storage_options, **{COMPLETE_ATTR: True})  # last: marks it whole, consolidates
     return out
+
+
+def open_forecast(url: str, storage_options: dict | None = None) -> xr.Dataset:
+    """A forecast store, lazily; refuses one whose writer did not finish (`minconv_complete` False)."""
+    try:
+        return open_store(url, storage_options)
+    except ValueError as err:
+        if "incomplete" not in str(err):
+            raise
+        raise ValueError(f"forecast store {redact(url)!r} is incomplete: the forecast job writing it did not "
+                         "finish; run it again with --overwrite") from err
 
 
 def open_channels(url: str, channels: str | list, *, dims: DimNames = DimNames(), coarsen: int = 1,

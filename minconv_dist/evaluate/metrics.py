@@ -1,9 +1,9 @@
 """Skill metrics as small functions over xarray objects, each named by what it computes and citing its source.
 
-Inputs are aligned: `forecast` and `truth` have the same dims, normally
-`(init_time, lead_time, latitude, longitude)` (use `align_truth`), one variable per channel. Every score
-reduces over `init_time`, `latitude` and `longitude` and keeps everything else, so it is a skill curve over
-`lead_time` per variable.
+Inputs are aligned: `forecast` and `truth` have the same dims, normally WeatherBench2's
+`(time, prediction_timedelta, latitude, longitude)` with `time` the init time (use `align_truth`), one
+variable per channel. Every score reduces over the init time, `latitude` and `longitude` and keeps
+everything else, so it is a skill curve over `prediction_timedelta` per variable.
 
 Two sources, selected by `definition=` in `score`:
 - "weatherbench2": google-research/weatherbench2, `weatherbench2/metrics.py`. Spatial means are weighted by
@@ -23,9 +23,10 @@ from typing import Any, Callable, TypeVar
 import numpy as np
 import xarray as xr
 
+from minconv_dist.evaluate.layout import LAT, LEAD, LON, TIME
+
 X = TypeVar("X", xr.DataArray, xr.Dataset)
 
-TIME, LEAD, LAT, LON = "init_time", "lead_time", "latitude", "longitude"
 SPACE = (LAT, LON)
 
 
@@ -161,7 +162,7 @@ def score(
 ) -> xr.Dataset:
     """The definition's metrics (all of `METRICS[definition]` by default) stacked along a `metric` dim.
 
-    Gives `(metric, lead_time)` per variable. ACC needs `climatology`; without one it is skipped.
+    Gives `(metric, prediction_timedelta)` per variable. ACC needs `climatology`; without one it is skipped.
     """
     if definition not in METRICS:
         raise ValueError(f"unknown metric definition {definition!r}; expected one of {DEFINITIONS}")
@@ -176,33 +177,41 @@ def score(
     return xr.concat(parts, dim="metric", coords="minimal", compat="override").assign_coords(metric=list(names))
 
 
+def match_grid(ds: X, reference: xr.Dataset | xr.DataArray, names: tuple[str, str] = ("truth", "forecast")) -> X:
+    """`ds` on `reference`'s latitude/longitude labels and order; raises ValueError naming the dim if the two
+    grids differ by more than 1e-6 degrees (latitude order may differ). `names`: what ds and reference are."""
+    for dim in SPACE:
+        f, t = reference[dim].values, ds[dim].values
+        if f.shape != t.shape or not np.allclose(np.sort(f), np.sort(t), atol=1e-6):
+            raise ValueError(
+                f"grids differ in {dim}: {names[1]} has {f.size} points [{f.min():g}..{f.max():g}], {names[0]} has "
+                f"{t.size} [{t.min():g}..{t.max():g}]; coarsen/regrid the truth to the forecast grid"
+            )
+        ds = ds.assign_coords({dim: t}).reindex({dim: f}, method="nearest", tolerance=1e-6)
+    return ds
+
+
 def align_truth(forecast: xr.Dataset, truth: xr.Dataset) -> xr.Dataset:
-    """The truth at each forecast's valid time, laid out like `forecast` (init_time, lead_time, lat, lon).
+    """The truth at each forecast's valid time, laid out like `forecast` (time, prediction_timedelta, lat, lon).
 
     Raises ValueError, naming what differs, if variables, grids or times do not line up, so a long
-    evaluation never starts on mismatched inputs. `truth` has dims (time, latitude, longitude).
+    evaluation never starts on mismatched inputs. `truth` has dims (time, latitude, longitude), its `time`
+    the valid time; the forecast's `time` is the init time (WeatherBench2's init-time convention,
+    `docs/source/init-vs-valid-time.md`).
     """
     missing = sorted(set(map(str, forecast.data_vars)) - set(map(str, truth.data_vars)))
     if missing:
         raise ValueError(f"forecast variables {missing} are not in the truth store, which has "
                          f"{sorted(map(str, truth.data_vars))}")
-    truth = truth[list(forecast.data_vars)]
-    for dim in SPACE:
-        f, t = forecast[dim].values, truth[dim].values
-        if f.shape != t.shape or not np.allclose(np.sort(f), np.sort(t), atol=1e-6):
-            raise ValueError(
-                f"grids differ in {dim}: forecast has {f.size} points [{f.min():g}..{f.max():g}], truth has "
-                f"{t.size} [{t.min():g}..{t.max():g}]; coarsen/regrid the truth to the forecast grid"
-            )
-        truth = truth.assign_coords({dim: t}).reindex({dim: f}, method="nearest", tolerance=1e-6)
+    truth = match_grid(truth[list(forecast.data_vars)], forecast)
     valid = forecast[TIME] + forecast[LEAD]
     flat = valid.values.ravel()
     absent = ~np.isin(flat, truth["time"].values)
     if absent.any():
         t0, t1 = truth["time"].values[[0, -1]]
         raise ValueError(
-            f"{int(absent.sum())} of {flat.size} valid times (init_time + lead_time) are not in the truth "
-            f"(which covers {t0} .. {t1}); first missing: {flat[absent][0]}. Shorten the leads or "
+            f"{int(absent.sum())} of {flat.size} valid times (init time + prediction_timedelta) are not in the "
+            f"truth (which covers {t0} .. {t1}); first missing: {flat[absent][0]}. Shorten the leads or "
             "drop the last init times"
         )
-    return truth.sel(time=valid).drop_vars("time")
+    return truth.rename(time="valid_time").sel(valid_time=valid).drop_vars("valid_time")

@@ -9,7 +9,7 @@ import pandas as pd
 import xarray as xr
 from matplotlib.figure import Figure
 
-from minconv_dist.evaluate.metrics import LAT, LEAD, LON, TIME
+from minconv_dist.evaluate.layout import LAT, LEAD, LON, TIME, label
 
 LABELS = {"rmse": "RMSE", "weighted_rmse": "lat-weighted RMSE", "bias": "bias", "acc": "ACC"}
 
@@ -20,7 +20,8 @@ def _hours(lead: xr.DataArray) -> np.ndarray:
 
 def plot_skill(skill: xr.Dataset, variable: str, path: str | Path, metrics: tuple[str, ...] = ("weighted_rmse", "acc"),
                title: str = "") -> Path:
-    """One panel per metric, one line per source (model and baselines), against lead time in hours."""
+    """One panel per metric, one line per source (model and baselines), against lead time in hours; `variable`
+    is a channel (one level of a WB2 variable), titled by its WB2 name."""
     metrics = tuple(m for m in metrics if m in skill["metric"].values)
     fig = Figure(figsize=(5 * len(metrics), 3.6))
     axes = fig.subplots(1, len(metrics), squeeze=False)
@@ -28,12 +29,13 @@ def plot_skill(skill: xr.Dataset, variable: str, path: str | Path, metrics: tupl
         for source in skill["source"].values:
             curve = skill[variable].sel(source=source, metric=metric)
             style = "--" if source in ("persistence", "climatology") else "-"
-            ax.plot(_hours(curve[LEAD]), curve.values, style, marker=".", label=str(source))
+            defined = np.isfinite(curve.values)  # a source without some leads (another forecast's step)
+            ax.plot(_hours(curve[LEAD])[defined], curve.values[defined], style, marker=".", label=str(source))
         ax.set_xlabel("lead time [h]")
-        ax.set_ylabel(f"{LABELS.get(metric, metric)} ({variable})")
+        ax.set_ylabel(f"{LABELS.get(metric, metric)} ({label(variable)})")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(title or f"{variable}: skill vs lead time ({skill.attrs.get('definition', '')})")
+    fig.suptitle(title or f"{label(variable)}: skill vs lead time ({skill.attrs.get('definition', '')})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return Path(path)
@@ -61,7 +63,7 @@ def plot_maps(forecast: xr.Dataset, truth: xr.Dataset, variable: str, path: str 
             im = ax.imshow(field, origin="lower", extent=extent, aspect="auto", **kw)
             ax.set_title(f"{name}, lead {hours:g} h", fontsize=9)
             fig.colorbar(im, ax=ax, shrink=0.8)
-    fig.suptitle(f"{variable}, init {pd.Timestamp(fc[TIME].values)}")
+    fig.suptitle(f"{label(variable)}, init {pd.Timestamp(fc[TIME].values)}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return Path(path)
