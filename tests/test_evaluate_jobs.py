@@ -292,3 +292,30 @@ def test_interrupted_outputs_are_refused_or_absent(store, ckpt, tmp_path, monkey
         evaluate_job.main(["--forecast", "memory://crash/fc.zarr", "--out", out])
     evaluate_job.main(["--forecast", "memory://crash/fc.zarr", "--out", out, "--overwrite"])
     assert len(open_outputs(out)[1]) == 2 * 3 * 2  # model and persistence, 3 metrics, 2 leads
+
+
+def test_levels_of_a_wb2_truth_store_become_one_variable_and_a_plot_each(tiny_wb2_store, tmp_path, capsys):
+    """A model on two levels of geopotential and 2m temperature of a WB2-layout store: one `geopotential`
+    with levels 500 and 850 in the forecast, a skill plot per variable and level, a short printed summary."""
+    channels = ["geopotential@500", "geopotential@850", "2m_temperature"]
+    torch.manual_seed(0)
+    model = build_model("minconvgru", channels, 3, 1, padding="cylinder", norm="layer", grid=(16, 32))
+    model.normalizer.set_stats([54000.0, 14000.0, 281.0], [3300.0, 900.0, 18.0])
+    save_model_file(tmp_path / "m.pt", model)
+    dims = json.dumps({"lat": "latitude", "lon": "longitude"})
+    out, res = tmp_path / "fc.zarr", tmp_path / "res"
+    forecast_job.main(["--model", str(tmp_path / "m.pt"), "--data", tiny_wb2_store, "--dims", dims, "--coarsen", "2",
+                       "--context", "4", "--steps", "6", "--init-start", "2015-01-03", "--init-end", "2015-01-04",
+                       "--init-every", "12h", "--out", str(out)])
+    fc = xr.open_zarr(out)
+    assert sorted(fc.data_vars) == ["2m_temperature", "geopotential"] and list(fc["level"].values) == [500, 850]
+    assert fc["2m_temperature"].dims == ("time", "prediction_timedelta", "latitude", "longitude")
+    assert fc["2m_temperature"].attrs["units"] == "K"
+    capsys.readouterr()
+    skill = evaluate_job.main(["--forecast", str(out), "--dims", dims, "--out", str(res), "--map-leads", "1"])
+    assert list(skill.data_vars) == channels
+    for name in ("geopotential_500", "geopotential_850", "2m_temperature"):
+        assert (res / f"skill_{name}.png").exists() and (res / f"maps_{name}.png").exists()
+    printed = capsys.readouterr().out
+    assert "geopotential@850" in printed and "weighted_rmse 6h" in printed and "rmse_sqrt" not in printed
+    assert len(printed.splitlines()) < 12  # the summary, not the 3 x 2 x 4 x 6 rows of metrics.csv
