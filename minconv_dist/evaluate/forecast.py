@@ -100,6 +100,7 @@ def context_forecasts(model: torch.nn.Module, data: xr.DataArray, idx: np.ndarra
         yield i, y
 
 
+@torch.no_grad()
 def _forecast_from(model: torch.nn.Module, warm: list, steps: int) -> torch.Tensor:
     """Forecasts [b, steps, C, H, W] from b (state, first prediction) pairs of `Network.warm_states`."""
     state = [torch.cat(layer, dim=0) for layer in zip(*(s for s, _ in warm))]
@@ -113,18 +114,19 @@ def warm_forecasts(model: torch.nn.Module, data: xr.DataArray, idx: np.ndarray, 
                    batch_size: int, device: str | torch.device, chunk: int = 256
                    ) -> Iterator[tuple[int, torch.Tensor]]:
     """(first init's position, forecasts [b, steps, C, H, W]) per batch, the states from one pass over frames
-    start..idx[-1], read `chunk` frames at a time with the state carried (memory: one chunk, one batch)."""
+    start..idx[-1], read `chunk` frames at a time with the state carried (memory: one chunk of frames, and the
+    states of the init times in it until a batch of them is rolled out)."""
     pending, done, state = [], 0, None
     for c0 in range(start, int(idx[-1]) + 1, chunk):
         c1 = min(c0 + chunk, int(idx[-1]) + 1)
         ends = idx[(idx >= c0) & (idx < c1)] - c0
         with torch.no_grad():
             warm, state = model.warm_states(_frames(data, np.arange(c0, c1)[None], device), ends, state)
-            pending += warm
-            while len(pending) >= batch_size or (pending and c1 > idx[-1]):
-                batch, pending = pending[:batch_size], pending[batch_size:]
-                yield done, _forecast_from(model, batch, steps)
-                done += len(batch)
+        pending += warm
+        while len(pending) >= batch_size or (pending and c1 > idx[-1]):
+            batch, pending = pending[:batch_size], pending[batch_size:]
+            yield done, _forecast_from(model, batch, steps)
+            done += len(batch)
 
 
 def forecast_template(channels: list[str], init_time: np.ndarray, lead: np.ndarray, lat: np.ndarray,

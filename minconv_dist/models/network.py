@@ -132,9 +132,10 @@ class Network(nn.Module):
 
         Returns ([(state after frame e, prediction of frame e + 1 [B, C, H, W] in physical units) for e in
         ends], state after the last frame). So one scan over a long record gives the state at every init time
-        e, the same as `rollout(x[:, :e + 1], steps, state)` reaches, and `rollout(y[:, None], m, state_e)`
-        continues the forecast from it; pass the returned state with the next stretch of the record. Exact for
-        every cell; only the Min cells run each pass as one scan (ConvLSTM/ConvGRU loop over its frames).
+        e: the prediction is `rollout(x[:, :e + 1], m, state)[0][:, 0]`, and `rollout(y[:, None], m - 1,
+        state_e)` gives the rest of that forecast. Pass the returned state with the next stretch of the
+        record to go on. Exact for every cell; only the Min cells run each pass as one scan (ConvLSTM and
+        ConvGRU loop over its frames).
         """
         self._check(x, "x", 5)
         T, ends = x.shape[1], [int(e) for e in ends]
