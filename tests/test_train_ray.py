@@ -87,8 +87,9 @@ def tiny(store: str, workdir: Path, name: str, *overrides: str):
 
 def losses(result) -> list[float]:
     history = mlflow.tracking.MlflowClient(result.mlflow_uri).get_metric_history(result.mlflow_run_id, "train_loss")
-    by_step = {m.step: m.value for m in history}  # a restarted run logs some steps twice, with equal values
-    return [by_step[s] for s in sorted(by_step)]
+    steps = [m.step for m in history]
+    assert len(steps) == len(set(steps)), "a step logged twice (a restarted worker must not log its replay again)"
+    return [m.value for m in sorted(history, key=lambda m: m.step)]
 
 
 def weights(result) -> dict[str, torch.Tensor]:
