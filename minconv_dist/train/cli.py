@@ -12,6 +12,10 @@ from minconv_dist.train.config import ConfigError, load_config
 from minconv_dist.train.local_ray import LOCAL_ONLY
 from minconv_dist.train.resume import RunFinished, resume_config
 
+# Ray Train 2.60 wraps print() in its workers and the driver then shows every worker line twice (the print
+# and its logger's copy); plain print: each line once. Ray Train passes this variable on to its workers.
+WORKER_PRINT = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
 # flag -> config key; the value is passed through the same YAML parsing as --set
 SHORTCUTS = {
     "--url": ("data.url", "zarr store URL (local, s3://, gs://); default: the embedded synthetic store"),
@@ -45,9 +49,9 @@ def main(description: str, preset: Path | None = None, argv: list[str] | None = 
     for flag, (key, text) in SHORTCUTS.items():
         parser.add_argument(flag, dest=key, metavar="VALUE", help=f"{text} (= --set {key}=VALUE)")
     args = parser.parse_args(argv)
-    if "RAY_ADDRESS" not in os.environ:  # the job starts its own Ray: on loopback only
-        for key, value in LOCAL_ONLY.items():
-            os.environ.setdefault(key, value)
+    local = {} if "RAY_ADDRESS" in os.environ else LOCAL_ONLY  # a Ray of the job's own: on loopback only
+    for key, value in {**WORKER_PRINT, **local}.items():
+        os.environ.setdefault(key, value)
     from minconv_dist.train.trainer import Interrupted, TrainingError, fit  # imports Ray (and DeepSpeed, torch)
 
     shortcuts = [f"{key}={getattr(args, key)}" for _, (key, _) in SHORTCUTS.items() if getattr(args, key) is not None]
