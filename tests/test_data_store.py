@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+import threading
 import time
 
 import numpy as np
@@ -10,7 +14,8 @@ import xarray as xr
 
 from minconv_dist.data import (ChannelSpec, DimNames, open_store, parse_channels, select_channels,
                                write_synthetic_era5)
-from minconv_dist.data.store import COMPLETE_ATTR, set_attrs
+from minconv_dist.data.store import COMPLETE_ATTR, DataError, remote_options, set_attrs
+from minconv_dist.train.local_ray import free_port
 
 WB2 = DimNames(lat="latitude", lon="longitude")
 SMALL = {"start": "2015-01-01", "end": "2015-01-03", "chunks": 12}
@@ -45,6 +50,65 @@ def test_unreachable_bucket_names_url_not_credentials():
     assert time.monotonic() - start < 60
 
 
+def test_remote_timeouts_are_defaults_under_the_users_options():
+    options = remote_options("s3://bucket/x.zarr", {"anon": True, "config_kwargs": {"read_timeout": 2}})
+    assert options == {"anon": True, "config_kwargs": {"connect_timeout": 10, "read_timeout": 2,
+                                                       "retries": {"mode": "standard", "max_attempts": 3}}}
+    assert remote_options("gs://bucket/x.zarr", {"requests_timeout": 5}) == {"requests_timeout": 5}
+    assert remote_options("gs://bucket/x.zarr")["requests_timeout"] > 0
+    assert remote_options("/local/x.zarr") == {} and remote_options("memory://x.zarr") == {}
+
+
+@pytest.fixture
+def silent_endpoint():
+    """A TCP server on 127.0.0.1 that accepts connections and never answers; its URL."""
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+
+    def serve() -> None:
+        while True:
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:  # closed by the test
+                return
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    server.close()
+    thread.join(5)
+    for conn in accepted:
+        conn.close()
+
+
+def open_in_subprocess(endpoint: str, timeout: float, config: dict) -> tuple[subprocess.CompletedProcess, float]:
+    """`open_store` of an S3 URL at `endpoint` in a fresh interpreter (whose exit would show any coroutine
+    left behind), printing the error; with the time it took."""
+    options = {"endpoint_url": endpoint, "key": "k", "secret": "s", "config_kwargs": config}
+    code = ("from minconv_dist.data import open_store\n"
+            "try:\n"
+            f"    open_store('s3://bucket/era5.zarr', {options!r}, timeout={timeout})\n"
+            "except OSError as err:\n"
+            "    print(err)\n")
+    start = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    return out, time.monotonic() - start
+
+
+def test_an_endpoint_that_never_answers_fails_in_bounded_time(silent_endpoint):
+    out, seconds = open_in_subprocess(silent_endpoint, timeout=3, config={"read_timeout": 1})
+    assert out.stdout.splitlines() == ["cannot reach zarr store 's3://bucket/era5.zarr': no answer in time "
+                                       "(FSTimeoutError)"], out
+    assert out.stderr == "" and seconds < 30
+
+
+def test_a_refused_endpoint_fails_with_one_line_and_no_async_noise():
+    port = free_port()  # nothing listens there
+    out, seconds = open_in_subprocess(f"http://127.0.0.1:{port}", timeout=30, config={})
+    assert out.stdout.splitlines() == ["cannot reach zarr store 's3://bucket/era5.zarr': EndpointConnectionError"], out
+    assert "Exception ignored" not in out.stderr and out.stderr == "" and seconds < 60
+
+
 def test_missing_local_store(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.zarr"):
         open_store(str(tmp_path / "nowhere.zarr"))
@@ -54,7 +118,7 @@ def test_incomplete_store_is_refused(tmp_path):
     path = str(tmp_path / "half.zarr")
     write_synthetic_era5(path, **SMALL)
     set_attrs(path, None, **{COMPLETE_ATTR: False})
-    with pytest.raises(ValueError, match="incomplete"):
+    with pytest.raises(DataError, match=f"zarr store '{path}' is incomplete"):
         open_store(path)
 
 

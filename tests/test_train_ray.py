@@ -4,6 +4,7 @@ NaN handling, MLflow and the errors raised before any worker starts. One local R
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -12,17 +13,22 @@ from pathlib import Path
 import cloudpickle
 
 import mlflow
+import numpy as np
 import pytest
 import ray
 import torch
+import xarray as xr
+import zarr
 
 from minconv_dist.data import compute_stats, generate_navier_stokes, open_store, write_synthetic_era5
+from minconv_dist.data.store import COMPLETE_ATTR, set_attrs
 from minconv_dist.evaluate import load_model
 from minconv_dist.models import load_model_file
 from minconv_dist.train import ConfigError, fit, load_config
 from minconv_dist.train.checkpoint import latest
 from minconv_dist.train.meter import NonFiniteLossError
 from minconv_dist.train.resume import RunFinished, resume_config
+from minconv_dist.train.trainer import TrainingError
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -202,7 +208,7 @@ def test_mlflow_run_and_registered_model(reference, store):
 
 
 @pytest.mark.parametrize("override, match", [
-    ("data.url=/nonexistent/store.zarr", "data.url: cannot open zarr store"),
+    ("data.url=/nonexistent/store.zarr", "data.url: no zarr store at '/nonexistent/store.zarr'"),
     ("parallel.num_workers=16", "parallel: the Ray cluster cannot fit 16 workers"),
     ("data.train_range=[1990-01-01, 1990-02-01]", "data.train_range.*selects no time steps"),
     ("data.channels=[geopotential@500]", "data.channels.*geopotential"),
@@ -214,6 +220,81 @@ def test_bad_setup_fails_before_any_worker(override, match, store, workdir, ray_
         fit(tiny(store, workdir, "bad", override))
     assert time.monotonic() - start < 20
     assert not (workdir / "runs" / "bad").exists()
+
+
+def scale_january(path: str) -> None:
+    """A decodable chunk of garbage in the training period: what a corrupt unchecksummed store gives."""
+    arr = zarr.open_array(os.path.join(path, "z"), mode="r+")
+    arr[240:264] = arr[240:264] * np.float32(1e22)  # 2015-01-11
+
+
+def flip_a_byte(path: str) -> None:
+    chunk = os.path.join(path, "z", "c", "10", "0", "0")
+    data = bytearray(Path(chunk).read_bytes())
+    data[len(data) // 2] ^= 0x40
+    Path(chunk).write_bytes(bytes(data))
+
+
+def rewrite(path: str, change) -> None:
+    ds = change(xr.open_zarr(path)).load()
+    for var in ds.variables.values():
+        var.encoding = {}
+    ds.to_zarr(path, mode="w", zarr_format=3, consolidated=False)
+
+
+def swap_two_times(ds: xr.Dataset) -> xr.Dataset:
+    times = ds.time.values.copy()
+    times[[100, 101]] = times[[101, 100]]
+    return ds.assign_coords(time=times)
+
+
+@pytest.mark.parametrize("corrupt, match", [
+    (scale_january, r"data.url: values outside the plausible range \[30000, 70000\] \(.*e\+26\) in channel z "
+                    r"\(variable 'z'\) at time 2015-01-11T00:00:00 \(and 23 more frames .*\) of '.*bad.zarr'"),
+    (lambda p: zarr.open_array(os.path.join(p, "z"), mode="r+").__setitem__((300, 2, 2), np.nan),
+     r"data.url: NaN in channel z \(variable 'z'\) at time 2015-01-13T12:00:00 of '.*bad.zarr'; set data.nan_policy"),
+    (flip_a_byte, r"data.url: cannot read channel z time .* of '.*bad.zarr': chunk 'z/c/10/0/0' does not decode"),
+    (lambda p: rewrite(p, swap_two_times), r"data.url: the time coordinate 'time' of '.*bad.zarr' is not strictly"),
+    (lambda p: rewrite(p, lambda ds: ds.drop_vars("time")), r"data.url: '.*bad.zarr' has no time coordinate 'time'"),
+    (lambda p: set_attrs(p, None, **{COMPLETE_ATTR: False}), r"data.url: zarr store '.*bad.zarr' is incomplete"),
+], ids=["implausible", "nan", "checksum", "time-order", "no-time", "incomplete"])
+def test_bad_data_fails_before_any_worker(corrupt, match, store, workdir, ray_session, tmp_path):
+    """Each error is one line naming the store and the problem, raised on the driver."""
+    bad = str(tmp_path / "bad.zarr")
+    shutil.copytree(store, bad)
+    corrupt(bad)
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=match) as info:
+        fit(tiny(bad, workdir, "bad-data"))
+    assert "\n" not in str(info.value) and time.monotonic() - start < 20
+    assert not (workdir / "runs" / "bad-data").exists()
+
+
+class RecordAttempt:
+    """Appends `rank pid` to a file at global step 1: one line per rank per attempt."""
+
+    def __init__(self, log: Path):
+        self.log = log
+
+    def __call__(self, engine, step: int, rank: int) -> None:
+        if step == 1:
+            with open(self.log, "a") as f:
+                f.write(f"{rank} {os.getpid()}\n")
+
+
+@pytest.mark.slow
+def test_data_error_in_a_worker_stops_the_run_without_retries(store, workdir, ray_session, tmp_path):
+    """NaN where the driver does not look (the second half of the validation period, rank 1's): the worker's
+    DataError ends the run at once, though parallel.max_failures would allow two more attempts."""
+    bad = str(tmp_path / "late-nan.zarr")
+    shutil.copytree(store, bad)
+    zarr.open_array(os.path.join(bad, "z"), mode="r+")[1300, 1, 1] = np.nan  # 2015-02-24T04:00
+    attempts = tmp_path / "attempts"
+    with pytest.raises(TrainingError, match=r"run late-nan stopped on bad data \(not retried\): NaN in channel z "
+                                            r"\(variable 'z'\) at time 2015-02-24T04:00:00 of '.*late-nan.zarr'") as info:
+        fit(tiny(bad, workdir, "late-nan", "parallel.max_failures=2"), callbacks=[RecordAttempt(attempts)])
+    assert "\n" not in str(info.value)
+    assert len(attempts.read_text().splitlines()) == 2  # both ranks, once
 
 
 @pytest.mark.slow

@@ -80,7 +80,11 @@ def select_channels(ds: xr.Dataset, channels: str | list, dims: DimNames = DimNa
     coordinates stay attached, so nothing downstream has to guess whether latitude descends.
     """
     specs = parse_channels(channels)
-    layers = channel_layers(ds, specs, dims)
+    return stack_channels(channel_layers(ds, specs, dims), specs, dims)
+
+
+def stack_channels(layers: list[xr.DataArray], specs: list[ChannelSpec], dims: DimNames) -> xr.DataArray:
+    """The per-channel arrays of `channel_layers` as one `[[sample,] time, channel, lat, lon]` array."""
     out = xr.concat(layers, dim="channel", coords="minimal", compat="override", join="exact")
     out = out.assign_coords(channel=[str(s) for s in specs])
     pairs = ((dims.sample, "sample"), (dims.time, "time"), (dims.lat, "lat"), (dims.lon, "lon"))

@@ -8,7 +8,7 @@ import xarray as xr
 import zarr
 from tqdm.auto import tqdm
 
-from minconv_dist.data.store import COMPLETE_ATTR, cache_dir, redact, set_attrs, zarr_store
+from minconv_dist.data.store import COMPLETE_ATTR, cache_dir, checksummed, redact, set_attrs, zarr_store
 from minconv_dist.simulate import gaussian_random_field, paper_forcing, solve_vorticity
 
 
@@ -27,6 +27,7 @@ def generate_navier_stokes(url: str, *, samples: int, resolution: int = 64, down
     store's `minconv_complete` attribute stays False and `ns_samples_written` counts finished samples
     until the end, so a killed run is visibly incomplete; calling again with the same arguments resumes
     it (sample `i` depends only on `seed` and its batch, so a resumed store equals an uninterrupted one).
+    Chunks carry a CRC32C checksum.
     """
     if samples < 1 or resolution % downsample or batch_size < 1:
         raise ValueError(f"samples={samples}, resolution={resolution}, downsample={downsample}, "
@@ -57,7 +58,8 @@ def generate_navier_stokes(url: str, *, samples: int, resolution: int = 64, down
             coords={"sample": np.arange(samples), "time": np.arange(time_units + 1, dtype=np.float64),
                     "y": np.arange(n) / n, "x": np.arange(n) / n},
             attrs={**params, COMPLETE_ATTR: False, "ns_samples_written": 0})
-        template.to_zarr(store, mode="w", compute=False, consolidated=False, zarr_format=3)
+        template.to_zarr(store, mode="w", compute=False, consolidated=False, zarr_format=3,
+                         encoding=checksummed(template))
         start = 0
 
     forcing = paper_forcing(resolution).to(dev)
@@ -81,6 +83,6 @@ def default_navier_stokes_store(samples: int = 32) -> str:
     resumed by the next call (see `generate_navier_stokes`)."""
     cache = cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    path = str(cache / f"navier_stokes_{samples}_samples_16x16_v1.zarr")
+    path = str(cache / f"navier_stokes_{samples}_samples_16x16_v2.zarr")  # v2: checksummed chunks
     generate_navier_stokes(path, samples=samples)
     return path

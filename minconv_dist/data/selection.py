@@ -6,23 +6,44 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from minconv_dist.data.channels import select_channels
-from minconv_dist.data.store import DimNames, open_store, redact
+from minconv_dist.data.channels import channel_layers, parse_channels, stack_channels
+from minconv_dist.data.chunks import Source, dask_layer, label
+from minconv_dist.data.store import DataError, DimNames, open_store, redact
 
 
-def time_slice(times: np.ndarray, time_range: tuple | None, url: str, key: str = "time_range") -> slice:
-    """Integer slice of `times` within `time_range` (`[start, end]`, both inclusive; None: all)."""
-    index = pd.Index(times)
-    if not (index.is_monotonic_increasing and index.is_unique):
-        raise ValueError(f"{key}: the time coordinate of {redact(url)!r} is not strictly increasing")
+def time_slice(da: xr.DataArray, time_range: tuple | None, url: str, dim: str = "time",
+               key: str = "time_range") -> slice:
+    """Integer slice of `da`'s time coordinate `dim` within `time_range` (`[start, end]`, both inclusive;
+    None: all). A missing or unordered time coordinate is the store's fault (DataError); a range that selects
+    nothing, or cannot be compared with the coordinate, is the caller's (ValueError naming `key`)."""
+    if dim not in da.coords:
+        if time_range is None:  # positions will do
+            return slice(0, da.sizes[dim])
+        raise DataError(f"{redact(url)!r} has no time coordinate {dim!r} (the dim has no values), so "
+                        f"{key}={list(time_range)} cannot be selected")
+    index = pd.Index(da[dim].values)
+    _check_increasing(index, url, dim)
     if time_range is None:
         return slice(0, index.size)
-    sl = index.slice_indexer(*time_range)
+    try:
+        sl = index.slice_indexer(*time_range)
+    except TypeError as err:
+        raise ValueError(f"{key}={list(time_range)} cannot select from the time coordinate {dim!r} of "
+                         f"{redact(url)!r} ({index.dtype} values {label(index[0])} to {label(index[-1])})") from err
     start, stop = sl.start or 0, index.size if sl.stop is None else sl.stop
     if stop <= start:
         raise ValueError(f"{key}={list(time_range)} selects no time steps in {redact(url)!r} "
                          f"(store covers {index[0]} to {index[-1]})")
     return slice(start, stop)
+
+
+def _check_increasing(index: pd.Index, url: str, dim: str) -> None:
+    """Windows and periods assume time runs forward, one frame per label."""
+    steps = np.flatnonzero(~(index[1:] > index[:-1]))
+    if steps.size:
+        i = int(steps[0])
+        raise DataError(f"the time coordinate {dim!r} of {redact(url)!r} is not strictly increasing: "
+                        f"{label(index[i + 1])} (position {i + 1}) follows {label(index[i])}")
 
 
 def sample_slice(n_samples: int, sample_range: tuple[int, int] | None, url: str, sample_dim: str | None) -> slice:
@@ -56,10 +77,15 @@ def coarsen(data: xr.DataArray, factor: int, lat: str, lon: str, url: str) -> xr
 
 def select_split(url_or_ds: str | xr.Dataset, channels: str | list, dims: DimNames, time_range: tuple | None,
                  sample_range: tuple[int, int] | None, storage_options: dict | None = None) -> xr.DataArray:
-    """Lazy `[[sample,] time, channel, lat, lon]` of a split: its period and (for sample stores) its samples."""
-    ds = open_store(url_or_ds, storage_options) if isinstance(url_or_ds, str) else url_or_ds
+    """Lazy (dask) `[[sample,] time, channel, lat, lon]` of a split: its period and (for sample stores) its
+    samples. Opened from a URL, its reads name the chunk that fails (`chunks.read`)."""
+    ds = open_store(url_or_ds, storage_options, dask=False) if isinstance(url_or_ds, str) else url_or_ds
     url = url_or_ds if isinstance(url_or_ds, str) else "the dataset"
     samples = sample_slice(ds.sizes[dims.sample] if dims.sample else 1, sample_range, url, dims.sample)
-    da = select_channels(ds, channels, dims)
-    da = da.isel(time=time_slice(da["time"].values, time_range, url))
+    specs = parse_channels(channels)
+    layers = channel_layers(ds, specs, dims)
+    if isinstance(url_or_ds, str):
+        layers = [dask_layer(layer, Source(url, spec, dims, storage_options)) for spec, layer in zip(specs, layers)]
+    da = stack_channels(layers, specs, dims)
+    da = da.isel(time=time_slice(da, time_range, url))
     return da.isel(sample=samples) if dims.sample else da

@@ -1,25 +1,28 @@
 """Normalisation statistics, computed with dask over the training split only.
 
 `NormStats` holds them on the way to the model (whose normaliser keeps them as buffers, so they travel with
-the weights) and as a small JSON file (`data.stats_path`, `--stats` for official checkpoints).
+the weights) and as a small JSON file (`data.stats_path`, `--stats` for official checkpoints). The pass
+that computes them reduces each frame first, so that the same pass checks every frame (`checks.py`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
-import dask
+import dask.array
 import fsspec
 import numpy as np
 import xarray as xr
 from dask.diagnostics import ProgressBar
 
 from minconv_dist.data.channels import parse_channels
+from minconv_dist.data.checks import Frames, Range, channel_bounds, check_frames, frame_sums
 from minconv_dist.data.selection import select_split
-from minconv_dist.data.store import DimNames, is_local, local_path, redact
+from minconv_dist.data.store import DimNames, is_local, local_path, redact, remote_options
 
 
 @dataclass
@@ -48,12 +51,12 @@ class NormStats:
                 f.write(text)
             os.replace(tmp, path)
         else:  # an object-store PUT is atomic
-            with fsspec.open(url, "w", **(storage_options or {})) as f:
+            with fsspec.open(url, "w", **remote_options(url, storage_options)) as f:
                 f.write(text)
 
     @classmethod
     def load(cls, url: str, storage_options: dict | None = None) -> "NormStats":
-        with fsspec.open(url, "r", **(storage_options or {})) as f:
+        with fsspec.open(url, "r", **remote_options(url, storage_options)) as f:
             try:
                 raw = json.load(f)
                 return cls(channels=list(raw["channels"]), mean=list(raw["mean"]), std=list(raw["std"]))
@@ -63,14 +66,24 @@ class NormStats:
 
 def compute_stats(url_or_ds: str | xr.Dataset, channels: str | list, dims: DimNames = DimNames(),
                   time_range: tuple | None = None, storage_options: dict | None = None,
-                  progress: bool = True, sample_range: tuple[int, int] | None = None) -> NormStats:
-    """Mean and (population) std per channel over (sample,) time, lat and lon, in float64, in one dask pass.
+                  progress: bool = True, sample_range: tuple[int, int] | None = None,
+                  bounds: Sequence[Range | None] | None = None, allow_nan: bool = True) -> NormStats:
+    """Mean and (population) std per channel over (sample,) time, lat and lon, in float64, in one dask pass
+    that also checks every frame (`checks.check_frames`: finite, NaN only if `allow_nan`, inside `bounds`,
+    default `channel_bounds(channels)`); NaN are left out of the statistics.
 
     `sample_range=(start, stop)` restricts a sample store to its training trajectories, as `time_range` does
     the training period of a single series."""
-    da = select_split(url_or_ds, channels, dims, time_range, sample_range, storage_options).astype("float64")
-    over = [d for d in da.dims if d != "channel"]
+    da = select_split(url_or_ds, channels, dims, time_range, sample_range, storage_options)
+    data = da.data if dims.sample else da.data[None]  # [sample, time, channel, lat, lon]
+    data = data.rechunk({3: -1, 4: -1})  # whole frames per task
+    sums = dask.array.map_blocks(frame_sums, data, drop_axis=4, chunks=data.chunks[:3] + ((5,),), dtype=np.float64)
     with ProgressBar() if progress else nullcontext():
-        mean, sq = dask.compute(da.mean(over).data, (da**2).mean(over).data)
-    std = np.sqrt(np.maximum(sq - mean**2, 0.0))
+        sums = sums.compute()
+    url = url_or_ds if isinstance(url_or_ds, str) else "the dataset"
+    frames = Frames.of_sums(sums, da["time"].values, da["sample"].values if dims.sample else None)
+    check_frames(frames, channels, channel_bounds(channels) if bounds is None else bounds, url, allow_nan=allow_nan)
+    count = da.sizes["lat"] * da.sizes["lon"] * frames.low.shape[0] - frames.nans.sum(axis=0)
+    mean = sums[..., 3].sum(axis=(0, 1)) / count
+    std = np.sqrt(np.maximum(sums[..., 4].sum(axis=(0, 1)) / count - mean**2, 0.0))
     return NormStats(channels=[str(s) for s in parse_channels(channels)], mean=mean.tolist(), std=std.tolist())

@@ -2,10 +2,13 @@
 
 One function opens every store so that dimension layout, error messages and the "incomplete" marker
 are handled in one place. Credentials travel only in `storage_options` and are never put in messages.
+Remote stores get connect and read timeouts and retries by default (`remote_options`), so an endpoint
+that never answers fails in bounded time instead of hanging a job.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import warnings
@@ -13,11 +16,37 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import xarray as xr
 import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 # Attribute a generator sets to False while it writes and to True when the store is whole.
 COMPLETE_ATTR = "minconv_complete"
+
+# Defaults under the user's storage_options (theirs win, key by key): seconds to connect and to wait for
+# bytes, and attempts with exponential backoff. Without them botocore waits 60 s per read and s3fs retries
+# each of its 5 tries, so an endpoint that accepts but never answers holds a job for many minutes.
+REMOTE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "s3": {"config_kwargs": {"connect_timeout": 10, "read_timeout": 30,
+                             "retries": {"mode": "standard", "max_attempts": 3}}},
+    "gs": {"requests_timeout": 30},
+}
+REMOTE_DEFAULTS["s3a"] = REMOTE_DEFAULTS["s3"]
+REMOTE_DEFAULTS["gcs"] = REMOTE_DEFAULTS["gs"]
+# The longest a store may take to answer the first request before `open_store` gives up on it.
+REACH_TIMEOUT_S = 60.0
+
+
+class DataError(ValueError):
+    """The data are wrong (corrupt or missing chunk, NaN, implausible values, an incomplete store, a bad time
+    axis): deterministic, so retrying cannot help. The message names the store and the problem."""
+
+
+def checksummed(ds: xr.Dataset) -> dict[str, dict[str, Any]]:
+    """zarr v3 encoding for every variable of `ds`: zstd, then a CRC32C of the compressed chunk, so a chunk
+    whose bytes changed fails to read (naming its key) instead of decoding to plausible-looking garbage."""
+    return {name: {"compressors": (ZstdCodec(level=0), Crc32cCodec())} for name in ds.variables}
 
 
 @dataclass(frozen=True)
@@ -63,23 +92,70 @@ def local_path(url: str) -> str:
     return url[len("file://"):] if url.startswith("file://") else url
 
 
+def _merged(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `defaults` with `given` on top, nested dicts merged key by key (a deep copy: botocore rewrites
+    the `retries` dict it is given)."""
+    out = copy.deepcopy(defaults)
+    for key, value in given.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both else value
+    return out
+
+
+def remote_options(url: str, storage_options: dict | None = None) -> dict[str, Any]:
+    """The fsspec options for `url`: `REMOTE_DEFAULTS` of its protocol under the user's `storage_options`."""
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    return _merged(REMOTE_DEFAULTS.get(protocol, {}), storage_options or {})
+
+
+def filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and path of `url`, with the timeouts of `remote_options`."""
+    return fsspec.core.url_to_fs(url, **remote_options(url, storage_options))
+
+
 def zarr_store(url: str, storage_options: dict | None = None) -> Any:
     """What zarr and xarray accept for `url`: a path for local stores (zarr refuses storage_options there)."""
     if is_local(url):
         return local_path(url)
-    return zarr.storage.FsspecStore.from_url(url, storage_options=storage_options or {}, read_only=False)
+    return zarr.storage.FsspecStore.from_url(url, storage_options=remote_options(url, storage_options),
+                                             read_only=False)
 
 
-def open_store(url: str, storage_options: dict | None = None, *, dask: bool = True) -> xr.Dataset:
+def _unreachable(url: str, err: BaseException) -> OSError:
+    """One line for a store that cannot be reached; never the storage_options (they may hold credentials)."""
+    name = type(err).__name__
+    timed_out = isinstance(err, TimeoutError) or "Timeout" in name  # fsspec, botocore and aiohttp timeouts
+    return OSError(f"cannot reach zarr store {redact(url)!r}: {f'no answer in time ({name})' if timed_out else name}")
+
+
+def _check_reachable(url: str, storage_options: dict | None, timeout: float) -> None:
+    """One request to a remote store before zarr opens it. zarr fetches several metadata keys at once, and
+    when the endpoint fails the ones still retrying are dropped at exit with a traceback each; a single
+    request fails alone, within `timeout` seconds (cancelled inside fsspec's event loop, cleanly)."""
+    if is_local(url) or url.startswith("memory://"):
+        return
+    try:
+        fs, path = filesystem(url, storage_options)
+        fs.info(path, **({"timeout": timeout} if fs.async_impl else {}))
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"no zarr store at {redact(url)!r}") from err
+    except Exception as err:  # botocore/aiohttp connection errors, timeouts, credentials
+        raise _unreachable(url, err) from err
+
+
+def open_store(url: str, storage_options: dict | None = None, *, dask: bool = True,
+               timeout: float = REACH_TIMEOUT_S) -> xr.Dataset:
     """Open a zarr (v2 or v3, consolidated or not) store lazily.
 
     By default every variable is a dask array chunked as on disk. `dask=False` gives xarray's lazy
     (non-dask) arrays, which the window loader uses so that one slice becomes one concurrent zarr read.
-    Raises FileNotFoundError for a missing store, OSError for one that cannot be reached (after
-    fsspec's retries) and ValueError for a store a generator left incomplete.
+    Raises FileNotFoundError for a missing store, OSError for one that cannot be reached (after the
+    retries of `remote_options`, and at the latest after `timeout` seconds) and DataError for a store a
+    generator left incomplete.
     """
     if is_local(url) and storage_options:
         raise ValueError(f"storage_options given for local store {url!r}; they only apply to remote URLs")
+    _check_reachable(url, storage_options, timeout)
     try:
         with warnings.catch_warnings():
             # consolidated=None falls back to plain metadata with a RuntimeWarning; both are fine here.
@@ -88,15 +164,15 @@ def open_store(url: str, storage_options: dict | None = None, *, dask: bool = Tr
     except FileNotFoundError as err:
         raise FileNotFoundError(f"no zarr store at {redact(url)!r}") from err
     except (OSError, TimeoutError) as err:  # includes botocore/aiohttp connection errors wrapped by fsspec
-        raise OSError(f"cannot reach zarr store {redact(url)!r}: {type(err).__name__}") from err
+        raise _unreachable(url, err) from err
     except Exception as err:
         if type(err).__name__ in {"EndpointConnectionError", "ClientConnectorError", "NoCredentialsError",
-                                  "ClientError", "ConnectTimeoutError"}:
-            raise OSError(f"cannot reach zarr store {redact(url)!r}: {type(err).__name__}") from err
+                                  "ClientError", "ConnectTimeoutError", "ReadTimeoutError"}:
+            raise _unreachable(url, err) from err
         raise
     if ds.attrs.get(COMPLETE_ATTR) is False:
-        raise ValueError(f"zarr store {redact(url)!r} is incomplete (a generator was interrupted); "
-                         "re-run the generator with the same arguments to resume or rewrite it")
+        raise DataError(f"zarr store {redact(url)!r} is incomplete (a generator was interrupted); "
+                        "re-run the generator with the same arguments to resume or rewrite it")
     return ds
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from minconv_dist.data.store import COMPLETE_ATTR, cache_dir, set_attrs, zarr_store
+from minconv_dist.data.store import COMPLETE_ATTR, cache_dir, checksummed, set_attrs, zarr_store
 
 DEFAULT_START, DEFAULT_END, DEFAULT_FREQ = "2015-01-01", "2017-01-01", "1h"
 _DAY = np.timedelta64(1, "D")
@@ -73,7 +73,7 @@ def write_synthetic_era5(url: str, *, start: str = DEFAULT_START, end: str = DEF
     `layout="weatherbench"`: variable `z`, dims (time, lat, lon), latitude ascending (WeatherBench v1).
     `layout="weatherbench2"`: `geopotential` and `temperature` at levels 500/850, `2m_temperature`,
     dims (time, level, latitude, longitude), latitude descending (WeatherBench2 / ARCO-ERA5).
-    `chunks` is the time-chunk length; each chunk holds the whole grid.
+    `chunks` is the time-chunk length; each chunk holds the whole grid. Chunks carry a CRC32C checksum.
     """
     if layout not in ("weatherbench", "weatherbench2"):
         raise ValueError(f"layout={layout!r}: expected 'weatherbench' or 'weatherbench2'")
@@ -97,7 +97,7 @@ def write_synthetic_era5(url: str, *, start: str = DEFAULT_START, end: str = DEF
     data_vars = {name: (d, dsa.zeros(s, chunks=(chunks,) + s[1:], dtype=np.float32)) for name, (d, s) in template.items()}
     ds = xr.Dataset(data_vars, coords=coords, attrs={COMPLETE_ATTR: False, "source": "minconv_dist synthetic ERA5-like"})
     store = zarr_store(url, storage_options)
-    ds.to_zarr(store, mode="w", compute=False, consolidated=False, zarr_format=3)
+    ds.to_zarr(store, mode="w", compute=False, consolidated=False, zarr_format=3, encoding=checksummed(ds))
 
     rng = np.random.default_rng(seed)
     n_noise = 24
@@ -131,7 +131,7 @@ def default_store() -> str:
     so concurrent callers (several Ray workers) never see a half-written store.
     """
     cache = cache_dir()
-    path = cache / "era5_synthetic_z_5.625deg_2015-2016_1h_v1.zarr"
+    path = cache / "era5_synthetic_z_5.625deg_2015-2016_1h_v2.zarr"  # v2: checksummed chunks
     if path.exists():
         return str(path)
     cache.mkdir(parents=True, exist_ok=True)

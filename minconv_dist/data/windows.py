@@ -28,17 +28,18 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import islice
 
-import fsspec
 import numpy as np
 import torch
 import xarray as xr
-import zarr
 
 from minconv_dist.data.channels import ChannelSpec, channel_layers, parse_channels
+from minconv_dist.data.checks import Frames, Range, check_frames, frame_sums
+from minconv_dist.data.chunks import Source, bad_chunk, read
 from minconv_dist.data.selection import coarsen as coarsen_grid
 from minconv_dist.data.selection import coarse_grid, sample_slice, time_slice
-from minconv_dist.data.store import DimNames, open_store, redact, zarr_store
+from minconv_dist.data.store import DimNames, open_store, redact
 
 NAN_POLICIES = ("raise", "fill", "skip")
 
@@ -92,7 +93,9 @@ class WindowDataset(torch.utils.data.IterableDataset):
     treat them as read-only, `clone()` before modifying one in place.
 
     nan_policy: "raise" (default), "skip" the windows holding NaN, or "fill" them with `fill_values`
-    (one per channel, e.g. the training means).
+    (one per channel, e.g. the training means). Infinite values always raise, and so do values outside
+    `bounds` (per channel `(low, high)` or None; see `checks.py`) when given. Every such error, and a chunk
+    that does not decode, is a `DataError` naming the channel, the time and the store.
     """
 
     def __init__(self, url: str, channels: str | list, window: int, *, stride: int = 1,
@@ -100,7 +103,8 @@ class WindowDataset(torch.utils.data.IterableDataset):
                  dims: DimNames = DimNames(), storage_options: dict | None = None, shuffle: bool = True,
                  seed: int = 0, rank: int = 0, world_size: int = 1, nan_policy: str = "raise",
                  fill_values: Sequence[float] | None = None, shuffle_buffer: int = 1024, batch_size: int = 1,
-                 max_read_amplification: float = 1.05, prefetch: int = 2) -> None:
+                 max_read_amplification: float = 1.05, prefetch: int = 2,
+                 bounds: Sequence[Range | None] | None = None) -> None:
         super().__init__()
         if nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy={nan_policy!r}: expected one of {NAN_POLICIES}")
@@ -121,12 +125,13 @@ class WindowDataset(torch.utils.data.IterableDataset):
         self.window, self.stride, self.coarsen = window, stride, coarsen
         self.shuffle, self.seed, self.nan_policy = shuffle, seed, nan_policy
         self.shuffle_buffer, self.batch_size, self.prefetch = shuffle_buffer, batch_size, prefetch
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.bounds = rank, world_size, bounds
+        self._sources = [Source(url, spec, dims, storage_options) for spec in self.specs]
 
         layers = self._layers()
         first = layers[0]
         all_times = first[dims.time].values
-        period = time_slice(all_times, time_range, url)
+        period = time_slice(first, time_range, url, dims.time)
         self._t0, self._t1 = period.start, period.stop
         n_times = self._t1 - self._t0
         where = f"{redact(url)!r} between {list(time_range)}" if time_range else repr(redact(url))
@@ -273,60 +278,49 @@ class WindowDataset(torch.utils.data.IterableDataset):
     def _read(self, layers: list[xr.DataArray], s_first: int, s_last: int, t_first: int,
               t_last: int) -> torch.Tensor:
         """Samples `[s_first, s_last)` x frames `[t_first, t_last)` of every channel as `[S, T, C, H, W]`
-        (S = 1 without a sample dim), coarsened."""
+        (S = 1 without a sample dim), coarsened and checked."""
         where = {self.dims.time: slice(t_first, t_last)}
         if self.dims.sample:
             where[self.dims.sample] = slice(s_first, s_last)
         arrays = []
-        for spec, layer in zip(self.specs, layers):
-            try:
-                part = coarsen_grid(layer.isel(where), self.coarsen, self.dims.lat, self.dims.lon, self.url)
-                a = np.asarray(part.values, dtype=np.float32)
-            except Exception as err:
-                key = self._bad_chunk(spec, s_first, s_last, t_first, t_last)
-                raise OSError(f"cannot read channel {spec} frames {t_first}:{t_last} of {redact(self.url)!r}"
-                              + (f": chunk {key!r} is corrupt or missing" if key else "")
-                              + f" ({type(err).__name__}: {err})") from err
+        for layer, source in zip(layers, self._sources):
+            part = coarsen_grid(read(layer, where, source), self.coarsen, self.dims.lat, self.dims.lon, self.url)
+            a = np.asarray(part.values, dtype=np.float32)
             arrays.append(a if self.dims.sample else a[None])
         x = np.stack(arrays, axis=2)
+        if self.bounds is not None or not np.isfinite(x).all():
+            self._check(x, layers[0], where)
         nan = np.isnan(x)
-        if nan.any() and self.nan_policy == "raise":
-            s, t, c = (int(i) for i in np.argwhere(nan)[0][:3])
-            spec = self.specs[c]
-            key = self._bad_chunk(spec, s_first + s, s_first + s + 1, t_first + t, t_first + t + 1)
-            sample = f" of sample {layers[c][self.dims.sample].values[s_first + s]}" if self.dims.sample else ""
-            raise ValueError(f"NaN in channel {spec} (variable {spec.variable!r}) at time "
-                             f"{layers[c][self.dims.time].values[t_first + t]}{sample} of {redact(self.url)!r}"
-                             + (f"; chunk {key!r} is missing from the store" if key else "")
-                             + "; set data.nan_policy to 'fill' or 'skip' to continue")
         if nan.any() and self.nan_policy == "fill":
             x = np.where(nan, self.fill_values[:, None, None], x)
         return torch.from_numpy(x)
 
-    def _bad_chunk(self, spec: ChannelSpec, s_first: int, s_last: int, t_first: int, t_last: int) -> str | None:
-        """Key of the first chunk of `spec` in samples `[s_first, s_last)` x frames `[t_first, t_last)` that
-        is missing or unreadable."""
-        group = zarr.open_group(zarr_store(self.url, self.storage_options), mode="r")
-        arr = group[spec.variable]
-        names = list(arr.metadata.dimension_names or arr.attrs.get("_ARRAY_DIMENSIONS", []))
-        fs, root = fsspec.core.url_to_fs(self.url, **(self.storage_options or {}))
-        ranges = []
-        for name, size, csize in zip(names, arr.shape, arr.chunks):
-            if name in (self.dims.time, self.dims.sample):
-                first, last = (t_first, t_last) if name == self.dims.time else (s_first, s_last)
-                ranges.append(range(first // csize, (last - 1) // csize + 1))
-            elif name == self.dims.level and spec.level is not None:
-                li = int(np.flatnonzero(group[name][:] == spec.level)[0])
-                ranges.append(range(li // csize, li // csize + 1))
-            else:
-                ranges.append(range(math.ceil(size / csize)))
-        for coords in np.ndindex(*(len(r) for r in ranges)):
-            chunk = tuple(r[i] for r, i in zip(ranges, coords))
-            key = f"{arr.path}/{arr.metadata.encode_chunk_key(chunk)}"
-            if not fs.exists(f"{root.rstrip('/')}/{key}"):
-                return key
-            try:
-                arr.get_block_selection(chunk)
-            except Exception:
-                return key
-        return None
+    def _check(self, x: np.ndarray, layer: xr.DataArray, where: dict[str, slice]) -> None:
+        """`checks.check_frames` on a block; NaN where a chunk is absent from the store name that chunk."""
+        times = layer[self.dims.time].values[where[self.dims.time]]
+        samples = layer[self.dims.sample].values[where[self.dims.sample]] if self.dims.sample else None
+        bounds = self.bounds or [None] * len(self.specs)
+
+        def explain(row: int, channel: int) -> str:
+            frame = {self.dims.time: where[self.dims.time].start + row % len(times)}
+            if self.dims.sample:
+                frame[self.dims.sample] = where[self.dims.sample].start + row // len(times)
+            found = bad_chunk(self._sources[channel], {dim: slice(i, i + 1) for dim, i in frame.items()})
+            return f"; chunk {found[0]!r} {found[1]}" if found else ""
+
+        check_frames(Frames.of_sums(frame_sums(x), times, samples), self.specs, bounds, self.url,
+                     allow_nan=self.nan_policy != "raise", explain=explain)
+
+    def check_first(self, n: int, bounds: Sequence[Range | None]) -> None:
+        """Read the first `n` windows this rank trains on (their block only, no prefetch) checked against
+        `bounds`: the driver's look at the data before any worker starts."""
+        saved = self.bounds, self.prefetch, self.epoch, self.position
+        self.bounds, self.prefetch = bounds, 0
+        self.set_epoch(0)
+        windows = iter(self)
+        try:
+            for _ in islice(windows, n):
+                pass
+        finally:
+            windows.close()
+            self.bounds, self.prefetch, self.epoch, self.position = saved

@@ -89,10 +89,17 @@ class DataConfig:
     loader_workers: Annotated[int, Bounds(ge=0)] = 0
     input_noise: NonNegative = 0.0  # std of Gaussian noise added to the normalised inputs
     nan_policy: Literal[NAN_POLICIES] = "raise"  # NaN in a window: raise, skip the window, fill with the mean
+    # Per channel, in data.channels order: [low, high], where its values can physically lie (store units), or
+    # null for the default (minconv_dist.data.DEFAULT_BOUNDS; none: only finiteness). Checked before training.
+    bounds: list[Annotated[list[float], Pair] | None] | None = None
 
     def __post_init__(self) -> None:
         _check("data.teacher_steps", self.teacher_steps <= self.sequence_length, self.teacher_steps,
                f"in [1, data.sequence_length={self.sequence_length}]")
+        if self.bounds is not None:
+            _check("data.bounds", len(self.bounds) == len(self.channels) and all(
+                b is None or b[0] < b[1] for b in self.bounds), self.bounds,
+                f"one [low, high] (low < high) or null per channel of data.channels={self.channels}")
         for key in ("train_samples", "val_samples"):
             value = getattr(self, key)
             if self.dims.sample is None:

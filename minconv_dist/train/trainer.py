@@ -8,6 +8,8 @@ import queue
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,8 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
-from minconv_dist.data import NormStats, compute_stats, default_store, open_store
+from minconv_dist.data import (DataError, NormStats, channel_bounds, check_stats, compute_stats, default_store,
+                               open_store)
 from minconv_dist.data.store import redact
 from minconv_dist.models import load_model_file
 from minconv_dist.train import checkpoint, tracking
@@ -53,30 +56,44 @@ class FitResult:
     model_version: str | None
 
 
-def _check_data(cfg: TrainConfig, url: str) -> tuple[NormStats, tuple[int, int], int, int]:
-    """Open the store, compute (or load) stats, and size the epoch; fails before any worker starts."""
-    d = cfg.data
+@contextmanager
+def _config_errors(key: str, io_key: str = "data.url") -> Iterator[None]:
+    """The data layer's errors as a ConfigError naming what to change: data.url for bad data (DataError),
+    data.channels for a channel the store lacks, `io_key` for an unreadable store or file, `key` otherwise."""
     try:
-        open_store(url, d.storage_options or None)
-    except (FileNotFoundError, OSError) as err:
-        raise ConfigError(f"data.url: cannot open zarr store {redact(url)!r}: {err}") from err
+        yield
+    except DataError as err:
+        raise ConfigError(f"data.url: {err}") from err
+    except KeyError as err:
+        raise ConfigError(f"data.channels: {err}") from err
+    except OSError as err:
+        raise ConfigError(f"{io_key}: {err}") from err
+    except ValueError as err:
+        raise ConfigError(f"{key}: {err}") from err
+
+
+def _check_data(cfg: TrainConfig, url: str) -> tuple[NormStats, tuple[int, int], int, int]:
+    """Open the store, compute (or load) the stats, size the epoch and read each split's first batch, all
+    checked (docs/data.md, "Checks"), so that bad data fail here, before any worker starts."""
+    d = cfg.data
     # a sample store is split by data.<split>_samples, a single series by data.<split>_range
     key = {split: f"data.{split}_{'samples' if d.dims.sample else 'range'}" for split in ("train", "val")}
-    try:
+    bounds = channel_bounds(d.channels, d.bounds)
+    with _config_errors("data.url"):
+        open_store(url, d.storage_options or None)
+    with _config_errors(f"{key['train']} / data.channels / data.stats_path",
+                        "data.stats_path" if d.stats_path else "data.url"):
         stats = (NormStats.load(d.stats_path, d.storage_options or None) if d.stats_path else
-                 compute_stats(url, d.channels, d.dims, **split_of(cfg, "train"),
-                               storage_options=d.storage_options or None, progress=False))
-    except KeyError as err:
-        raise ConfigError(f"data.channels: {err} in {redact(url)!r}") from err
-    except ValueError as err:
-        raise ConfigError(f"{key['train']} / data.channels / data.stats_path: {err}") from err
+                 compute_stats(url, d.channels, d.dims, **split_of(cfg, "train"), progress=False,
+                               storage_options=d.storage_options or None, bounds=bounds,
+                               allow_nan=d.nan_policy != "raise"))
+        check_stats(stats, bounds, f"{redact(url)!r} {key['train']}={getattr(d, key['train'][5:])}")
     world = cfg.parallel.num_workers
     per_rank = {}
     for split in ("train", "val"):
-        try:
+        with _config_errors(key[split]):
             ds = window_dataset(cfg, url, stats, split, rank=0, world_size=world)
-        except (ValueError, KeyError) as err:
-            raise ConfigError(f"{key[split]}: {err}") from err
+            ds.check_first(d.batch_size, bounds)
         per_rank[split] = ds.n_windows // world
         if per_rank[split] < d.batch_size:
             raise ConfigError(f"{key[split]}={getattr(d, key[split][5:])}: fewer than data.batch_size={d.batch_size} "
@@ -134,8 +151,22 @@ def _fit_beside_main_thread(trainer: TorchTrainer) -> ray.train.Result:
     return result
 
 
+class _StopOnDataError(ray.train.UserCallback):
+    """Ray restarts a failed worker group `parallel.max_failures` times, for faults that pass (a lost node). Bad
+    data fail the same way every time: a DataError from any worker ends the run at once, as a ControllerError,
+    which Ray's failure policy does not retry."""
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        for _, error in sorted(worker_exceptions.items()):
+            if isinstance(error, DataError):
+                raise ray.train.ControllerError(error)
+
+
 def _worker_cause(err: ray.train.TrainingFailedError) -> BaseException:
-    """The exception a worker raised (the lowest rank's), unwrapped from Ray's task error; else `err`."""
+    """The exception behind a failed run: the one `_StopOnDataError` stopped it for, or the lowest rank's,
+    unwrapped from Ray's task error; else `err`."""
+    if isinstance(err, ray.train.ControllerError):
+        return err.controller_failure
     failures = getattr(err, "worker_failures", None) or {}
     if not failures:
         return err
@@ -188,7 +219,7 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, callbacks: list[StepCall
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=p.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=p.max_failures), callbacks=[_StopOnDataError()],
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.checkpoint.keep, checkpoint_score_attribute="val_loss",
                 checkpoint_score_order="min"),
@@ -207,6 +238,9 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, callbacks: list[StepCall
         last = checkpoint.latest(directory)
         where = f"last good checkpoint: {last[0]} (step {last[1]['global_step']})" if last else "no checkpoint"
         cause = _worker_cause(err)
+        if isinstance(cause, DataError):
+            raise TrainingError(f"run {name} stopped on bad data (not retried): {cause}; {where}; after fixing "
+                                f"the data, continue with: {resume_command(directory)}") from err
         kind = NonFiniteLossError if isinstance(cause, NonFiniteLossError) else TrainingError
         raise kind(f"run {name} failed: {str(cause).strip().splitlines()[-1]}; {where}; "
                    f"continue with: {resume_command(directory)}") from err
