@@ -52,6 +52,7 @@ def main(description: str, preset: Path | None = None, argv: list[str] | None = 
     local = {} if "RAY_ADDRESS" in os.environ else LOCAL_ONLY  # a Ray of the job's own: on loopback only
     for key, value in {**WORKER_PRINT, **local}.items():
         os.environ.setdefault(key, value)
+    from minconv_dist.train.meter import NonFiniteLossError
     from minconv_dist.train.trainer import Interrupted, TrainingError, fit  # imports Ray (and DeepSpeed, torch)
 
     shortcuts = [f"{key}={getattr(args, key)}" for _, (key, _) in SHORTCUTS.items() if getattr(args, key) is not None]
@@ -72,7 +73,7 @@ def main(description: str, preset: Path | None = None, argv: list[str] | None = 
     except KeyboardInterrupt:  # before training started: nothing to continue
         print("\ninterrupted before training started", file=sys.stderr)
         return 130
-    except (ConfigError, TrainingError) as err:
+    except (ConfigError, TrainingError, NonFiniteLossError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1
     return 0
