@@ -46,6 +46,7 @@ def main(description: str, preset: Path | None = None, argv: list[str] | None = 
                         help="override one config key; repeatable")
     parser.add_argument("--resume", metavar="RUN", help="continue run RUN (a name under run.storage_path, or "
                                                         "its directory) from its latest complete checkpoint")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (else: one line)")
     for flag, (key, text) in SHORTCUTS.items():
         parser.add_argument(flag, dest=key, metavar="VALUE", help=f"{text} (= --set {key}=VALUE)")
     args = parser.parse_args(argv)
@@ -74,6 +75,8 @@ def main(description: str, preset: Path | None = None, argv: list[str] | None = 
         print("\ninterrupted before training started", file=sys.stderr)
         return 130
     except (ConfigError, TrainingError, NonFiniteLossError) as err:
+        if args.debug:
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1
     return 0
