@@ -225,10 +225,27 @@ def best(values: list[float]) -> float:
     return max(values)
 
 
+def print_memory(wide: dict[str, Any], n: int, z0: float, z3: float) -> None:
+    """The ZeRO-3 memory table: peak GiB per GPU at ZeRO-0 on one GPU vs ZeRO-3 on n, and DeepSpeed's estimate."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    model = _model(wide)
+    total = sum(p.numel() for p in model.parameters())
+    largest = max(p.numel() for p in model.parameters())
+    _, est, _ = estimate_zero3_model_states_mem_needs(total, largest, num_gpus_per_node=n, num_nodes=1,
+                                                   cpu_offload=False, cpu_offload_params=False)
+    print(f"\n## ZeRO-3 memory, a parameter-dominated model ({wide['layers']}x{wide['hidden']}, "
+          f"{total / 1e6:.0f} M parameters, batch 1, T={wide['T']})\n")
+    print(f"| ZeRO-0, 1 GPU | ZeRO-3, {n} GPUs | ratio | DeepSpeed's ZeRO-3 estimate (model states) |\n"
+          f"|---|---|---|---|\n| {z0:.2f} GiB | {z3:.2f} GiB | **{z3 / z0:.2f}** | {est / 2**30:.2f} GiB |\n",
+          flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu", action="store_true", help="2 gloo CPU workers, tiny sizes (smoke test)")
     parser.add_argument("--quick", action="store_true", help="fewer steps")
+    parser.add_argument("--memory-only", action="store_true", help="only the ZeRO-3 memory table")
     args = parser.parse_args()
     gpu = not args.cpu
     n = torch.cuda.device_count() if gpu else 2
@@ -255,8 +272,14 @@ def main() -> None:
     print(f"# GPU stack: `{' '.join(sys.argv)}`, {device} x {n}, torch {torch.__version__}, "
           f"{datetime.date.today().isoformat()}\n", flush=True)
 
-    one = run({**common, "cpus": max(1, cpus // 2) if gpu else 1,
-               "parts": ["overhead", "data", "scaling", "memory", "profile"], "memory_stages": [0]}, 1, gpu)
+    one_parts = ["memory"] if args.memory_only else ["overhead", "data", "scaling", "memory", "profile"]
+    one = run({**common, "cpus": max(1, cpus // 2) if gpu else 1, "parts": one_parts, "memory_stages": [0]}, 1, gpu)
+    if args.memory_only:
+        if n > 1:
+            many = run({**common, "cpus": max(1, cpus // n // 2) if gpu else 1, "parts": ["memory"],
+                        "memory_stages": [3]}, n, gpu)
+            print_memory(wide, n, one["memory0"], many["memory3"])
+        return
     print("## Stack overhead, one GPU: the worker loop on a DeepSpeed engine vs a plain torch loop "
           "(samples/s, best of 2 interleaved runs, data on the device)\n")
     print("| model | plain torch | ZeRO-0 | ZeRO-1 | ZeRO-2 | ratio 0 / 1 / 2 |\n|---|---|---|---|---|---|")
@@ -284,18 +307,7 @@ def main() -> None:
             for stage in (1, 2):
                 a, b = one[f"{label}/scaling{stage}"], many[f"{label}/scaling{stage}"] * n
                 print(f"| {label} | {stage} | {a:.1f} | {b:.1f} | {b / (n * a):.0%} |")
-        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-
-        model = _model(wide)
-        total = sum(p.numel() for p in model.parameters())
-        largest = max(p.numel() for p in model.parameters())
-        _, est, _ = estimate_zero3_model_states_mem_needs(total, largest, num_gpus_per_node=n, num_nodes=1,
-                                                       cpu_offload=False, cpu_offload_params=False)
-        print(f"\n## ZeRO-3 memory, a parameter-dominated model ({wide['layers']}x{wide['hidden']}, "
-              f"{total / 1e6:.0f} M parameters, batch 1, T={wide['T']})\n")
-        z0, z3 = one["memory0"], many["memory3"]
-        print(f"| ZeRO-0, 1 GPU | ZeRO-3, {n} GPUs | ratio | DeepSpeed's ZeRO-3 estimate (model states) |\n"
-              f"|---|---|---|---|\n| {z0:.2f} GiB | {z3:.2f} GiB | **{z3 / z0:.2f}** | {est / 2**30:.2f} GiB |\n")
+        print_memory(wide, n, one["memory0"], many["memory3"])
         print(f"## Sequence-parallel scan over {n} GPUs (C=64, grid {grid[0]}x{grid[1]}, forward + backward)\n")
         print("| T | sequence-parallel s | one device, chunked s | speed-up | max abs error vs one device |\n"
               "|---|---|---|---|---|")

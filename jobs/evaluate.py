@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import PurePosixPath
 
 import xarray as xr
@@ -21,7 +22,8 @@ from minconv_dist.data import CLIMATOLOGIES, DimNames
 from minconv_dist.data.store import redact
 from minconv_dist.evaluate import DEFINITIONS, summary
 from minconv_dist.evaluate.outputs import check_target
-from minconv_dist.evaluate.run import evaluate_stores, write_outputs
+from minconv_dist.errors import run_job
+from minconv_dist.evaluate.run import check_mlflow_run, evaluate_stores, write_outputs
 
 
 def parser() -> argparse.ArgumentParser:
@@ -58,16 +60,18 @@ def parser() -> argparse.ArgumentParser:
 def names(urls: list[str], given: list[str] | None) -> list[str]:
     """The forecasts' labels: given ones (one per store), else 'model' then each further store's file stem."""
     if given is not None and len(given) != len(urls):
-        raise SystemExit(f"--name: {len(given)} names for {len(urls)} forecasts")
+        raise ValueError(f"--name: {len(given)} names for {len(urls)} forecasts")
     out = given or ["model", *(PurePosixPath(u.rstrip("/")).stem for u in urls[1:])]
     if len(set(out)) != len(out) or {"persistence", "climatology"} & set(out):
-        raise SystemExit(f"--name: labels {out} must be distinct and not 'persistence' or 'climatology'")
+        raise ValueError(f"--name: labels {out} must be distinct and not 'persistence' or 'climatology'")
     return out
 
 
 def main(argv: list[str] | None = None) -> xr.Dataset:
     args = parser().parse_args(argv)
     check_target(args.out, args.out_storage_options, args.overwrite)  # before the long part
+    if args.mlflow_run_id:
+        check_mlflow_run(args.mlflow_run_id, args.tracking_uri)
     skill, forecasts, truth = evaluate_stores(
         dict(zip(names(args.forecast, args.name), args.forecast)), truth_url=args.truth, dims=DimNames(**args.dims),
         coarsen=args.coarsen, storage_options=args.storage_options,
@@ -82,4 +86,4 @@ def main(argv: list[str] | None = None) -> xr.Dataset:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_job(main))

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from minconv_dist.data import DimNames, NormStats, default_store
 from minconv_dist.data.store import redact, redact_config
+from minconv_dist.errors import run_job
 from minconv_dist.evaluate import init_times, load_model, open_channels, write_forecast
 
 
@@ -80,4 +82,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_job(main))

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from minconv_dist.data import generate_navier_stokes
+from minconv_dist.errors import run_job
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="A user error ends in one line and exit code 2; --debug shows the traceback.")
     p.add_argument("url", help="output zarr store: path, memory://, s3://, gs://")
     p.add_argument("--samples", type=int, required=True, help="number of trajectories")
     p.add_argument("--resolution", type=int, default=64, help="solver grid (n x n)")
@@ -22,11 +25,11 @@ def main() -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--storage-options", type=json.loads, default=None, help="JSON dict passed to fsspec")
     p.add_argument("--overwrite", action="store_true", help="replace a store written with other arguments")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     generate_navier_stokes(a.url, samples=a.samples, resolution=a.resolution, downsample=a.downsample,
                            time_units=a.time_units, viscosity=a.viscosity, dt=a.dt, batch_size=a.batch_size,
                            seed=a.seed, device=a.device, storage_options=a.storage_options, overwrite=a.overwrite)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_job(main))

@@ -12,7 +12,7 @@ import xarray as xr
 import zarr
 from zarr.codecs import Crc32cCodec
 
-from minconv_dist.data import (DEFAULT_BOUNDS, DataError, DimNames, NormStats, WindowDataset, channel_bounds,
+from minconv_dist.data import (DEFAULT_BOUNDS, DataError, NormStats, WindowDataset, channel_bounds,
                                check_stats, compute_stats, generate_navier_stokes, open_store)
 
 T = 5

@@ -14,6 +14,7 @@ from jobs import evaluate as evaluate_job
 from jobs import forecast as forecast_job
 
 from minconv_dist.data import NormStats, default_store
+from minconv_dist.errors import run_job
 from minconv_dist.evaluate import check_inputs, load_model, open_channels
 from minconv_dist.models import build_model, save_model_file, to_official_state_dict
 
@@ -148,6 +149,28 @@ def test_evaluate_logs_to_an_mlflow_run(store, ckpt, tmp_path, monkeypatch):
     np.testing.assert_allclose(logged, expected, rtol=1e-6)
     files = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert {"metrics.csv", "skill_geopotential_500.png", "maps_geopotential_500.png"} <= files
+
+
+def test_user_errors_are_one_line_and_exit_2(store, ckpt, tmp_path, monkeypatch, capsys):
+    """A model that is not there, an unknown MLflow run (refused before any output is written) and mismatched
+    --name labels: each one line on stderr naming the problem, exit code 2, no traceback; --debug raises."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    forecast = tmp_path / "fc.zarr"
+    assert run_job(forecast_job.main, ["--model", str(tmp_path / "absent.pt"), "--out", str(forecast)]) == 2
+    assert run_job(forecast_job.main, ["--model", str(ckpt), "--out", str(forecast), "--coarsen", "2",
+                                       "--context", "4", "--steps", "2", *INIT]) == 0
+    capsys.readouterr()
+    out = tmp_path / "eval"
+    cases = [(["--mlflow-run-id", "0123456789abcdef"], "--mlflow-run-id 0123456789abcdef: no such run at tracking"),
+             (["--name", "a", "b"], "--name: 2 names for 1 forecasts")]
+    for extra, message in cases:
+        assert run_job(evaluate_job.main, ["--forecast", str(forecast), "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+    with pytest.raises(ValueError, match="no such run"):
+        run_job(evaluate_job.main, ["--forecast", str(forecast), "--out", str(out), "--debug",
+                                    "--mlflow-run-id", "0123456789abcdef"])
 
 
 def published_baseline(store, path, noise=20.0):

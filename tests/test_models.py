@@ -273,3 +273,24 @@ def test_warm_states_rejects_bad_ends():
     for ends in ([3, 3], [5], [-1]):
         with pytest.raises(ValueError, match="ascending frame indices"):
             model.warm_states(torch.randn(1, 5, 1, 4, 4), ends)
+
+
+def test_grid_layer_norm_equals_layer_norm_over_the_grid():
+    """The flattened form (a workaround for CUDA's 2-D LayerNorm backward) computes what nn.LayerNorm([H, W])
+    does, values and gradients, with the same [H, W] parameters (the official checkpoint layout)."""
+    from minconv_dist.models.network import GridLayerNorm
+
+    torch.manual_seed(5)
+    ours, ref = GridLayerNorm((4, 6)).double(), torch.nn.LayerNorm([4, 6]).double()
+    with torch.no_grad():
+        for p in (*ours.parameters(), *ref.parameters()):
+            p.copy_(torch.arange(24, dtype=torch.float64).view(4, 6) / 10 + 0.5)
+    x = torch.randn(5, 3, 4, 6, dtype=torch.float64, requires_grad=True)
+    y_ours, y_ref = ours(x), ref(x)
+    torch.testing.assert_close(y_ours, y_ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y_ref)
+    grads_ours = torch.autograd.grad(y_ours, (x, ours.weight, ours.bias), g)
+    grads_ref = torch.autograd.grad(y_ref, (x, ref.weight, ref.bias), g)
+    for a, b in zip(grads_ours, grads_ref):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

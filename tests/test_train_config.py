@@ -62,6 +62,10 @@ def test_sample_split_is_checked(override, match):
 def test_yaml_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("optim:\n  lr: [1e-3,\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"config file .*broken.yaml:\d+:\d+: not valid YAML"):
+        load_config(broken)
     bad = tmp_path / "bad.yaml"
     bad.write_text("optim:\n  learning_rate: 1\n")
     with pytest.raises(ConfigError, match="unknown config key optim.learning_rate"):

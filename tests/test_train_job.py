@@ -81,6 +81,8 @@ def test_ctrl_c_ends_the_run_as_killed_cleans_up_and_prints_the_resume_command(t
     proc.send_signal(signal.SIGINT)
     out = "".join(seen) + proc.communicate(timeout=120)[0]
     assert proc.returncode == 130, out[-3000:]
+    lines = [line for line in out.splitlines() if "[minconv] epoch" in line]
+    assert lines and len(lines) == len(set(lines)), "a worker line shown twice on the driver"
     assert f"continue with: python jobs/train_era5.py --resume {tmp_path}/runs/interrupted" in out
     run = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("minconv_dist").experiment_id])[0]
     assert run.info.status == "KILLED"

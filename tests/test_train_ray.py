@@ -20,7 +20,7 @@ import torch
 import xarray as xr
 import zarr
 
-from minconv_dist.data import compute_stats, generate_navier_stokes, open_store, write_synthetic_era5
+from minconv_dist.data import NormStats, compute_stats, generate_navier_stokes, open_store, write_synthetic_era5
 from minconv_dist.data.store import COMPLETE_ATTR, set_attrs
 from minconv_dist.evaluate import load_model
 from minconv_dist.models import load_model_file
@@ -50,13 +50,15 @@ class KillLastWorker:
 
 
 class DivergeWeights:
-    """Sets a weight to NaN just before global step `step`, as a diverged update would."""
+    """Sets a weight to NaN just before global step `step`, as a diverged update would; notes each time."""
 
-    def __init__(self, step: int):
-        self.step = step
+    def __init__(self, step: int, notes: Path):
+        self.step, self.notes = step, notes
 
     def __call__(self, engine, step: int, rank: int) -> None:
         if step == self.step:
+            with self.notes.open("a") as f:
+                f.write(f"rank {rank}\n")
             with torch.no_grad():
                 next(engine.module.parameters()).fill_(float("nan"))
 
@@ -93,8 +95,9 @@ def tiny(store: str, workdir: Path, name: str, *overrides: str):
 
 def losses(result) -> list[float]:
     history = mlflow.tracking.MlflowClient(result.mlflow_uri).get_metric_history(result.mlflow_run_id, "train_loss")
-    by_step = {m.step: m.value for m in history}  # a restarted run logs some steps twice, with equal values
-    return [by_step[s] for s in sorted(by_step)]
+    steps = [m.step for m in history]
+    assert len(steps) == len(set(steps)), "a step logged twice (a restarted worker must not log its replay again)"
+    return [m.value for m in sorted(history, key=lambda m: m.step)]
 
 
 def weights(result) -> dict[str, torch.Tensor]:
@@ -169,11 +172,13 @@ def test_resuming_a_finished_run_says_so_and_exits(store, workdir, reference):
 
 
 @pytest.mark.slow
-def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(store, workdir, ray_session):
-    cfg = tiny(store, workdir, "nan", "parallel.max_failures=0")
+def test_nan_loss_stops_once_with_clear_error_and_keeps_checkpoint(store, workdir, ray_session, tmp_path):
+    cfg = tiny(store, workdir, "nan", "parallel.max_failures=2")
+    notes = tmp_path / "diverged"
     with pytest.raises(NonFiniteLossError, match=r"non-finite training loss.*step 3.*last good checkpoint"):
-        fit(cfg, callbacks=[DivergeWeights(3)])
+        fit(cfg, callbacks=[DivergeWeights(3, notes)])
     assert latest(f"{workdir}/runs/nan")[1]["global_step"] == 2
+    assert sorted(notes.read_text().split("\n")[:-1]) == ["rank 0", "rank 1"]  # one attempt: not retried
 
 
 @pytest.mark.slow
@@ -330,3 +335,10 @@ def test_ray_job_needs_durable_locations(override, match, store, workdir, monkey
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(ConfigError, match=match):
         fit(tiny(store, workdir, "job", override))
+
+
+def test_loaded_statistics_must_be_for_the_runs_channels(store, workdir, tmp_path):
+    path = tmp_path / "stats.json"
+    NormStats(["t2m"], [280.0], [10.0]).save(str(path))
+    with pytest.raises(ConfigError, match=r"^data.stats_path: statistics for channels \['t2m'\], data.channels are \['z'\]"):
+        fit(tiny(store, workdir, "wrongstats", f"data.stats_path={path}", "data.bounds=[null]"))

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from minconv_dist.data.channels import ChannelSpec, parse_channels
+from minconv_dist.data.channels import parse_channels
 from minconv_dist.data.chunks import label
 from minconv_dist.data.store import DataError, redact
 

@@ -15,6 +15,7 @@ import xarray as xr
 
 from minconv_dist.data import CLIMATOLOGIES, DimNames, default_store, open_store
 from minconv_dist.data.selection import coarsen as coarsen_grid
+from minconv_dist.data.store import redact
 from minconv_dist.evaluate.forecast import open_channels, open_forecast
 from minconv_dist.evaluate.layout import TIME, from_weatherbench2, label, listed_channels, store_channels, to_weatherbench2
 from minconv_dist.evaluate.metrics import align_truth, match_grid
@@ -114,6 +115,19 @@ def open_outputs(out: str, storage_options: dict | None = None) -> tuple[xr.Data
     with fs.open(f"{root}/metrics.csv") as f:
         table = pd.read_csv(f)
     return open_store(f"{out.rstrip('/')}/skill.zarr", storage_options).load(), table
+
+
+def check_mlflow_run(run_id: str, tracking_uri: str | None = None) -> None:
+    """Refuse, before any scoring, a run id the tracking server does not know (ValueError naming both)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    try:
+        client.get_run(run_id)
+    except MlflowException as err:
+        raise ValueError(f"--mlflow-run-id {run_id}: no such run at tracking URI {redact(client.tracking_uri)} "
+                         f"({err.error_code})") from err
 
 
 def log_to_mlflow(skill: xr.Dataset, files: list[str], run_id: str, tracking_uri: str | None = None) -> None:

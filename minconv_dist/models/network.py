@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minconv_dist.models.normalizer import Normalizer
@@ -20,6 +21,19 @@ from minconv_dist.models.normalizer import Normalizer
 NORMS = ("layer", "group")  # LayerNorm over [H, W] (the paper's), or GroupNorm(1, hidden) (grid-free)
 
 State = list[Any]  # one entry per layer: a tensor, or (h, c) for ConvLSTM
+
+
+class GridLayerNorm(nn.LayerNorm):
+    """The paper's LayerNorm over the [H, W] grid, its weight and bias [H, W] (the official layout), computed as a
+    LayerNorm over the flattened H*W. Same numbers; but CUDA's backward with a 2-D normalized shape returned
+    a weight gradient of shape [W] for a long window (T = 8760 frames x 24 channels = 210240 rows, bf16,
+    torch 2.11 on an H200: "NativeLayerNormBackward0 returned an invalid gradient at index 1 - got [32] but
+    expected shape compatible with [16, 32]"); the 1-D form avoids that path."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = F.layer_norm(x.flatten(-2), (x.shape[-2] * x.shape[-1],), self.weight.flatten(),
+                            self.bias.flatten(), self.eps)
+        return flat.view_as(x)
 
 
 def _per_frame(module: nn.Module, x: Tensor) -> Tensor:
@@ -60,7 +74,7 @@ class Network(nn.Module):
         self.encoder = nn.Sequential(*encoder)
         self.cells = nn.ModuleList(cells)
         self.norms = nn.ModuleList(
-            nn.LayerNorm(list(grid)) if norm == "layer" else nn.GroupNorm(1, hidden) for _ in cells
+            GridLayerNorm(grid) if norm == "layer" else nn.GroupNorm(1, hidden) for _ in cells
         )
         self.decoder = nn.Conv2d(hidden, in_channels, kernel_size=1)
         self.decode_cell_output = decode_cell_output

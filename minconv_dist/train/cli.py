@@ -12,6 +12,10 @@ from minconv_dist.train.config import ConfigError, load_config
 from minconv_dist.train.local_ray import LOCAL_ONLY
 from minconv_dist.train.resume import RunFinished, resume_config
 
+# Ray Train 2.60 wraps print() in its workers and the driver then shows every worker line twice (the print
+# and its logger's copy); plain print: each line once. Ray Train passes this variable on to its workers.
+WORKER_PRINT = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
 # flag -> config key; the value is passed through the same YAML parsing as --set
 SHORTCUTS = {
     "--url": ("data.url", "zarr store URL (local, s3://, gs://); default: the embedded synthetic store"),
@@ -42,12 +46,14 @@ def main(description: str, preset: Path | None = None, argv: list[str] | None = 
                         help="override one config key; repeatable")
     parser.add_argument("--resume", metavar="RUN", help="continue run RUN (a name under run.storage_path, or "
                                                         "its directory) from its latest complete checkpoint")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (else: one line)")
     for flag, (key, text) in SHORTCUTS.items():
         parser.add_argument(flag, dest=key, metavar="VALUE", help=f"{text} (= --set {key}=VALUE)")
     args = parser.parse_args(argv)
-    if "RAY_ADDRESS" not in os.environ:  # the job starts its own Ray: on loopback only
-        for key, value in LOCAL_ONLY.items():
-            os.environ.setdefault(key, value)
+    local = {} if "RAY_ADDRESS" in os.environ else LOCAL_ONLY  # a Ray of the job's own: on loopback only
+    for key, value in {**WORKER_PRINT, **local}.items():
+        os.environ.setdefault(key, value)
+    from minconv_dist.train.meter import NonFiniteLossError
     from minconv_dist.train.trainer import Interrupted, TrainingError, fit  # imports Ray (and DeepSpeed, torch)
 
     shortcuts = [f"{key}={getattr(args, key)}" for _, (key, _) in SHORTCUTS.items() if getattr(args, key) is not None]
@@ -68,7 +74,9 @@ def main(description: str, preset: Path | None = None, argv: list[str] | None = 
     except KeyboardInterrupt:  # before training started: nothing to continue
         print("\ninterrupted before training started", file=sys.stderr)
         return 130
-    except (ConfigError, TrainingError) as err:
+    except (ConfigError, TrainingError, NonFiniteLossError) as err:
+        if args.debug:
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1
     return 0

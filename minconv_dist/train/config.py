@@ -281,7 +281,12 @@ def _load_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    loaded = _load_yaml(path.read_text()) or {}
+    try:
+        loaded = _load_yaml(path.read_text()) or {}
+    except yaml.YAMLError as err:  # one line with file and line, not a parser traceback
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"config file {where}: not valid YAML ({getattr(err, 'problem', None) or err})") from err
     if not isinstance(loaded, dict):
         raise ConfigError(f"config file {str(path)!r}: expected a mapping at the top level")
     return loaded

@@ -2,7 +2,7 @@
 fail early) and in every worker (to train)."""
 from __future__ import annotations
 
-from minconv_dist.data import NormStats, WindowDataset
+from minconv_dist.data import NormStats, WindowDataset, channel_bounds
 from minconv_dist.train.config import TrainConfig
 
 
@@ -17,7 +17,7 @@ def window_dataset(cfg: TrainConfig, url: str, stats: NormStats, split: str, *, 
                    world_size: int) -> WindowDataset:
     """Raw windows of T + 1 frames of `split` for one rank: training windows shuffled at `data.stride`,
     validation windows in order and disjoint (stride T + 1). NaN are filled with the training means
-    when `data.nan_policy` is "fill"."""
+    when `data.nan_policy` is "fill"; every block is checked against the channels' plausible ranges."""
     d = cfg.data
     train = split == "train"
     return WindowDataset(
@@ -25,6 +25,7 @@ def window_dataset(cfg: TrainConfig, url: str, stats: NormStats, split: str, *, 
         **split_of(cfg, split), coarsen=d.coarsen, dims=d.dims, storage_options=d.storage_options or None,
         shuffle=train, seed=cfg.run.seed, batch_size=d.batch_size, rank=rank, world_size=world_size,
         nan_policy=d.nan_policy, fill_values=stats.mean if d.nan_policy == "fill" else None,
+        bounds=channel_bounds(d.channels, d.bounds),  # every block a worker reads is range-checked too
     )
 
 

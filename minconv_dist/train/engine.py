@@ -39,8 +39,9 @@ def deepspeed_config(cfg: TrainConfig, bf16: bool, bucket: int = DEFAULT_BUCKET)
     zero: dict[str, Any] = {"stage": cfg.parallel.zero_stage}
     if cfg.parallel.zero_stage:
         zero.update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
-    if cfg.parallel.zero_stage == 3:
-        zero.update(stage3_prefetch_bucket_size=bucket)
+    if cfg.parallel.zero_stage == 3:  # gathered parameters and the optimizer's fp32 working set: one bucket
+        zero.update(stage3_prefetch_bucket_size=bucket, stage3_max_live_parameters=bucket,
+                    stage3_max_reuse_distance=bucket, sub_group_size=bucket)
     return {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.optim.grad_accum,

@@ -87,48 +87,82 @@ def validate(engine: Any, loader: torch.utils.data.DataLoader, batches: int, tea
     return total.item() / (batches * dist.get_world_size()), first
 
 
+class Progress:
+    """Rank 0's log lines and metrics: throughput over the steps since the last log (not reset by epochs)."""
+
+    def __init__(self, logger: MetricLogger | None, samples_per_step: int, last_step: int, first_step: int):
+        self.logger, self.samples_per_step, self.last_step = logger, samples_per_step, last_step
+        self.tick, self.tick_step = time.perf_counter(), first_step
+
+    def restart_clock(self, step: int) -> None:
+        """After a validation: its time is not training time."""
+        self.tick, self.tick_step = time.perf_counter(), step
+
+    def log_step(self, step: int, epoch: int, loss: float, lr: float, teacher_steps: int) -> None:
+        now = time.perf_counter()
+        seconds = (now - self.tick) / (step - self.tick_step)
+        self.restart_clock(step)
+        if self.logger is None:
+            return
+        metrics = {"train_loss": loss, "lr": lr, "time_per_step_s": seconds,
+                   "samples_per_s": self.samples_per_step / seconds, "teacher_steps": teacher_steps,
+                   "memory_rss_mb": psutil.Process().memory_info().rss / 2**20}
+        if torch.cuda.is_available():
+            metrics["gpu_memory_max_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        self.logger.log(metrics, step)
+        print(f"[minconv] epoch {epoch} step {step}/{self.last_step} loss {loss:.5f} "
+              f"{metrics['samples_per_s']:.1f} samples/s", flush=True)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.logger is not None:
+            self.logger.log(metrics, step)
+
+    def log_validation(self, step: int, val_loss: float) -> None:
+        if self.logger is not None:
+            self.logger.log({"val_loss": val_loss}, step)
+            print(f"[minconv] step {step}/{self.last_step} val_loss {val_loss:.5f}", flush=True)
+
+
+def restore(engine: Any, meter: LossMeter, resume_from: str | None, rank: int) -> dict[str, int]:
+    """The position to continue from: Ray's checkpoint after a worker restart, else `--resume`'s, else the start."""
+    position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
+    resume = ray.train.get_checkpoint() or (ray.train.Checkpoint(resume_from) if resume_from else None)
+    if resume is None:
+        return position
+    with resume.as_directory() as directory:
+        saved = checkpoint.restore(engine, directory, rank=rank)
+    if rank == 0:  # the epoch's loss sum so far is global: one rank carries it
+        meter.load(saved.get("epoch_loss_total", 0.0), saved.get("epoch_loss_count", 0.0))
+        print(f"[minconv] resumed at epoch {saved['epoch']} step {saved['global_step']}", flush=True)
+    return {k: saved[k] for k in position}
+
+
 def worker_loop(loop_config: dict[str, Any]) -> None:
     """Train per `loop_config` = {config, url, stats, steps_per_epoch, val_batches, mlflow_uri, mlflow_run_id,
     resume_from, callbacks}; report a checkpoint at every validation and at the end."""
-    cfg = build_config(loop_config["config"])
-    stats = NormStats(**loop_config["stats"])
+    cfg, stats = build_config(loop_config["config"]), NormStats(**loop_config["stats"])
     callbacks: list[StepCallback] = loop_config.get("callbacks") or []
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    on_gpu = device.type == "cuda"
-    bf16 = cfg.parallel.precision == "bf16" or (cfg.parallel.precision == "auto" and on_gpu)
-
+    bf16 = cfg.parallel.precision == "bf16" or (cfg.parallel.precision == "auto" and device.type == "cuda")
     d = cfg.data
-    train_ds = window_dataset(cfg, loop_config["url"], stats, "train", rank=rank, world_size=world)
-    val_ds = window_dataset(cfg, loop_config["url"], stats, "val", rank=rank, world_size=world)
-    train_loader = torch.utils.data.DataLoader(train_ds, batch_size=d.batch_size, drop_last=True,
-                                               num_workers=d.loader_workers, pin_memory=on_gpu)
-    val_loader = torch.utils.data.DataLoader(val_ds, batch_size=d.batch_size, drop_last=True, pin_memory=on_gpu)
+    train_ds, val_ds = (window_dataset(cfg, loop_config["url"], stats, split, rank=rank, world_size=world)
+                        for split in ("train", "val"))
+    train_loader, val_loader = (
+        torch.utils.data.DataLoader(ds, batch_size=d.batch_size, drop_last=True, pin_memory=device.type == "cuda",
+                                    num_workers=d.loader_workers if ds is train_ds else 0)
+        for ds in (train_ds, val_ds))
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
-    model = build_network(cfg, stats, train_ds.grid)
     steps_per_epoch = loop_config["steps_per_epoch"]
     last_step = cfg.optim.epochs * steps_per_epoch
-    engine = build_engine(cfg, model, last_step, bf16)
-
+    engine = build_engine(cfg, build_network(cfg, stats, train_ds.grid), last_step, bf16)
     meter = LossMeter(device)
-    position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
-    resume = ray.train.get_checkpoint() or (
-        ray.train.Checkpoint(loop_config["resume_from"]) if loop_config.get("resume_from") else None)
-    if resume is not None:
-        with resume.as_directory() as directory:
-            saved = checkpoint.restore(engine, directory, rank=rank)
-        position = {k: saved[k] for k in position}
-        if rank == 0:  # the epoch's loss sum so far is global: one rank carries it
-            meter.load(saved.get("epoch_loss_total", 0.0), saved.get("epoch_loss_count", 0.0))
-            print(f"[minconv] resumed at epoch {position['epoch']} step {position['global_step']}", flush=True)
-
+    position = restore(engine, meter, loop_config.get("resume_from"), rank)
     logger = MetricLogger(loop_config["mlflow_uri"], loop_config["mlflow_run_id"]) if rank == 0 else None
-    stop_at = cfg.run.stop_after_steps
-    tick, tick_step = time.perf_counter(), position["global_step"]
+    progress = Progress(logger, d.batch_size * world, last_step, position["global_step"])
     while position["epoch"] < cfg.optim.epochs:
-        epoch = position["epoch"]
-        k = teacher_steps_at(cfg, epoch)
+        epoch, k = position["epoch"], teacher_steps_at(cfg, position["epoch"])
         train_ds.set_epoch(epoch)
         train_ds.load_state_dict({**train_ds.state_dict(), "epoch": epoch,
                                   "position": position["step_in_epoch"] * d.batch_size})
@@ -136,48 +170,28 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
             step = position["global_step"] + 1
             for callback in callbacks:
                 callback(engine, step, rank)
-            loss = train_step(engine, x.to(device, non_blocking=True), k, d.input_noise)
+            meter.update(train_step(engine, x.to(device, non_blocking=True), k, d.input_noise), step)
             position["step_in_epoch"], position["global_step"] = position["step_in_epoch"] + 1, step
-            meter.update(loss, step)
-            if step % cfg.tracking.log_every == 0:
-                summary = meter.summary()  # collective; raises on a non-finite loss
-                now = time.perf_counter()
-                seconds_per_step = (now - tick) / (step - tick_step)
-                tick, tick_step = now, step
-                if logger is not None:
-                    metrics = {"train_loss": summary["last"], "lr": engine.get_lr()[0],
-                               "time_per_step_s": seconds_per_step,
-                               "samples_per_s": d.batch_size * world / seconds_per_step,
-                               "memory_rss_mb": psutil.Process().memory_info().rss / 2**20, "teacher_steps": k}
-                    if on_gpu:
-                        metrics["gpu_memory_max_mb"] = torch.cuda.max_memory_allocated() / 2**20
-                    logger.log(metrics, step)
-                    print(f"[minconv] epoch {epoch} step {step}/{last_step} loss {summary['last']:.5f} "
-                          f"{metrics['samples_per_s']:.1f} samples/s", flush=True)
+            if step % cfg.tracking.log_every == 0:  # collective; raises on a non-finite loss
+                progress.log_step(step, epoch, meter.summary()["last"], engine.get_lr()[0], k)
             if position["step_in_epoch"] == steps_per_epoch:
-                summary = meter.summary()
-                if logger is not None:
-                    logger.log({"epoch_train_loss": summary["epoch_mean"], "epoch": epoch}, step)
+                progress.log({"epoch_train_loss": meter.summary()["epoch_mean"], "epoch": epoch}, step)
                 meter.start_epoch()
                 position["epoch"], position["step_in_epoch"] = epoch + 1, 0
-            final = step in (last_step, stop_at)
+            final = step in (last_step, cfg.run.stop_after_steps)
             if final or step % cfg.checkpoint.val_every == 0:
                 summary = meter.summary()  # never checkpoint weights that a non-finite loss has touched
                 val_loss, (truth, forecast) = validate(engine, val_loader, loop_config["val_batches"],
                                                        d.teacher_steps, device)
-                if logger is not None:
-                    logger.log({"val_loss": val_loss}, step)
-                    if cfg.tracking.plot:
-                        logger.plot_forecast(truth[:, 0].cpu(), forecast[:, 0].cpu(), step, stats.channels[0])
-                    print(f"[minconv] step {step}/{last_step} val_loss {val_loss:.5f}", flush=True)
-                saved_position = {**position, "finished": step == last_step,
-                                  "epoch_loss_total": summary["epoch_total"],
-                                  "epoch_loss_count": summary["epoch_count"],
-                                  "mlflow_run_id": loop_config["mlflow_run_id"]}
-                report(engine, rank, world, saved_position, cfg,
-                       {"epoch": position["epoch"], "step": step, "train_loss": summary["last"],
-                        "val_loss": val_loss, "final": int(final)})
-                tick, tick_step = time.perf_counter(), step
+                progress.log_validation(step, val_loss)
+                if logger is not None and cfg.tracking.plot:
+                    logger.plot_forecast(truth[:, 0].cpu(), forecast[:, 0].cpu(), step, stats.channels[0])
+                saved = {**position, "finished": step == last_step, "epoch_loss_total": summary["epoch_total"],
+                         "epoch_loss_count": summary["epoch_count"], "mlflow_run_id": loop_config["mlflow_run_id"]}
+                report(engine, rank, world, saved, cfg, {"epoch": position["epoch"], "step": step,
+                                                         "train_loss": summary["last"], "val_loss": val_loss,
+                                                         "final": int(final)})
+                progress.restart_clock(step)
             if final:
                 return
 

@@ -52,14 +52,26 @@ def open_run(uri: str, experiment: str, run_name: str, config: dict[str, Any]) -
 
 
 class MetricLogger:
-    """Rank 0's handle on the run: batched metrics and forecast plots."""
+    """Rank 0's handle on the run: batched metrics and forecast plots.
+
+    A worker restarted from a checkpoint replays the steps after it; those steps were logged already (with the
+    same values: the replay is exact), so each metric skips the steps up to the last one the run has of it."""
 
     def __init__(self, uri: str, run_id: str):
         self.client, self.run_id = MlflowClient(uri), run_id
+        self.logged_until: dict[str, int] = {}
+
+    def _new(self, key: str, step: int) -> bool:
+        if key not in self.logged_until:  # once per metric and logger: what the run already holds
+            history = self.client.get_metric_history(self.run_id, key)
+            self.logged_until[key] = max((m.step for m in history), default=-1)
+        return step > self.logged_until[key]
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        fresh = [Metric(k, float(v), now, step) for k, v in metrics.items() if self._new(k, step)]
+        if fresh:
+            self.client.log_batch(self.run_id, metrics=fresh)
 
     def plot_forecast(self, truth: torch.Tensor, forecast: torch.Tensor, step: int, channel: str) -> None:
         """truth, forecast: [T, H, W] in physical units; shows the last closed-loop lead time."""

@@ -20,7 +20,7 @@ import torch
 from ray.train.torch import TorchTrainer
 
 from minconv_dist.data import (DataError, NormStats, channel_bounds, check_stats, compute_stats, default_store,
-                               open_store)
+                               open_store, parse_channels)
 from minconv_dist.data.store import redact
 from minconv_dist.models import load_model_file
 from minconv_dist.train import checkpoint, tracking
@@ -32,7 +32,8 @@ from minconv_dist.train.resume import check_plan, check_unfinished, run_dir, sav
 
 
 class TrainingError(RuntimeError):
-    """Training failed; the message says why and where the last good checkpoint is."""
+    """Training failed; the message says why and where the last good checkpoint is. (A non-finite loss is
+    the `NonFiniteLossError` of the worker that saw it, with the same message shape.)"""
 
 
 class Interrupted(KeyboardInterrupt):
@@ -62,6 +63,8 @@ def _config_errors(key: str, io_key: str = "data.url") -> Iterator[None]:
     data.channels for a channel the store lacks, `io_key` for an unreadable store or file, `key` otherwise."""
     try:
         yield
+    except ConfigError:
+        raise  # already names its key
     except DataError as err:
         raise ConfigError(f"data.url: {err}") from err
     except KeyError as err:
@@ -87,6 +90,10 @@ def _check_data(cfg: TrainConfig, url: str) -> tuple[NormStats, tuple[int, int],
                  compute_stats(url, d.channels, d.dims, **split_of(cfg, "train"), progress=False,
                                storage_options=d.storage_options or None, bounds=bounds,
                                allow_nan=d.nan_policy != "raise"))
+        channels = [str(s) for s in parse_channels(d.channels)]
+        if stats.channels != channels:
+            raise ConfigError(f"data.stats_path: statistics for channels {stats.channels}, data.channels are "
+                              f"{channels}")
         check_stats(stats, bounds, f"{redact(url)!r} {key['train']}={getattr(d, key['train'][5:])}")
     world = cfg.parallel.num_workers
     per_rank = {}
@@ -151,19 +158,23 @@ def _fit_beside_main_thread(trainer: TorchTrainer) -> ray.train.Result:
     return result
 
 
-class _StopOnDataError(ray.train.UserCallback):
+# Failures that repeat exactly on a retry from the last checkpoint: bad data, a diverging loss.
+NOT_RETRIED = (DataError, NonFiniteLossError)
+
+
+class _StopOnDeterministicError(ray.train.UserCallback):
     """Ray restarts a failed worker group `parallel.max_failures` times, for faults that pass (a lost node). Bad
-    data fail the same way every time: a DataError from any worker ends the run at once, as a ControllerError,
-    which Ray's failure policy does not retry."""
+    data and a non-finite loss fail the same way every time: one of them from any worker ends the run at once,
+    as a ControllerError, which Ray's failure policy does not retry."""
 
     def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
         for _, error in sorted(worker_exceptions.items()):
-            if isinstance(error, DataError):
+            if isinstance(error, NOT_RETRIED):
                 raise ray.train.ControllerError(error)
 
 
 def _worker_cause(err: ray.train.TrainingFailedError) -> BaseException:
-    """The exception behind a failed run: the one `_StopOnDataError` stopped it for, or the lowest rank's,
+    """The exception behind a failed run: the one `_StopOnDeterministicError` stopped it for, or the lowest rank's,
     unwrapped from Ray's task error; else `err`."""
     if isinstance(err, ray.train.ControllerError):
         return err.controller_failure
@@ -219,7 +230,7 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, callbacks: list[StepCall
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=p.max_failures), callbacks=[_StopOnDataError()],
+            failure_config=ray.train.FailureConfig(max_failures=p.max_failures), callbacks=[_StopOnDeterministicError()],
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.checkpoint.keep, checkpoint_score_attribute="val_loss",
                 checkpoint_score_order="min"),
