@@ -225,6 +225,19 @@ def best(values: list[float]) -> float:
     return max(values)
 
 
+def print_overhead(one: dict[str, Any], sizes: dict[str, dict[str, Any]]) -> None:
+    """The stack overhead table: samples/s of the engine loop at ZeRO 0/1/2 against the plain torch loop."""
+    print("## Stack overhead, one GPU: the worker loop on a DeepSpeed engine vs a plain torch loop "
+          "(samples/s, best of 2 interleaved runs, data on the device)\n")
+    print("| model | plain torch | ZeRO-0 | ZeRO-1 | ZeRO-2 | ratio 0 / 1 / 2 |\n|---|---|---|---|---|---|")
+    for label, size in sizes.items():
+        plain = best(one[f"{label}/plain"])
+        zs = [best(one[f"{label}/zero{s}"]) for s in (0, 1, 2)]
+        print(f"| {label}: {size['layers']}x{size['hidden']}, {size['grid'][0]}x{size['grid'][1]}, T={size['T']}, "
+              f"batch {size['batch']} | {plain:.1f} | " + " | ".join(f"{z:.1f}" for z in zs) + " | "
+              + " / ".join(f"{z / plain:.2f}" for z in zs) + " |", flush=True)
+
+
 def print_memory(wide: dict[str, Any], n: int, z0: float, z3: float) -> None:
     """The ZeRO-3 memory table: peak GiB per GPU at ZeRO-0 on one GPU vs ZeRO-3 on n, and DeepSpeed's estimate."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
@@ -245,7 +258,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu", action="store_true", help="2 gloo CPU workers, tiny sizes (smoke test)")
     parser.add_argument("--quick", action="store_true", help="fewer steps")
-    parser.add_argument("--memory-only", action="store_true", help="only the ZeRO-3 memory table")
+    parser.add_argument("--only", choices=["overhead", "memory"], help="only the stack overhead or the ZeRO-3 memory table")
     args = parser.parse_args()
     gpu = not args.cpu
     n = torch.cuda.device_count() if gpu else 2
@@ -272,23 +285,16 @@ def main() -> None:
     print(f"# GPU stack: `{' '.join(sys.argv)}`, {device} x {n}, torch {torch.__version__}, "
           f"{datetime.date.today().isoformat()}\n", flush=True)
 
-    one_parts = ["memory"] if args.memory_only else ["overhead", "data", "scaling", "memory", "profile"]
+    one_parts = [args.only] if args.only else ["overhead", "data", "scaling", "memory", "profile"]
     one = run({**common, "cpus": max(1, cpus // 2) if gpu else 1, "parts": one_parts, "memory_stages": [0]}, 1, gpu)
-    if args.memory_only:
-        if n > 1:
-            many = run({**common, "cpus": max(1, cpus // n // 2) if gpu else 1, "parts": ["memory"],
-                        "memory_stages": [3]}, n, gpu)
-            print_memory(wide, n, one["memory0"], many["memory3"])
+    if args.only == "memory" and n > 1:
+        many = run({**common, "cpus": max(1, cpus // n // 2) if gpu else 1, "parts": ["memory"],
+                    "memory_stages": [3]}, n, gpu)
+        print_memory(wide, n, one["memory0"], many["memory3"])
+    if args.only != "memory":
+        print_overhead(one, sizes)
+    if args.only:
         return
-    print("## Stack overhead, one GPU: the worker loop on a DeepSpeed engine vs a plain torch loop "
-          "(samples/s, best of 2 interleaved runs, data on the device)\n")
-    print("| model | plain torch | ZeRO-0 | ZeRO-1 | ZeRO-2 | ratio 0 / 1 / 2 |\n|---|---|---|---|---|---|")
-    for label, size in sizes.items():
-        plain = best(one[f"{label}/plain"])
-        zs = [best(one[f"{label}/zero{s}"]) for s in (0, 1, 2)]
-        print(f"| {label}: {size['layers']}x{size['hidden']}, {size['grid'][0]}x{size['grid'][1]}, T={size['T']}, "
-              f"batch {size['batch']} | {plain:.1f} | " + " | ".join(f"{z:.1f}" for z in zs) + " | "
-              + " / ".join(f"{z / plain:.2f}" for z in zs) + " |")
     dev, real = best(one["gpu/device_data"]), best(one["gpu/store_data"])
     print(f"\n## Data stall, one GPU, ZeRO-0: WindowDataset feed ({common['loader_workers']} loader workers, pinned, "
           f"non-blocking) {real:.1f} vs on-device batches {dev:.1f} samples/s: **{real / dev:.2f}**\n")
