@@ -15,10 +15,9 @@ import argparse
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks.common import check_equal, device_line, interleaved_ms, output_and_grads, train_step
+from benchmarks.common import adam_step, check_equal, device_line, interleaved_ms, output_and_grads
 from minconv_dist.models import ConvGRUCell, ConvLSTMCell, Network, build_model
 
 
@@ -104,8 +103,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             diff = check_equal(f"{arch} T={T}", output_and_grads(ours, x), output_and_grads(loop, x))
             target = torch.randn_like(x)
             for precision in precisions:
-                steps = {"ours": train_step(ours, x, target, precision == "bf16"),
-                         "loop": train_step(loop, x, target, precision == "bf16")}
+                steps = {"ours": adam_step(ours, x, target, precision == "bf16"),
+                         "loop": adam_step(loop, x, target, precision == "bf16")}
                 ms = interleaved_ms(steps, device, warmup=args.warmup, repeats=args.repeats)
                 print(f"| {arch} | {T} | {precision} | {ms['ours']:.1f} | {ms['loop']:.1f} "
                       f"| {ms['loop'] / ms['ours']:.2f}x | {diff:.1e} |", flush=True)

@@ -48,7 +48,7 @@ def interleaved_ms(fns: dict[str, Callable[[], object]], device: torch.device, w
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def train_step(model: nn.Module, x: Tensor, target: Tensor, bf16: bool) -> Callable[[], None]:
+def adam_step(model: nn.Module, x: Tensor, target: Tensor, bf16: bool) -> Callable[[], None]:
     """A closure running one optimiser step of model on fixed data: forward (bf16 autocast if asked), MSE,
     backward, Adam."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
