@@ -50,9 +50,9 @@ class PaddedConv2d(nn.Conv2d):
         self.boundary = padding
 
     def forward(self, x: Tensor) -> Tensor:
-        lead = x.shape[:-3]
-        y = super().forward(wrap(x.reshape(-1, *x.shape[-3:]), self.boundary))
-        return y.reshape(*lead, *y.shape[-3:])
+        if x.dim() == 5:  # a per-step loop calls with 4-D frames: no reshapes (autograd nodes) on its path
+            return self(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+        return super().forward(wrap(x, self.boundary))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, boundary={self.boundary}"
