@@ -21,6 +21,7 @@ import argparse
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.common import adam_step, check_equal, device_line, interleaved_ms, output_and_grads, time_ms
@@ -47,6 +48,14 @@ def make_step(
     return adam_step(model, x, torch.randn_like(x), bf16)
 
 
+def _pad_copy(model: Network) -> nn.Module:
+    """Zero padding as before issue 14: an F.pad copy of each cell conv's input, then an unpadded conv."""
+    for cell in model.cells:
+        cell.conv.padding = (0, 0)
+        cell.conv.register_forward_pre_hook(lambda conv, args: (F.pad(args[0], (1, 1, 1, 1)),))
+    return model
+
+
 def _compile_residual_norm(model: Network) -> nn.Module:
     model.residual_norm = torch.compile(residual_norm)
     return model
@@ -55,6 +64,7 @@ def _compile_residual_norm(model: Network) -> nn.Module:
 # Each takes the eager MinConvGRU network (weights as the reference's) and returns the variant to time.
 VARIANTS: dict[str, Callable[[Network], nn.Module]] = {
     "eager": lambda model: model,
+    "pad-copy": _pad_copy,  # the same-run "before" of the conv's own zero padding
     # conv weights NHWC: cuDNN reads and writes NHWC; the scan and the norm still see NCHW.
     "channels_last": lambda model: model.to(memory_format=torch.channels_last),
     # add + norm + autocast's casts of each layer fused by Inductor; the rest eager.

@@ -50,9 +50,10 @@ class PaddedConv2d(nn.Conv2d):
         self.boundary = padding
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() == 5:  # a per-step loop calls with 4-D frames: no reshapes (autograd nodes) on its path
-            return self(x.flatten(0, 1)).unflatten(0, x.shape[:2])
-        return super().forward(wrap(x, self.boundary))
+        # 4-D frames (a per-step loop) go straight to the conv: no reshapes, whose autograd nodes it pays per step.
+        frames = x.flatten(0, 1) if x.dim() == 5 else x
+        y = super().forward(wrap(frames, self.boundary))
+        return y.unflatten(0, x.shape[:2]) if x.dim() == 5 else y
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, boundary={self.boundary}"
