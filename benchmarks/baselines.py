@@ -40,7 +40,7 @@ class PerStepLoop(nn.Module):
             raise ValueError(f"expected ConvLSTM or ConvGRU cells, got {type(cell).__name__}")
         if ours.grid is None:
             raise ValueError("the reference applies LayerNorm over [H, W]: build ours with norm='layer'")
-        self.hidden, self.grid = ours.hidden, ours.grid
+        self.grid = ours.grid
         # Defined in the order of ours, so parameters() of both line up (the equality check compares them so).
         self.encoder = _plain_conv(ours.encoder[0])
         names = ["conv"] if self.lstm else ["conv_a", "conv_b"]
@@ -52,12 +52,14 @@ class PerStepLoop(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [B, T, C, H, W] (normalised units: ours has identity statistics) -> [B, T, C, H, W]."""
-        zeros = x.new_zeros(x.shape[0], self.hidden, *self.grid)
-        hs, cs = [zeros] * len(self.convs), [zeros] * len(self.convs)
+        hs: list[Tensor | None] = [None] * len(self.convs)
+        cs = list(hs)
         outs = []
         for t in range(x.shape[1]):
             z = self.encoder(x[:, t])
             for layer, (convs, norm) in enumerate(zip(self.convs, self.norms)):
+                if hs[layer] is None:  # zero state in the dtype of the layer's input, as ours (bf16 under autocast)
+                    hs[layer] = cs[layer] = torch.zeros_like(z)
                 h = hs[layer]
                 if self.lstm:
                     n, i, f, o = convs[0](torch.cat([z, h], 1)).chunk(4, 1)

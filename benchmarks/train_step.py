@@ -12,7 +12,8 @@ computation (log gates, cat log h0, cumsum + logcumsumexp, exp), step for step.
 equal to the eager network (outputs and gradients, fp32 with TF32 off, same weights) and then timed A/B
 interleaved with the eager network and the official path, all in one process:
 
-    PYTHONPATH=. python benchmarks/train_step.py --T 256 --variants eager channels_last compile-residual-norm compile
+    PYTHONPATH=. python benchmarks/train_step.py --T 256 --precisions bf16 fp32 \
+        --variants eager pad-copy channels_last compile-residual-norm compile
     PYTHONPATH=. python benchmarks/train_step.py --device cpu --T 4 --grid 8 8 --hidden 4 --variants eager channels_last
 """
 from __future__ import annotations
