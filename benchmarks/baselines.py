@@ -87,13 +87,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=7, help="timed steps of each (median)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--cudnn-benchmark", action="store_true", help="cuDNN picks conv algorithms by timing (both)")
     args = parser.parse_args(argv)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     device = torch.device(args.device)
     precisions = args.precisions if device.type == "cuda" else ["fp32"]
     torch.set_flush_denormal(True)  # CPU: denormal gates and Adam moments run ~100x slower; not what we measure
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # timed fp32 = TF32 convs
     print(f"device: {device_line(device)}; {args.layers} layers x {args.hidden} channels, grid {args.grid}, "
-          f"batch {args.batch}; training step, median of {args.repeats}")
+          f"batch {args.batch}; training step, median of {args.repeats}; cudnn.benchmark={args.cudnn_benchmark}")
     print("| model | T | precision | ms ours | ms per-step loop | ours / loop speed | max abs diff (fp32) |")
     print("|---|---|---|---|---|---|---|")
     for arch in args.models:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from typing import Callable
+from typing import Callable, ContextManager, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -48,17 +48,30 @@ def interleaved_ms(fns: dict[str, Callable[[], object]], device: torch.device, w
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def adam_step(model: nn.Module, x: Tensor, target: Tensor, bf16: bool) -> Callable[[], None]:
+@contextlib.contextmanager
+def cudnn_benchmark() -> Iterator[None]:
+    """cuDNN times its algorithms for each new conv shape and keeps the fastest (fixed shapes: once)."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+def adam_step(model: nn.Module, x: Tensor, target: Tensor, bf16: bool,
+              flags: Callable[[], ContextManager[object]] = contextlib.nullcontext) -> Callable[[], None]:
     """A closure running one optimiser step of model on fixed data: forward (bf16 autocast if asked), MSE,
-    backward, Adam."""
+    backward, Adam; all under `flags()` (e.g. `cudnn_benchmark`)."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
 
     def step() -> None:
-        with torch.autocast(x.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-            loss = F.mse_loss(model(x).float(), target)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with flags():
+            with torch.autocast(x.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+                loss = F.mse_loss(model(x).float(), target)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
     return step
 

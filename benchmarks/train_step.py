@@ -19,13 +19,16 @@ interleaved with the eager network and the official path, all in one process:
 from __future__ import annotations
 
 import argparse
-from typing import Callable, Sequence
+import contextlib
+from typing import Callable, ContextManager, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.common import adam_step, check_equal, device_line, interleaved_ms, output_and_grads, time_ms
+from benchmarks.common import (
+    adam_step, check_equal, cudnn_benchmark, device_line, interleaved_ms, output_and_grads, time_ms,
+)
 from minconv_dist.models import ARCHS, Network, build_model
 from minconv_dist.models.network import residual_norm
 
@@ -63,7 +66,7 @@ def _compile_residual_norm(model: Network) -> nn.Module:
 
 
 # Each takes the eager MinConvGRU network (weights as the reference's) and returns the variant to time.
-VARIANTS: dict[str, Callable[[Network], nn.Module]] = {
+TRANSFORMS: dict[str, Callable[[Network], nn.Module]] = {
     "eager": lambda model: model,
     "pad-copy": _pad_copy,  # the same-run "before" of the conv's own zero padding
     # conv weights NHWC: cuDNN reads and writes NHWC; the scan and the norm still see NCHW.
@@ -74,6 +77,34 @@ VARIANTS: dict[str, Callable[[Network], nn.Module]] = {
     "compile": lambda model: torch.compile(model),
     "compile-max-autotune": lambda model: torch.compile(model, mode="max-autotune-no-cudagraphs"),
 }
+# Global switches set around a variant's steps only (its check included), so the other rows keep the defaults.
+FLAGS: dict[str, Callable[[], ContextManager[object]]] = {"cudnn-benchmark": cudnn_benchmark}
+
+
+def variant_name(name: str) -> str:
+    """A variant: TRANSFORMS and FLAGS joined by '+', e.g. `channels_last+cudnn-benchmark`."""
+    unknown = [part for part in name.split("+") if part not in TRANSFORMS and part not in FLAGS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown part(s) {unknown} of variant {name!r}; "
+                                         f"expected '+'-joined names from {[*TRANSFORMS, *FLAGS]}")
+    return name
+
+
+def build_variant(name: str, model: Network) -> tuple[nn.Module, Callable[[], ContextManager[object]]]:
+    """(the variant's model, the flags to run its steps under) for a `variant_name`."""
+    parts = name.split("+")
+    for part in parts:
+        model = TRANSFORMS[part](model) if part in TRANSFORMS else model
+
+    @contextlib.contextmanager
+    def flags() -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for part in parts:
+                if part in FLAGS:
+                    stack.enter_context(FLAGS[part]())
+            yield
+
+    return model, flags
 
 
 def compare_variants(names: Sequence[str], Ts: Sequence[int], precisions: Sequence[str], device: torch.device,
@@ -94,16 +125,17 @@ def compare_variants(names: Sequence[str], Ts: Sequence[int], precisions: Sequen
             twin = build_model("minconvgru", 1, hidden, 2, grid=grid).to(device)
             twin.load_state_dict(reference.state_dict())
             try:  # a variant that fails to compile or differs gets its row and is not timed; the others go on
-                models[name] = VARIANTS[name](twin)
-                diffs[name] = check_equal(name, output_and_grads(models[name], x), want)
+                models[name] = build_variant(name, twin)
+                with models[name][1]():
+                    diffs[name] = check_equal(name, output_and_grads(models[name][0], x), want)
             except Exception as e:  # noqa: BLE001
                 models.pop(name, None)
                 print(f"| {T} | fp32 check | {name} | failed: {type(e).__name__}: {str(e)[:300]!r} | | | |")
         for precision in precisions:
             bf16 = precision == "bf16"
             steps = {"official": adam_step(official, x, target, bf16)}
-            for name, model in models.items():
-                steps[name] = adam_step(model, x, target, bf16)
+            for name, (model, flags) in models.items():
+                steps[name] = adam_step(model, x, target, bf16, flags)
                 try:  # the first step compiles for this precision
                     steps[name]()
                 except Exception as e:  # noqa: BLE001
@@ -155,8 +187,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--layouts", nargs="+", choices=["nchw", "cl"], default=["nchw"],
                         help="memory formats of the conv weights: as built (nchw) and channels_last (cl)")
     parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
-                        help="instead of the table: these MinConvGRU variants, checked and timed A/B")
+    parser.add_argument("--variants", nargs="+", type=variant_name,
+                        help=f"instead of the table: these MinConvGRU variants, checked and timed A/B; names from "
+                             f"{[*TRANSFORMS, *FLAGS]}, combined with '+'")
     parser.add_argument("--device", default="cuda", help="--variants only: cpu for a tiny dry run (fp32)")
     parser.add_argument("--grid", type=int, nargs=2, default=[64, 64], help="--variants only")
     parser.add_argument("--hidden", type=int, default=64, help="--variants only")
