@@ -1,7 +1,7 @@
 """The benchmark scripts run (tiny options): a benchmark that crashes measures nothing."""
 from __future__ import annotations
 
-from benchmarks import loader
+from benchmarks import baselines, loader, train_step
 
 
 def test_loader_benchmark_runs_and_prints_its_table(capsys):
@@ -12,3 +12,19 @@ def test_loader_benchmark_runs_and_prints_its_table(capsys):
     for row in rows:
         amplification = float(row.split("|")[7])
         assert 1.0 <= amplification <= 1.5, row
+
+
+def test_baselines_benchmark_checks_equality_and_prints_its_table(capsys):
+    baselines.main(["--device", "cpu", "--T", "3", "--grid", "8", "8", "--hidden", "4", "--repeats", "1",
+                    "--warmup", "0"])
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| conv")]
+    assert [(r[1].strip(), r[3].strip()) for r in rows] == [("convlstm", "fp32"), ("convgru", "fp32")]
+    assert all(float(r[7]) <= 1e-5 for r in rows)  # ours == the per-step loop (checked before timing)
+
+
+def test_train_step_variants_check_equality_and_print_their_rows(capsys):
+    train_step.main(["--device", "cpu", "--T", "3", "--grid", "8", "8", "--hidden", "4", "--repeats", "1",
+                     "--variants", "eager", "channels_last"])
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| 3 |")]
+    assert [r[3].strip() for r in rows] == ["eager", "channels_last", "official"]
+    assert all(float(r[7]) <= 1e-5 for r in rows[:2])  # each variant == the eager network (checked first)

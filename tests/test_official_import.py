@@ -39,6 +39,25 @@ def test_import_matches_official_forward_float32(arch, padding, grid):
     assert torch.allclose(model(x, teacher_steps=8), official_forward(sd, arch, x, 8, padding), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["convlstm", "convgru"])
+@pytest.mark.parametrize("padding, grid", [("zeros", (5, 6)), ("circular", None), ("cylinder", (5, 6))])
+def test_baseline_gradients_match_official_per_step_loop(arch, padding, grid):
+    """Our baselines read all frames at once (one unbind; zero padding inside the conv); the official code
+    steps frame by frame with F.pad. Same gradients w.r.t. the input and every weight."""
+    sd = {k: v.requires_grad_() for k, v in random_official_state_dict(arch, 2, 3, 2, grid, padding).items()}
+    model = from_official_checkpoint({k: v.detach() for k, v in sd.items()}, arch, padding=padding)
+    x = torch.randn(2, 7, 2, 5, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 7, 2, 5, 6, dtype=torch.float64)
+    ref = torch.autograd.grad((official_forward(sd, arch, x, 5, padding) * w).sum(), [x, *sd.values()],
+                              materialize_grads=True)  # ConvGRU decodes its last cell output: last norm unused
+    ours = torch.autograd.grad((model(x, teacher_steps=5) * w).sum(), [x, *model.parameters()],
+                               materialize_grads=True)
+    names = ["x", *to_official_state_dict(model)]  # our parameters' official names, in their order
+    ref_by_name = dict(zip(["x", *sd], ref))
+    for name, grad in zip(names, ours, strict=True):
+        assert torch.allclose(grad, ref_by_name[name], rtol=1e-10, atol=1e-12), name
+
+
 @pytest.mark.parametrize("arch, padding, grid", CASES)
 def test_round_trip_through_official_layout(tmp_path, arch, padding, grid):
     torch.manual_seed(0)

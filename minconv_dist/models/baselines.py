@@ -17,10 +17,13 @@ class _SequentialCell(nn.Module):
     hidden: int
 
     def forward(self, x: Tensor, state=None) -> tuple[Tensor, object]:
-        """x: [B, T, hidden, H, W] -> (h [B, T, hidden, H, W], state)."""
+        """x: [B, T, hidden, H, W] -> (h [B, T, hidden, H, W], state).
+
+        The frames come from one `unbind`, whose backward stacks the T gradients once; indexing x[:, t]
+        instead costs a zero-filled [B, T, ...] gradient per frame in backward (O(T^2) memory traffic)."""
         outs = []
-        for t in range(x.shape[1]):
-            out, state = self.step(x[:, t], state)
+        for x_t in x.unbind(1):
+            out, state = self.step(x_t, state)
             outs.append(out)
         return torch.stack(outs, dim=1), state
 

@@ -3,6 +3,9 @@
 - "zeros": zero padding (bounded domains);
 - "circular": periodic in both directions (the Navier–Stokes torus);
 - "cylinder": periodic along longitude (W), zeros along latitude (H): a global lat/lon grid.
+
+A periodic dim needs its wrap-around halo copied in (`wrap`); a zero-padded dim does not: the conv pads it
+itself (`zero_halo`), without materialising a padded copy of its input (in forward or in backward).
 """
 from __future__ import annotations
 
@@ -18,16 +21,22 @@ def check_padding(padding: str) -> str:
     return padding
 
 
+def wrap(x: Tensor, padding: str, width: int = 1) -> Tensor:
+    """Pad the periodic dims of x [..., H, W] by `width` with their wrap-around halo (none for "zeros")."""
+    if check_padding(padding) == "zeros":
+        return x
+    return F.pad(x, (width, width, *((width, width) if padding == "circular" else (0, 0))), mode="circular")
+
+
+def zero_halo(padding: str, width: int = 1) -> tuple[int, int]:
+    """(H, W) zero padding that remains after `wrap`."""
+    return {"zeros": (width, width), "circular": (0, 0), "cylinder": (width, 0)}[check_padding(padding)]
+
+
 def pad(x: Tensor, padding: str, width: int = 1) -> Tensor:
     """Pad the last two dims (H, W) of x by `width` with the given boundary condition."""
-    if padding == "zeros":
-        return F.pad(x, (width,) * 4)
-    if padding == "circular":
-        return F.pad(x, (width,) * 4, mode="circular")
-    if padding == "cylinder":
-        x = F.pad(x, (width, width, 0, 0), mode="circular")
-        return F.pad(x, (0, 0, width, width))
-    raise ValueError(f"unknown padding {padding!r}; expected one of {PADDINGS}")
+    h, w = zero_halo(padding, width)
+    return F.pad(wrap(x, padding, width), (w, w, h, h))
 
 
 class PaddedConv2d(nn.Conv2d):
@@ -37,13 +46,14 @@ class PaddedConv2d(nn.Conv2d):
     """
 
     def __init__(self, in_channels: int, out_channels: int, padding: str = "zeros"):
-        super().__init__(in_channels, out_channels, kernel_size=3, padding=0, bias=True)
-        self.boundary = check_padding(padding)
+        super().__init__(in_channels, out_channels, kernel_size=3, padding=zero_halo(padding), bias=True)
+        self.boundary = padding
 
     def forward(self, x: Tensor) -> Tensor:
-        lead = x.shape[:-3]
-        y = super().forward(pad(x.reshape(-1, *x.shape[-3:]), self.boundary))
-        return y.reshape(*lead, *y.shape[-3:])
+        # 4-D frames (a per-step loop) go straight to the conv: no reshapes, whose autograd nodes it pays per step.
+        frames = x.flatten(0, 1) if x.dim() == 5 else x
+        y = super().forward(wrap(frames, self.boundary))
+        return y.unflatten(0, x.shape[:2]) if x.dim() == 5 else y
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, boundary={self.boundary}"
