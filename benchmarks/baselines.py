@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for T in args.T:
             torch.manual_seed(0)
             ours = build_model(arch, 1, args.hidden, args.layers, grid=tuple(args.grid)).to(device)
-            loop = PerStepLoop(ours)
+            loop = PerStepLoop(ours).to(device)
             x = torch.randn(args.batch, T, 1, *args.grid, device=device)
             diff = check_equal(f"{arch} T={T}", output_and_grads(ours, x), output_and_grads(loop, x))
             target = torch.randn_like(x)

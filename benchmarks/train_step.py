@@ -127,7 +127,9 @@ def compare_variants(names: Sequence[str], Ts: Sequence[int], precisions: Sequen
             try:  # a variant that fails to compile or differs gets its row and is not timed; the others go on
                 models[name] = build_variant(name, twin)
                 with models[name][1]():
-                    diffs[name] = check_equal(name, output_and_grads(models[name][0], x), want)
+                    # compiled kernels reduce in another order: a LayerNorm weight's gradient sums B*T*C terms
+                    rtol = 1e-3 if "compile" in name else 1e-4
+                    diffs[name] = check_equal(name, output_and_grads(models[name][0], x), want, rtol=rtol)
             except Exception as e:  # noqa: BLE001
                 models.pop(name, None)
                 print(f"| {T} | fp32 check | {name} | failed: {type(e).__name__}: {str(e)[:300]!r} | | | |")
