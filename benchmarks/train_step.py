@@ -30,7 +30,6 @@ from benchmarks.common import (
     adam_step, check_equal, cudnn_benchmark, device_line, interleaved_ms, output_and_grads, time_ms,
 )
 from minconv_dist.models import ARCHS, Network, build_model
-from minconv_dist.models.network import residual_norm
 
 MODELS = [("official", "minconvgru", "log"), *((arch, arch, "auto") for arch in ARCHS)]
 
@@ -61,7 +60,7 @@ def _pad_copy(model: Network) -> nn.Module:
 
 
 def _compile_residual_norm(model: Network) -> nn.Module:
-    model.residual_norm = torch.compile(residual_norm)
+    model.fuse_residual_norm()
     return model
 
 

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from minconv_dist.models import build_model
+from minconv_dist.models.network import residual_norm
 from minconv_dist.train import load_config
 from minconv_dist.train.checkpoint import master_weights
 from minconv_dist.train.engine import build_engine
@@ -144,3 +145,23 @@ def test_exported_weights_are_the_fp32_masters(stage, process_group, tmp_path):
     reference = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path), tag="t")
     for n in names:
         assert torch.equal(exported[n], reference[n].float()), n
+
+
+def test_fused_residual_norm_trains_as_the_eager_network(process_group):
+    """model.fuse_norm: the network built for training compiles its residual add + post-norm; three steps on a
+    DeepSpeed engine give the losses and weights of the eager network (fp32, up to reduction order)."""
+    from minconv_dist.data import NormStats
+    from minconv_dist.train.datasets import build_network
+
+    runs = {}
+    for fuse in (False, True):
+        cfg = load_config(overrides=["data.batch_size=2", "parallel.precision=fp32", "optim.warmup_steps=0",
+                                     "model.hidden_size=4", "model.layers=2", f"model.fuse_norm={str(fuse).lower()}"])
+        torch.manual_seed(0)
+        model = build_network(cfg, NormStats(["z"], [0.5], [2.0]), (8, 8))
+        assert (model.residual_norm is not residual_norm) == fuse
+        engine = build_engine(cfg, model, total_steps=10, bf16=False)
+        losses = [train_step(engine, x, 4, 0.0).item() for x in batches(3)]
+        runs[fuse] = losses, {k: v.clone() for k, v in engine.module.state_dict().items()}
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-5, atol=0)
+    torch.testing.assert_close(runs[True][1], runs[False][1], rtol=1e-4, atol=1e-6)

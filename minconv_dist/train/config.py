@@ -65,6 +65,9 @@ class ModelConfig:
     # Min cells: conv + gates + scan per chunk of this many frames, recomputed in backward, so memory grows
     # with the chunk, not with the sequence (exact gradients; for very long sequences). null: no chunking.
     chunk_size: AtLeast1 | None = None
+    # torch.compile each layer's residual add + post-norm (Network.fuse_residual_norm): 1.15x the bf16 step on
+    # a GPU; the first steps pay the compile (seconds to a minute).
+    fuse_norm: bool = False
 
 
 @dataclass

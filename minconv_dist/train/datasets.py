@@ -37,4 +37,6 @@ def build_network(cfg: TrainConfig, stats: NormStats, grid: tuple[int, int]):
     model = build_model(m.arch, stats.channels, m.hidden_size, m.layers, padding=m.padding, norm=m.norm,
                         grid=grid, tanh_encoder=m.tanh_encoder, scan_method=m.scan_method, chunk_size=m.chunk_size)
     model.normalizer.set_stats(stats.mean, stats.std)
+    if m.fuse_norm:
+        model.fuse_residual_norm()
     return model
