@@ -16,8 +16,11 @@ class _SequentialCell(nn.Module):
 
     hidden: int
 
-    def forward(self, x: Tensor, state=None) -> tuple[Tensor, object]:
+    def forward(self, x: Tensor, state=None, time_group=None) -> tuple[Tensor, object]:
         """x: [B, T, hidden, H, W] -> (h [B, T, hidden, H, W], state)."""
+        if time_group is not None:
+            raise ValueError(f"{type(self).__name__} reads h_(t-1) in its conv, so its time cannot be split over "
+                             "ranks (time_group); split time with a Min cell")
         outs = []
         for t in range(x.shape[1]):
             out, state = self.step(x[:, t], state)
