@@ -83,7 +83,9 @@ def _worker(rank: int, world: int, S: int, port: int, cases: list[tuple[str, int
             case = f"{arch} ZeRO-{stage} chunk {chunk} k {k} rank {rank}"
             for name, p in reference.named_parameters():
                 torch.testing.assert_close(grads[name], expected[name], rtol=1e-4, atol=1e-7, msg=f"{case} {name}")
-                torch.testing.assert_close(engine.module.state_dict()[name], p.detach(), rtol=1e-5, atol=1e-6,
+                # AdamW's first step moves a weight by lr g / (|g| + 1e-8): for a gradient element near 1e-6,
+                # fp32 rounding of g shows at lr x 1e-3 (the step itself moves every weight by about lr = 1e-2)
+                torch.testing.assert_close(engine.module.state_dict()[name], p.detach(), rtol=1e-5, atol=2e-5,
                                            msg=f"{case} {name} after the step")
         for arch in ("convlstm", "convgru"):  # the model refuses too, before any collective
             with pytest.raises(ValueError, match="Cell reads h_"):
@@ -116,3 +118,45 @@ def test_sequential_cells_refuse_a_time_split(arch):
 def test_zero3_refuses_a_closed_loop_on_one_time_rank():
     with pytest.raises(ConfigError, match="parallel.zero_stage: got 3, expected 0, 1 or 2 with parallel.sequence_parallel=2"):
         config("minconvgru", 2, 2, 3, None)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ray_job_with_two_time_ranks_trains_as_one_worker(tiny_store, tmp_path):
+    """The whole job (driver checks, Ray Train, the worker loop with its mesh and time-block windows, DeepSpeed,
+    validation, checkpoints) with sequence_parallel=2 on 2 CPU workers logs the losses and ends with the weights
+    of the same job on 1 worker."""
+    import mlflow
+    import ray
+
+    from minconv_dist.models import load_model_file
+    from minconv_dist.train import fit
+
+    def job(name: str, *overrides: str):
+        cfg = load_config(overrides=[
+            f"data.url={tiny_store}", "data.train_range=[2015-01-01, 2015-01-07]",
+            "data.val_range=[2015-01-08, 2015-01-10]", "data.sequence_length=6", "data.teacher_steps=4",
+            "data.stride=6", "data.batch_size=2", "model.hidden_size=4", "model.layers=2", "model.chunk_size=1",
+            "optim.epochs=1", "optim.steps_per_epoch=3", "optim.warmup_steps=1", "optim.lr=5e-3",
+            "checkpoint.val_every=3", "checkpoint.val_batches=1", "tracking.log_every=1", "tracking.plot=false",
+            f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "tracking.registered_model=", f"run.name={name}",
+            f"run.storage_path={tmp_path}/runs", "parallel.max_failures=0", *overrides])
+        result = fit(cfg)
+        history = mlflow.tracking.MlflowClient(result.mlflow_uri).get_metric_history(result.mlflow_run_id,
+                                                                                       "train_loss")
+        losses = [m.value for m in sorted(history, key=lambda m: m.step)]
+        return losses, result.metrics["val_loss"], load_model_file(f"{result.checkpoint}/model.pt").state_dict()
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        split = job("split", "parallel.num_workers=2", "parallel.sequence_parallel=2")
+        whole = job("whole", "parallel.num_workers=1")
+    finally:
+        ray.shutdown()
+    assert len(split[0]) == 3
+    torch.testing.assert_close(torch.tensor(split[0]), torch.tensor(whole[0]), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(split[1], whole[1], rtol=1e-5, atol=1e-7)
+    for key, value in whole[2].items():
+        # AdamW's first steps divide by |gradient|: where a LayerNorm weight's gradient nearly cancels, fp32
+        # rounding moves it by up to ~1e-5 (the three steps move weights by up to 1.5e-2)
+        torch.testing.assert_close(split[2][key], value, rtol=1e-4, atol=5e-5, msg=key)
