@@ -120,7 +120,7 @@ def sequence_parallel_run(
             start = start.to(h0.dtype)
     h, _ = run(*xs, start) if chunk_size is None else run_chunked(run, xs, start, chunk_size)
     h = _CarryOut.apply(h, coefficients, group, chunk_size, *xs)
-    return h, h[:, -1]
+    return h, h[:, -1].clone()  # a view would keep all of h alive wherever the state is saved (a closed loop)
 
 
 def sequence_parallel_scan(
