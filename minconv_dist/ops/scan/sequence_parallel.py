@@ -7,10 +7,11 @@ start through the same diagonal products. So the blocks can run at once:
 Forward: each rank reduces its block to (P, E) (no autograd), the ranks all-gather these [B, ...] pairs,
 each folds the maps of the ranks before it into its true start, and its block runs from there, under
 autograd (and in time chunks, if asked).
-Backward: what a block owes the ranks after it enters at its last step. Each rank computes q = the
+Backward: what a block owes the ranks after it enters at its last state. Each rank computes q = the
 gradient of its own loss at its start, sum_t (prod_{s<=t} a_s) dh_t, the (P, q) are all-gathered, each rank
-folds those of the ranks after it into u = dL_later/dh_last and adds u to dh[:, -1]; autograd then goes back
-through the block once, with the exact gradient for every input and parameter.
+folds those of the ranks after it into u = dL_later/dh_last and adds u to the gradient of its last state
+(in time chunks: the last chunk's, so no copy of dh); autograd then goes back through the block once, with
+the exact gradient for every input and parameter.
 
 Extra work per block: the coefficients (a, b) are computed twice more without autograd (for (P, E) in
 forward, for q in backward), chunk by chunk, so memory stays that of one chunk. Traffic between ranks: one
@@ -57,9 +58,10 @@ def _block_map(coefficients: Coefficients, xs: Sequence[Tensor], chunk_size: int
     return torch.stack([P, E])
 
 
-def _adjoint_map(coefficients: Coefficients, xs: Sequence[Tensor], dh: Tensor, chunk_size: int | None) -> Tensor:
-    """(P, q) of this block, stacked [2, B, ...]: q = sum_t (prod_{s<=t} a_s) dh_t, the gradient of the
-    block's own loss at its start."""
+def _adjoint_map(coefficients: Coefficients, xs: Sequence[Tensor], dh: Tensor, chunk_size: int | None
+                 ) -> tuple[Tensor, Tensor]:
+    """(P, q) of this block, in at least float32: q = sum_t (prod_{s<=t} a_s) dh_t, the gradient at its start
+    of a loss whose gradient at h is dh."""
     P = q = None
     step = chunk_size or dh.shape[1]
     for i, chunk in enumerate(_chunks(xs, chunk_size)):
@@ -69,31 +71,31 @@ def _adjoint_map(coefficients: Coefficients, xs: Sequence[Tensor], dh: Tensor, c
         part = (prods * dh[:, i * step:(i + 1) * step].to(acc)).sum(dim=1)
         q = part if q is None else q + part
         P = prods[:, -1]
-    return torch.stack([P, q])
+    return P, q
 
 
 class _CarryOut(torch.autograd.Function):
-    """Identity on a block's h [B, T_r, ...]; backward adds to dh[:, -1] what the later ranks' losses owe to
-    this block's last state."""
+    """Identity on a block's (h [B, T_r, ...], h_last [B, ...]); backward adds to h_last's gradient what the
+    later ranks' losses owe to this block's last state."""
 
     @staticmethod
-    def forward(ctx, h: Tensor, coefficients: Coefficients, group, chunk_size: int | None, *xs: Tensor) -> Tensor:
+    def forward(ctx, h: Tensor, last: Tensor, coefficients: Coefficients, group, chunk_size: int | None,
+                *xs: Tensor) -> tuple[Tensor, Tensor]:
         ctx.save_for_backward(*xs)
         ctx.coefficients, ctx.group, ctx.chunk_size = coefficients, group, chunk_size
-        return h.view_as(h)
+        return h.view_as(h), last.view_as(last)
 
     @staticmethod
-    def backward(ctx, dh: Tensor):
+    def backward(ctx, dh: Tensor, dlast: Tensor):
         group = ctx.group
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         with torch.no_grad():
-            maps = _gather(_adjoint_map(ctx.coefficients, ctx.saved_tensors, dh, ctx.chunk_size), group)
+            P, q = _adjoint_map(ctx.coefficients, ctx.saved_tensors, dh, ctx.chunk_size)
+            maps = _gather(torch.stack([P, q + P * dlast]), group)  # h_last is h's last step: its gradient too
         u = torch.zeros_like(maps[0, 0])
         for r in range(world - 1, rank, -1):
             u = maps[r, 0] * u + maps[r, 1]
-        dh = dh.clone()
-        dh[:, -1] += u.to(dh.dtype)
-        return (dh, None, None, None, *(None for _ in ctx.saved_tensors))
+        return (dh, dlast + u.to(dlast.dtype), None, None, None, *(None for _ in ctx.saved_tensors))
 
 
 def sequence_parallel_run(
@@ -118,9 +120,10 @@ def sequence_parallel_run(
             start = maps[r, 0] * start + maps[r, 1]
         if h0 is not None:
             start = start.to(h0.dtype)
-    h, _ = run(*xs, start) if chunk_size is None else run_chunked(run, xs, start, chunk_size)
-    h = _CarryOut.apply(h, coefficients, group, chunk_size, *xs)
-    return h, h[:, -1].clone()  # a view would keep all of h alive wherever the state is saved (a closed loop)
+    # chunked, h_last is a copy of the last chunk's state: u reaches that chunk alone, and a closed loop that
+    # saves h_last does not keep h alive
+    h, last = run(*xs, start) if chunk_size is None else run_chunked(run, xs, start, chunk_size)
+    return _CarryOut.apply(h, last, coefficients, group, chunk_size, *xs)
 
 
 def sequence_parallel_scan(
