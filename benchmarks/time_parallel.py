@@ -10,6 +10,12 @@ loop's own pieces (device_mesh, TimeSplit, build_engine: DeepSpeed, train_step):
     python benchmarks/time_parallel.py                      # S = 2 GPUs, T = 2 x 8760 at 64x128, 64 channels
     python benchmarks/time_parallel.py --device cpu --T 16 --grid 8 16 --hidden 8 --chunk 4   # gloo smoke run
 
+Memory: the network keeps about 1 + 2 L tensors of [T, C, H, W] per window (8.6 GiB each in bf16 per 8760
+frames at 64x128, C = 64), plus a few more during backward. With the default 2 layers a rank of 2 x H100 holds
+its 8760 frames in about 75 GiB and one GPU cannot hold the whole window; on 2 x H200 (141 GB) one GPU may
+just hold 2 layers, so pass --layers 3 there. If an H100 rank runs out of memory, --layers 1 still does not fit
+on one H100.
+
 Prints markdown tables for docs/benchmarks.md.
 """
 from __future__ import annotations
