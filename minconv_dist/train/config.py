@@ -180,6 +180,7 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
+        """Checks across sections: time parallelism (docs/training.md, "Time parallelism")."""
         S = self.parallel.sequence_parallel
         if S == 1:
             return
@@ -191,10 +192,10 @@ class TrainConfig:
         _check(key, self.model.arch not in SEQUENTIAL_ARCHS, S,
                f"1 for model.arch={self.model.arch!r}: its conv reads h_(t-1), so its time cannot be split (use a "
                "Min cell)")
-        _check("parallel.zero_stage", self.parallel.zero_stage < 3 or self.data.teacher_steps == self.data.sequence_length,
-               self.parallel.zero_stage, f"0, 1 or 2 {why} and a closed loop (data.teacher_steps < "
-               "data.sequence_length): ZeRO-3 gathers a module's weights from all ranks at each call, and only the "
-               "last time rank runs the closed loop")
+        closed_loop = self.data.teacher_steps < self.data.sequence_length
+        _check("parallel.zero_stage", self.parallel.zero_stage < 3 or not closed_loop, self.parallel.zero_stage,
+               f"0, 1 or 2 {why} and a closed loop (data.teacher_steps < data.sequence_length): ZeRO-3 gathers a "
+               "module's weights from all ranks at each call, and only the last time rank runs the closed loop")
         _check("optim.curriculum_epochs", self.optim.curriculum_epochs == 0, self.optim.curriculum_epochs,
                f"0 {why}: the time blocks are cut from data.teacher_steps, fixed for the run")
         _check("data.nan_policy", self.data.nan_policy != "skip", self.data.nan_policy,
