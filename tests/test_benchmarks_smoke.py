@@ -1,7 +1,7 @@
 """The benchmark scripts run (tiny options): a benchmark that crashes measures nothing."""
 from __future__ import annotations
 
-from benchmarks import baselines, loader, train_step
+from benchmarks import baselines, loader, time_parallel, train_step
 
 
 def test_loader_benchmark_runs_and_prints_its_table(capsys):
@@ -28,3 +28,14 @@ def test_train_step_variants_check_equality_and_print_their_rows(capsys):
     rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| 3 |")]
     assert [r[3].strip() for r in rows] == ["eager", "channels_last", "official"]
     assert all(float(r[7]) <= 1e-5 for r in rows[:2])  # each variant == the eager network (checked first)
+
+
+def test_time_parallel_benchmark_runs_and_its_gradients_agree(capfd):
+    """2 gloo ranks (the GPU run's code paths on the CPU); rank 0 prints the tables."""
+    time_parallel.main(["--device", "cpu", "--T", "16", "--grid", "8", "16", "--hidden", "8", "--chunk", "4",
+                        "--steps", "1", "--single"])
+    out = capfd.readouterr().out
+    check, train, single = (line for line in out.splitlines() if line.startswith("| 16 |"))
+    assert float(check.split("|")[7]) < 1e-5, out  # max difference / max gradient
+    assert float(train.split("|")[8]) > 0, out  # frames/s
+    assert "runs" in single, out

@@ -304,3 +304,27 @@ def test_bad_sample_arguments(tiny_sample_store, kwargs, match):
     kwargs = {"window": T, "dims": NS, **kwargs}
     with pytest.raises(ValueError, match=match):
         WindowDataset(tiny_sample_store, "vorticity", **kwargs)
+
+
+def test_time_blocks_are_pieces_of_the_same_windows_and_read_only_their_frames(tiny_store, monkeypatch):
+    """Time parallelism: each rank of a time group yields its frames of the same windows, in the same order,
+    and reads only those frames (disjoint windows here: 10 windows of 12 frames per rank, from one block)."""
+    reads = []
+    original = WindowDataset._read
+
+    def counting(self, layers, s_first, s_last, t_first, t_last):
+        reads.append((self.frames, t_last - t_first))
+        return original(self, layers, s_first, s_last, t_first, t_last)
+
+    monkeypatch.setattr(WindowDataset, "_read", counting)
+    whole = list(WindowDataset(tiny_store, "z", 12, stride=12, seed=3, rank=1, world_size=2))
+    pieces = [(0, 5), (4, 9), (8, 12)]  # k = 11 split 4 / 4 / 3, each piece with the frame after it
+    for frames in pieces:
+        got = list(WindowDataset(tiny_store, "z", 12, stride=12, seed=3, rank=1, world_size=2, frames=frames))
+        assert len(got) == len(whole) == 10
+        for piece, window in zip(got, whole):
+            assert torch.equal(piece, window[frames[0]:frames[1]])
+    read = {frames: sum(n for f, n in reads if f == frames) for frames in [(0, 12), *pieces]}
+    assert read == {(0, 12): 120, **{(a, b): 10 * (b - a) for a, b in pieces}}
+    with pytest.raises(ValueError, match=r"frames=\(3, 13\)"):
+        WindowDataset(tiny_store, "z", 12, frames=(3, 13))

@@ -1,4 +1,4 @@
-"""Sequence-parallel scan over 2 gloo processes == one process scanning the whole sequence."""
+"""Sequence-parallel scan over 2 gloo processes == one process scanning the whole sequence (whole or in time chunks per rank)."""
 import socket
 
 import pytest
@@ -34,7 +34,7 @@ def _loss(h, last, w):
 def _worker(rank, port, cases):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
-        for T, splits, with_h0, method in cases:
+        for T, splits, with_h0, method, chunk_size in cases:
             a, b, h0, w = _problem(T, with_h0)
             leaves = [t.requires_grad_() for t in (a, b, h0) if t is not None]
             h_ref, last_ref = scan(a, b, h0, method="sequential")
@@ -43,16 +43,18 @@ def _worker(rank, port, cases):
             lo, hi = sum(splits[:rank]), sum(splits[: rank + 1])
             mine = [t[:, lo:hi].detach().clone().requires_grad_() for t in (a, b)]
             mine_h0 = None if h0 is None else h0.detach().clone().requires_grad_()
-            h, last = sequence_parallel_scan(*mine, mine_h0, method=method)
+            h, last = sequence_parallel_scan(*mine, mine_h0, method=method, chunk_size=chunk_size)
             # the global loss: every rank's part of (h * w); the final state only on the last rank
             loss = (h * w[:, lo:hi]).sum() + (last.square().sum() if rank == WORLD - 1 else 0)
-            grads = torch.autograd.grad(loss, [*mine, *([] if mine_h0 is None else [mine_h0])])
+            # h0 is rank 0's alone: the other ranks do not use it and get no gradient for it
+            grads = torch.autograd.grad(loss, [*mine, *([] if mine_h0 is None else [mine_h0])], allow_unused=True)
 
             torch.testing.assert_close(h, h_ref[:, lo:hi], rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(grads[0], g_ref[0][:, lo:hi], rtol=1e-10, atol=1e-12)
             torch.testing.assert_close(grads[1], g_ref[1][:, lo:hi], rtol=1e-10, atol=1e-12)
             if mine_h0 is not None:
-                total = grads[2].clone()
+                assert (grads[2] is None) == (rank > 0)
+                total = torch.zeros_like(mine_h0) if grads[2] is None else grads[2].clone()
                 dist.all_reduce(total)
                 torch.testing.assert_close(total, g_ref[2], rtol=1e-10, atol=1e-12)
     finally:
@@ -62,9 +64,11 @@ def _worker(rank, port, cases):
 @pytest.mark.timeout(120)
 def test_sequence_parallel_equals_single_process():
     cases = [
-        (16, (8, 8), True, "sequential"),
-        (13, (6, 7), False, "doubling"),
-        (9, (1, 8), True, "doubling"),
-        (2, (1, 1), True, "sequential"),
+        (16, (8, 8), True, "sequential", None),
+        (13, (6, 7), False, "doubling", None),
+        (9, (1, 8), True, "doubling", None),
+        (2, (1, 1), True, "sequential", None),
+        (16, (7, 9), True, "doubling", 3),  # in time chunks within each rank
+        (9, (1, 8), False, "sequential", 2),
     ]
     mp.spawn(_worker, args=(_free_port(), cases), nprocs=WORLD, join=True)

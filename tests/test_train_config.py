@@ -128,3 +128,20 @@ def test_cluster_yaml_passes_rays_validator(name):
     gpu_types = [t for t in config["available_node_types"].values() if t["resources"].get("GPU")]
     assert gpu_types and config["available_node_types"][config["head_node_type"]]["resources"].get("GPU", 0) == 0
     assert not any(k in (ROOT / "cluster" / name).read_text().lower() for k in ("secret_access_key", "private_key\":"))
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["parallel.sequence_parallel=3"], r"parallel.sequence_parallel: got 3, expected a divisor of parallel.num_workers=2"),
+    (["parallel.sequence_parallel=2", "data.teacher_steps=1"],
+     r"parallel.sequence_parallel: got 2, expected at most data.teacher_steps=1"),
+    (["parallel.sequence_parallel=2", "optim.curriculum_epochs=2"],
+     r"optim.curriculum_epochs: got 2, expected 0 with parallel.sequence_parallel=2"),
+    (["parallel.sequence_parallel=2", "data.nan_policy=skip"],
+     r"data.nan_policy: got 'skip', expected 'raise' or 'fill' with parallel.sequence_parallel=2"),
+])
+def test_time_parallelism_is_checked(overrides, match):
+    """parallel.sequence_parallel's constraints, each error naming the key to change (the arch and ZeRO-3 ones:
+    tests/test_time_parallel.py)."""
+    assert load_config(overrides=["parallel.sequence_parallel=2"]).parallel.sequence_parallel == 2
+    with pytest.raises(ConfigError, match=match):
+        load_config(overrides=overrides)

@@ -11,6 +11,11 @@ How an epoch is planned (pure index arithmetic, identical in every process):
 So each block is read once per epoch (by one worker, in one concurrent zarr read), every window of it
 is cut from memory, and randomness comes from the block order plus the buffer.
 
+Time blocks (`frames=(first, stop)`): the dataset yields frames `[first, stop)` of each window, for a rank
+that holds one time block of the windows (time parallelism). The plan above is the same for every
+`frames` (a time group's ranks get the same windows in the same order), but a block reads only the frames
+its windows' pieces cover: the merged runs of `[start + first, start + stop)`, one read per run.
+
 Sample stores (`DimNames(sample=...)`, e.g. Navier–Stokes `(sample, time, y, x)`) hold independent
 trajectories: window `i` is start `i mod n` of sample `i // n` (`n` windows per sample), so no window
 crosses two trajectories, and a block is (whole sample chunks) x (a run of time chunks). Everything
@@ -82,6 +87,13 @@ def consumed_per_worker(lengths: list[int], position: int, batch_size: int) -> t
     return done, (last + 1) % len(lengths)
 
 
+def frame_runs(firsts: np.ndarray, length: int) -> list[tuple[int, int]]:
+    """The frames `[f, f + length)` of every `f` in `firsts`, merged into `[start, stop)` runs in time order."""
+    firsts = np.unique(firsts)
+    groups = np.split(firsts, np.flatnonzero(np.diff(firsts) > length) + 1)
+    return [(int(g[0]), int(g[-1]) + length) for g in groups]
+
+
 class WindowDataset(torch.utils.data.IterableDataset):
     """Raw float32 windows `[T, C, H, W]` (physical units: normalising is the model's first step) streamed
     from a zarr store.
@@ -90,7 +102,8 @@ class WindowDataset(torch.utils.data.IterableDataset):
     `batch_size` here when resuming with loader workers, call `set_epoch` before each epoch and don't
     use `persistent_workers` (the workers' copies would not see the new epoch). Windows are views of
     the block they were cut from (no copy per window; DataLoader's collate copies them into the batch):
-    treat them as read-only, `clone()` before modifying one in place.
+    treat them as read-only, `clone()` before modifying one in place. `frames=(first, stop)`: yield (and
+    read) only those frames of each window, `[stop - first, C, H, W]`.
 
     nan_policy: "raise" (default), "skip" the windows holding NaN, or "fill" them with `fill_values`
     (one per channel, e.g. the training means). Infinite values always raise, and so do values outside
@@ -104,7 +117,7 @@ class WindowDataset(torch.utils.data.IterableDataset):
                  seed: int = 0, rank: int = 0, world_size: int = 1, nan_policy: str = "raise",
                  fill_values: Sequence[float] | None = None, shuffle_buffer: int = 1024, batch_size: int = 1,
                  max_read_amplification: float = 1.05, prefetch: int = 2,
-                 bounds: Sequence[Range | None] | None = None) -> None:
+                 bounds: Sequence[Range | None] | None = None, frames: tuple[int, int] | None = None) -> None:
         super().__init__()
         if nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy={nan_policy!r}: expected one of {NAN_POLICIES}")
@@ -114,6 +127,9 @@ class WindowDataset(torch.utils.data.IterableDataset):
             raise ValueError(f"max_read_amplification={max_read_amplification}: must be > 1")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} outside world_size={world_size}")
+        self.frames = (0, window) if frames is None else (int(frames[0]), int(frames[1]))
+        if not 0 <= self.frames[0] < self.frames[1] <= window:
+            raise ValueError(f"frames={frames}: expected [first, stop) with 0 <= first < stop <= window={window}")
         self.url, self.storage_options, self.dims = url, storage_options, dims
         self.specs: list[ChannelSpec] = parse_channels(channels)
         self.channels = [str(s) for s in self.specs]
@@ -240,26 +256,29 @@ class WindowDataset(torch.utils.data.IterableDataset):
         blocks = blocks[np.argsort(first_use)]
         rank_of = {b: j for j, b in enumerate(blocks)}
         last_use = {b: i for i, b in enumerate(block_of)}
+        first, stop = self.frames
         span = {}
         for b in blocks:
             mine = block_of == b
             span[b] = (int(samples[mine].min()), int(samples[mine].max()) + 1,
-                       int(starts[mine].min()), int(starts[mine].max()) + self.window)
+                       frame_runs(starts[mine] + first, stop - first))
         layers = self._layers()
         pool = ThreadPoolExecutor(max_workers=1)
         pending: dict[int, Future] = {}
-        loaded: dict[int, tuple[int, int, torch.Tensor]] = {}
+        loaded: dict[int, tuple[int, np.ndarray, list[torch.Tensor]]] = {}
         next_block = 0
         try:
             for i, (sample, start, b) in enumerate(zip(samples, starts, block_of)):
                 while next_block < min(blocks.size, rank_of[b] + 1 + self.prefetch):
                     nb = blocks[next_block]
-                    pending[nb] = pool.submit(self._read, layers, *span[nb])
+                    pending[nb] = pool.submit(self._read_runs, layers, *span[nb])
                     next_block += 1
                 if b not in loaded:
-                    loaded[b] = (span[b][0], span[b][2], pending.pop(b).result())
-                s_first, t_first, data = loaded[b]
-                x = data[sample - s_first, start - t_first:start - t_first + self.window]
+                    loaded[b] = (span[b][0], *pending.pop(b).result())
+                s_first, run_starts, runs = loaded[b]
+                run = np.searchsorted(run_starts, start + first, side="right") - 1
+                t = start + first - run_starts[run]
+                x = runs[run][sample - s_first, t:t + stop - first]
                 if i == last_use[b]:
                     del loaded[b]
                 if self.nan_policy == "skip" and torch.isnan(x).any():
@@ -274,6 +293,11 @@ class WindowDataset(torch.utils.data.IterableDataset):
                 self.position = 0  # a finished epoch leaves nothing to resume
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
+
+    def _read_runs(self, layers: list[xr.DataArray], s_first: int, s_last: int, runs: list[tuple[int, int]]
+                   ) -> tuple[np.ndarray, list[torch.Tensor]]:
+        """Each run `[t_first, t_last)` of samples `[s_first, s_last)` (`_read`), with the runs' first frames."""
+        return np.array([a for a, _ in runs]), [self._read(layers, s_first, s_last, a, b) for a, b in runs]
 
     def _read(self, layers: list[xr.DataArray], s_first: int, s_last: int, t_first: int,
               t_last: int) -> torch.Tensor:

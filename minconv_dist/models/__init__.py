@@ -10,10 +10,10 @@ from minconv_dist.models.network import NORMS, Network
 from minconv_dist.models.normalizer import Normalizer
 from minconv_dist.models.official import from_official_checkpoint, to_official_state_dict
 from minconv_dist.models.padding import PADDINGS, PaddedConv2d, pad
-from minconv_dist.models.registry import ARCHS, build_model
+from minconv_dist.models.registry import ARCHS, SEQUENTIAL_ARCHS, build_model
 
 __all__ = [
     "ARCHS", "DEFAULT_H0", "NORMS", "PADDINGS", "ConvGRUCell", "ConvLSTMCell", "MinConvCell", "Network",
-    "Normalizer", "PaddedConv2d", "build_model", "from_official_checkpoint", "load_model_file", "pad",
+    "Normalizer", "PaddedConv2d", "SEQUENTIAL_ARCHS", "build_model", "from_official_checkpoint", "load_model_file", "pad",
     "save_model_file", "to_official_state_dict",
 ]

@@ -16,11 +16,14 @@ class _SequentialCell(nn.Module):
 
     hidden: int
 
-    def forward(self, x: Tensor, state=None) -> tuple[Tensor, object]:
+    def forward(self, x: Tensor, state=None, time_group=None) -> tuple[Tensor, object]:
         """x: [B, T, hidden, H, W] -> (h [B, T, hidden, H, W], state).
 
         The frames come from one `unbind`, whose backward stacks the T gradients once; indexing x[:, t]
         instead costs a zero-filled [B, T, ...] gradient per frame in backward (O(T^2) memory traffic)."""
+        if time_group is not None:
+            raise ValueError(f"{type(self).__name__} reads h_(t-1) in its conv, so its time cannot be split over "
+                             "ranks (time_group); split time with a Min cell")
         outs = []
         for x_t in x.unbind(1):
             out, state = self.step(x_t, state)

@@ -5,6 +5,10 @@ its state then follows the linear recurrence h_t = a_t * h_{t-1} + b_t, solved b
 time (parallel form) or one step at a time (`step`, for closed-loop forecasting). Both forms use the
 same gate rule from `minconv_dist.ops.gates`.
 
+Time parallelism: given a `time_group`, x is one time block of a longer sequence split over that group's
+ranks; the cell takes its carry-in state from the ranks before it and sends its gradient back through
+`sequence_parallel_run` (exact forward and backward), still in time chunks when `chunk_size` is set.
+
 Initial state: when none is given the cell starts from h0 = g(0) = 0.5 everywhere. This is what the
 official parallel path does (it feeds log g(h0) with h0 = 0), so outputs match official checkpoints;
 the step form uses the same default so the two forms agree. A state passed in enters unchanged.
@@ -17,6 +21,7 @@ from torch import Tensor, nn
 from minconv_dist.models.padding import PaddedConv2d
 from minconv_dist.ops.gates import gate_blocks, gate_rule
 from minconv_dist.ops.scan import gate_scan, run_chunked
+from minconv_dist.ops.scan.sequence_parallel import sequence_parallel_run
 
 DEFAULT_H0 = 0.5  # g(0): the official parallel path's initial state
 
@@ -42,15 +47,23 @@ class MinConvCell(nn.Module):
         shape = (x.shape[0], self.hidden, *x.shape[-2:])
         return torch.full(shape, DEFAULT_H0, dtype=x.dtype, device=x.device)
 
-    def forward(self, x: Tensor, h0: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Parallel form. x: [B, T, hidden, H, W] -> (h [B, T, hidden, H, W], h_last [B, hidden, H, W])."""
+    def forward(self, x: Tensor, h0: Tensor | None = None, time_group=None) -> tuple[Tensor, Tensor]:
+        """Parallel form. x: [B, T, hidden, H, W] -> (h [B, T, hidden, H, W], h_last [B, hidden, H, W]).
+        time_group: x is this rank's block of a sequence split in time over the group (h0: the sequence's)."""
         h0 = self.initial_state(x) if h0 is None else h0
+        if time_group is not None:
+            return sequence_parallel_run(self._conv_scan, self._gates, (x,), h0, group=time_group,
+                                         chunk_size=self.chunk_size)
         if self.chunk_size is None:
             return self._conv_scan(x, h0)
         return run_chunked(self._conv_scan, (x,), h0, self.chunk_size)
 
     def _conv_scan(self, x: Tensor, h0: Tensor) -> tuple[Tensor, Tensor]:
         return gate_scan(self.kind, self.conv(x), h0, method=self.scan_method)
+
+    def _gates(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(a, b) of the recurrence `_conv_scan` solves."""
+        return gate_rule(self.kind)(self.conv(x))
 
     def step(self, x: Tensor, h: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Step form. x: [B, hidden, H, W], h: [B, hidden, H, W] -> (h_new, h_new)."""

@@ -5,6 +5,9 @@ Semantics follow the official implementation:
 - `forward(x, teacher_steps=k)`: frames 0..k-1 are read teacher-forced (Min cells: in parallel), then
   T-k closed-loop steps each feed back the previous prediction. Output t predicts frame t+1.
 - Closed loop uses each cell's step form, continuing from the state the teacher-forced part left.
+- Time parallelism (`forward(..., time_group=g)`): x is one time block of a window split over the ranks of g;
+  the Min cells exchange their carry-in states (exact, forward and backward), the per-frame encoder, norms
+  and decoder need nothing, and the closed loop runs on g's last rank from the window's final state.
 - ConvGRU decodes its last cell's raw output rather than the normed residual (as the official code
   does); the other four decode the normed residual stream.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -104,13 +108,13 @@ class Network(nn.Module):
                 "use norm='group' for a grid-free model"
             )
 
-    def _layers(self, x: Tensor, state: State | None, parallel: bool) -> tuple[Tensor, State]:
+    def _layers(self, x: Tensor, state: State | None, parallel: bool, time_group=None) -> tuple[Tensor, State]:
         """One pass through encoder, cells and decoder; x: [B, T, C, H, W] (parallel) or [B, C, H, W]."""
         z = _per_frame(self.encoder, x)
         new_state: State = []
         for layer, (cell, norm) in enumerate(zip(self.cells, self.norms)):
-            run = cell if parallel else cell.step
-            out, s = run(z, None if state is None else state[layer])
+            previous = None if state is None else state[layer]
+            out, s = cell(z, previous, time_group) if parallel else cell.step(z, previous)
             z = self.residual_norm(norm, z, out)
             new_state.append(s)
         return _per_frame(self.decoder, out if self.decode_cell_output else z), new_state
@@ -126,15 +130,22 @@ class Network(nn.Module):
             preds.append(y)
         return preds, state
 
-    def forward(self, x: Tensor, teacher_steps: int | None = None) -> Tensor:
+    def forward(self, x: Tensor, teacher_steps: int | None = None, time_group=None) -> Tensor:
         """x: [B, T, C, H, W] -> predictions [B, T, C, H, W] (k = teacher_steps, default T), physical units,
-        in at least float32."""
+        in at least float32.
+
+        time_group: x is this rank's block of a window split in time over the group's ranks (in rank order),
+        and k counts the block's teacher-forced frames. Only the last rank may run closed-loop steps (k < T):
+        they continue from the window's state after its teacher-forced frames."""
         self._check(x, "x", 5)
         T = x.shape[1]
         k = T if teacher_steps is None else teacher_steps
         if not 1 <= k <= T:
             raise ValueError(f"teacher_steps={k} must lie in [1, T={T}]")
-        y, state = self._layers(self._normalized(x[:, :k]), None, parallel=True)
+        if time_group is not None and k < T and dist.get_rank(time_group) < dist.get_world_size(time_group) - 1:
+            raise ValueError(f"teacher_steps={k} < T={T} on time rank {dist.get_rank(time_group)}: only the last "
+                             "rank of a time group runs the closed loop")
+        y, state = self._layers(self._normalized(x[:, :k]), None, parallel=True, time_group=time_group)
         preds, _ = self._closed_loop(y[:, -1], state, T - k)
         return self.normalizer.denormalize(torch.cat([y, *(p.unsqueeze(1) for p in preds)], dim=1))
 

@@ -19,6 +19,8 @@ ARCHS: dict[str, CellFactory] = {
     "convlstm": lambda h, p, m, c: ConvLSTMCell(h, p),
     "convgru": lambda h, p, m, c: ConvGRUCell(h, p),
 }
+# Their conv reads h_(t-1): no parallel form in time, so no split of time over ranks either.
+SEQUENTIAL_ARCHS = ("convgru", "convlstm")
 
 
 def build_model(

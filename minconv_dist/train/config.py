@@ -15,7 +15,7 @@ import yaml
 
 from minconv_dist.data import DimNames
 from minconv_dist.data.windows import NAN_POLICIES
-from minconv_dist.models import ARCHS, NORMS, PADDINGS
+from minconv_dist.models import ARCHS, NORMS, PADDINGS, SEQUENTIAL_ARCHS
 
 
 class ConfigError(ValueError):
@@ -142,6 +142,10 @@ class ParallelConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU (gloo)
     max_failures: Annotated[int, Bounds(ge=-1)] = 2  # -1: retry forever
     allow_autoscale: bool = False  # True: do not refuse a request larger than the cluster is now
+    # S: ranks that split each window in time (Min cells only; docs/training.md, "Time parallelism"). The workers
+    # form num_workers / S data-parallel groups of S consecutive ranks; each rank reads one block of the
+    # data.teacher_steps frames and the group's last rank runs the closed loop.
+    sequence_parallel: AtLeast1 = 1
 
 
 @dataclass
@@ -177,6 +181,29 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        """Checks across sections: time parallelism (docs/training.md, "Time parallelism")."""
+        S = self.parallel.sequence_parallel
+        if S == 1:
+            return
+        key, why = "parallel.sequence_parallel", f"with parallel.sequence_parallel={S}"
+        _check(key, self.parallel.num_workers % S == 0, S,
+               f"a divisor of parallel.num_workers={self.parallel.num_workers}")
+        _check(key, S <= self.data.teacher_steps, S,
+               f"at most data.teacher_steps={self.data.teacher_steps} (each time rank reads >= 1 teacher-forced frame)")
+        _check(key, self.model.arch not in SEQUENTIAL_ARCHS, S,
+               f"1 for model.arch={self.model.arch!r}: its conv reads h_(t-1), so its time cannot be split (use a "
+               "Min cell)")
+        closed_loop = self.data.teacher_steps < self.data.sequence_length
+        _check("parallel.zero_stage", self.parallel.zero_stage < 3 or not closed_loop, self.parallel.zero_stage,
+               f"0, 1 or 2 {why} and a closed loop (data.teacher_steps < data.sequence_length): ZeRO-3 gathers a "
+               "module's weights from all ranks at each call, and only the last time rank runs the closed loop")
+        _check("optim.curriculum_epochs", self.optim.curriculum_epochs == 0, self.optim.curriculum_epochs,
+               f"0 {why}: the time blocks are cut from data.teacher_steps, fixed for the run")
+        _check("data.nan_policy", self.data.nan_policy != "skip", self.data.nan_policy,
+               f"'raise' or 'fill' {why}: the ranks of a time group must skip the same windows, but each sees only "
+               "its block")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -14,10 +14,11 @@ def split_of(cfg: TrainConfig, split: str) -> dict[str, tuple | None]:
 
 
 def window_dataset(cfg: TrainConfig, url: str, stats: NormStats, split: str, *, rank: int,
-                   world_size: int) -> WindowDataset:
-    """Raw windows of T + 1 frames of `split` for one rank: training windows shuffled at `data.stride`,
-    validation windows in order and disjoint (stride T + 1). NaN are filled with the training means
-    when `data.nan_policy` is "fill"; every block is checked against the channels' plausible ranges."""
+                   world_size: int, frames: tuple[int, int] | None = None) -> WindowDataset:
+    """Raw windows of T + 1 frames of `split` for data-parallel rank `rank` of `world_size`: training windows
+    shuffled at `data.stride`, validation windows in order and disjoint (stride T + 1). NaN are filled with the
+    training means when `data.nan_policy` is "fill"; every block is checked against the channels' plausible
+    ranges. frames: [first, stop) of each window, the time block of a rank of a time group (`TimeSplit.frames`)."""
     d = cfg.data
     train = split == "train"
     return WindowDataset(
@@ -26,6 +27,7 @@ def window_dataset(cfg: TrainConfig, url: str, stats: NormStats, split: str, *, 
         shuffle=train, seed=cfg.run.seed, batch_size=d.batch_size, rank=rank, world_size=world_size,
         nan_policy=d.nan_policy, fill_values=stats.mean if d.nan_policy == "fill" else None,
         bounds=channel_bounds(d.channels, d.bounds),  # every block a worker reads is range-checked too
+        frames=frames,
     )
 
 

@@ -3,7 +3,8 @@
 Loss: a window x holds T + 1 raw frames [B, T+1, C, H, W]. The model reads x[:, :T] with teacher_steps = k
 (frames 0..k-1 teacher-forced, then T - k closed-loop steps) and its T outputs are compared with
 x[:, 1:T+1] by mean squared error over all frames, channels and grid points, in the units of the model's
-normaliser (so every channel weighs the same).
+normaliser (so every channel weighs the same). With `parallel.sequence_parallel` = S > 1 each rank holds one
+time block of the window and its share of that loss (`train/time_parallel.py`).
 
 A step queues its work on the device and returns: losses stay on the device (`LossMeter`), and the host
 reads them only on log, validation and epoch-end steps, where the ranks reduce them in one collective.
@@ -31,6 +32,7 @@ from minconv_dist.train.config import TrainConfig, build_config
 from minconv_dist.train.datasets import build_network, window_dataset
 from minconv_dist.train.engine import build_engine
 from minconv_dist.train.meter import LossMeter
+from minconv_dist.train.time_parallel import TimeSplit, device_mesh
 from minconv_dist.train.tracking import MetricLogger
 
 
@@ -50,36 +52,44 @@ def teacher_steps_at(cfg: TrainConfig, epoch: int) -> int:
     return T - closed
 
 
-def normalized_mse(engine: Any, x: Tensor, teacher_steps: int, input_noise: float = 0.0) -> Tensor:
+def normalized_mse(engine: Any, x: Tensor, teacher_steps: int, input_noise: float = 0.0,
+                   time: TimeSplit | None = None) -> tuple[Tensor, Tensor]:
     """The loss of x: [B, T+1, C, H, W] (raw): MSE of the T predictions against the next frames, both
-    normalised by the model's own statistics. Input noise is in normalised units too."""
+    normalised by the model's own statistics, and the predictions [B, T, C, H, W]. Input noise is in normalised
+    units too. time: x is this rank's block `time.frames(teacher_steps)` of the window, and the loss its share."""
     normalize = engine.module.normalizer.normalize
     inputs = x[:, :-1]
     if input_noise:
         inputs = inputs + input_noise * engine.module.normalizer.std.view(-1, 1, 1) * torch.randn_like(inputs)
-    return F.mse_loss(normalize(engine(inputs, teacher_steps=teacher_steps)), normalize(x[:, 1:]))
+    k, group, weight = teacher_steps, None, 1.0
+    if time is not None:
+        first, stop = time.teacher_frames(teacher_steps)
+        k, group, weight = stop - first, time.group, time.share(inputs.shape[1])
+    pred = engine(inputs, teacher_steps=k, time_group=group)
+    return F.mse_loss(normalize(pred), normalize(x[:, 1:])) * weight, pred
 
 
-def train_step(engine: Any, x: Tensor, teacher_steps: int, input_noise: float) -> Tensor:
-    """One forward, backward and optimizer step on x: [B, T+1, C, H, W]; returns the loss, on the device."""
-    loss = normalized_mse(engine, x, teacher_steps, input_noise)
+def train_step(engine: Any, x: Tensor, teacher_steps: int, input_noise: float, time: TimeSplit | None = None
+               ) -> Tensor:
+    """One forward, backward and optimizer step on x: [B, T+1, C, H, W] (or this rank's block of it, `time`);
+    returns the loss, on the device."""
+    loss, _ = normalized_mse(engine, x, teacher_steps, input_noise, time)
     engine.backward(loss)
     engine.step()
     return loss.detach()
 
 
 def validate(engine: Any, loader: torch.utils.data.DataLoader, batches: int, teacher_steps: int,
-             device: torch.device) -> tuple[float, tuple[Tensor, Tensor]]:
+             device: torch.device, time: TimeSplit | None = None) -> tuple[float, tuple[Tensor, Tensor]]:
     """Mean validation loss over `batches` batches of every rank (collective), and rank-local
-    (truth, forecast) of the first window, [T, C, H, W] each in physical units, for a plot."""
+    (truth, forecast) of the first window (its time block, `time`), [T, C, H, W] each in physical units, for a plot."""
     engine.eval()
     total = torch.zeros((), device=device)
-    normalize = engine.module.normalizer.normalize
     with torch.no_grad():
         for i, x in enumerate(islice(loader, batches)):
             x = x.to(device, non_blocking=True)
-            pred = engine(x[:, :-1], teacher_steps=teacher_steps)
-            total += F.mse_loss(normalize(pred), normalize(x[:, 1:]))
+            loss, pred = normalized_mse(engine, x, teacher_steps, time=time)
+            total += loss
             if i == 0:
                 first = (x[0, 1:], pred[0])
     dist.all_reduce(total)
@@ -146,8 +156,12 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     bf16 = cfg.parallel.precision == "bf16" or (cfg.parallel.precision == "auto" and device.type == "cuda")
-    d = cfg.data
-    train_ds, val_ds = (window_dataset(cfg, loop_config["url"], stats, split, rank=rank, world_size=world)
+    d, S = cfg.data, cfg.parallel.sequence_parallel
+    mesh = device_mesh(world, S, device.type)  # windows are sharded over "data"; "time" splits each window
+    time = TimeSplit.of(mesh, d.sequence_length) if S > 1 else None
+    train_ds, val_ds = (window_dataset(cfg, loop_config["url"], stats, split, rank=mesh.get_local_rank("data"),
+                                       world_size=world // S,
+                                       frames=None if time is None else time.frames(d.teacher_steps))
                         for split in ("train", "val"))
     train_loader, val_loader = (
         torch.utils.data.DataLoader(ds, batch_size=d.batch_size, drop_last=True, pin_memory=device.type == "cuda",
@@ -160,7 +174,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     meter = LossMeter(device)
     position = restore(engine, meter, loop_config.get("resume_from"), rank)
     logger = MetricLogger(loop_config["mlflow_uri"], loop_config["mlflow_run_id"]) if rank == 0 else None
-    progress = Progress(logger, d.batch_size * world, last_step, position["global_step"])
+    progress = Progress(logger, d.batch_size * world // S, last_step, position["global_step"])
     while position["epoch"] < cfg.optim.epochs:
         epoch, k = position["epoch"], teacher_steps_at(cfg, position["epoch"])
         train_ds.set_epoch(epoch)
@@ -170,7 +184,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
             step = position["global_step"] + 1
             for callback in callbacks:
                 callback(engine, step, rank)
-            meter.update(train_step(engine, x.to(device, non_blocking=True), k, d.input_noise), step)
+            meter.update(train_step(engine, x.to(device, non_blocking=True), k, d.input_noise, time), step)
             position["step_in_epoch"], position["global_step"] = position["step_in_epoch"] + 1, step
             if step % cfg.tracking.log_every == 0:  # collective; raises on a non-finite loss
                 progress.log_step(step, epoch, meter.summary()["last"], engine.get_lr()[0], k)
@@ -182,7 +196,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
             if final or step % cfg.checkpoint.val_every == 0:
                 summary = meter.summary()  # never checkpoint weights that a non-finite loss has touched
                 val_loss, (truth, forecast) = validate(engine, val_loader, loop_config["val_batches"],
-                                                       d.teacher_steps, device)
+                                                       d.teacher_steps, device, time)
                 progress.log_validation(step, val_loss)
                 if logger is not None and cfg.tracking.plot:
                     logger.plot_forecast(truth[:, 0].cpu(), forecast[:, 0].cpu(), step, stats.channels[0])

@@ -95,7 +95,7 @@ def _check_data(cfg: TrainConfig, url: str) -> tuple[NormStats, tuple[int, int],
             raise ConfigError(f"data.stats_path: statistics for channels {stats.channels}, data.channels are "
                               f"{channels}")
         check_stats(stats, bounds, f"{redact(url)!r} {key['train']}={getattr(d, key['train'][5:])}")
-    world = cfg.parallel.num_workers
+    world = cfg.parallel.num_workers // cfg.parallel.sequence_parallel  # data-parallel groups share the windows
     per_rank = {}
     for split in ("train", "val"):
         with _config_errors(key[split]):
@@ -104,7 +104,8 @@ def _check_data(cfg: TrainConfig, url: str) -> tuple[NormStats, tuple[int, int],
         per_rank[split] = ds.n_windows // world
         if per_rank[split] < d.batch_size:
             raise ConfigError(f"{key[split]}={getattr(d, key[split][5:])}: fewer than data.batch_size={d.batch_size} "
-                              f"windows per worker for {world} workers")
+                              f"windows per worker for {world} data-parallel ranks "
+                              "(parallel.num_workers / parallel.sequence_parallel)")
     steps = per_rank["train"] // d.batch_size
     if cfg.optim.steps_per_epoch:
         steps = min(steps, cfg.optim.steps_per_epoch)

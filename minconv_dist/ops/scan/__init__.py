@@ -17,7 +17,8 @@ Modules (all implementations tested against `sequential`), layered as in flash-l
 - "doubling" (doubling.py): vectorised log2(T)-step torch scan; the default off CUDA.
 - "triton" (triton_scan.py): fused GPU kernel, forward and backward; the default on CUDA.
 - chunked.py: `run_chunked`, any of them per time chunk under activation checkpointing.
-- across ranks: `sequence_parallel.sequence_parallel_scan` (time split over a process group).
+- across ranks: `sequence_parallel.sequence_parallel_scan` and `sequence_parallel_run` (time split over a
+  process group; the Min cells use the latter for time-parallel training).
 """
 from minconv_dist.ops.scan.api import gate_scan, scan
 from minconv_dist.ops.scan.chunked import run_chunked
