@@ -35,7 +35,8 @@ def test_time_parallel_benchmark_runs_and_its_gradients_agree(capfd):
     time_parallel.main(["--device", "cpu", "--T", "16", "--grid", "8", "16", "--hidden", "8", "--chunk", "4",
                         "--steps", "1", "--single"])
     out = capfd.readouterr().out
-    check, train, single = (line for line in out.splitlines() if line.startswith("| 16 |"))
+    check, floor, train, single = (line for line in out.splitlines() if line.startswith("| 16 |"))
     assert float(check.split("|")[7]) < 1e-5, out  # max difference / max gradient
+    assert "floor" in floor and float(floor.split("|")[7]) < 1e-5, out  # one device at another chunk size
     assert float(train.split("|")[8]) > 0, out  # frames/s
     assert "runs" in single, out
