@@ -156,7 +156,7 @@ class WindowDataset(torch.utils.data.IterableDataset):
         samples = sample_slice(first.sizes[dims.sample] if dims.sample else 1, sample_range, url, dims.sample)
         self._s0, self._s1 = samples.start, samples.stop
         self.windows_per_sample = (n_times - window) // stride + 1
-        self.n_windows = self.windows_per_sample * (self._s1 - self._s0)
+        self.n_windows = int(self.windows_per_sample * (self._s1 - self._s0))  # a Python int: it reaches JSON
         if sample_range is not None:
             where += f" samples {self._s0}:{self._s1}"
         if self.n_windows < world_size:

@@ -200,7 +200,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
                 progress.log_validation(step, val_loss)
                 if logger is not None and cfg.tracking.plot:
                     logger.plot_forecast(truth[:, 0].cpu(), forecast[:, 0].cpu(), step, stats.channels[0])
-                saved = {**position, "finished": step == last_step, "epoch_loss_total": summary["epoch_total"],
+                saved = {**position, "finished": bool(step == last_step), "epoch_loss_total": summary["epoch_total"],
                          "epoch_loss_count": summary["epoch_count"], "mlflow_run_id": loop_config["mlflow_run_id"]}
                 report(engine, rank, world, saved, cfg, {"epoch": position["epoch"], "step": step,
                                                          "train_loss": summary["last"], "val_loss": val_loss,
