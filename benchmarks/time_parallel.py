@@ -86,6 +86,7 @@ def _setup(T: int, args, precision: str):
 def _check(args, device: torch.device, time_split: TimeSplit) -> str | None:
     """Gradients of one fp32 step on --check-T frames: time-parallel vs one device (rank 0). Returns rank 0's line."""
     T = min(args.check_T, args.T)
+    torch.backends.cudnn.allow_tf32 = False  # fp32 convs: the two runs' convs batch their frames differently
     cfg, model = _setup(T, args, "fp32")
     k = cfg.data.teacher_steps
     reference = copy.deepcopy(model) if dist.get_rank() == 0 else None
@@ -128,6 +129,7 @@ def _worst(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> str:
 def _throughput(args, device: torch.device, time_split: TimeSplit) -> str | None:
     """Seconds per train step on the long window split over the ranks; rank 0's table row."""
     precision = "bf16" if args.bf16 else "fp32"
+    torch.backends.cudnn.allow_tf32 = True
     cfg, model = _setup(args.T, args, precision)
     k = cfg.data.teacher_steps
     engine = build_engine(cfg, model.to(device), total_steps=args.steps + 1, bf16=args.bf16)
@@ -181,7 +183,6 @@ def _worker(rank: int, args, port: int) -> None:
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-        torch.backends.cudnn.allow_tf32 = True
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.S), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=args.S,
@@ -213,6 +214,10 @@ def _worker(rank: int, args, port: int) -> None:
                 print(single, flush=True)
     finally:
         dist.destroy_process_group()
+    # Past the tables, without the interpreter's exit: on gloo, a process that ran a checkpointed backward aborts
+    # now and then while it exits (torch 2.13; tests/spawned.py).
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> None:

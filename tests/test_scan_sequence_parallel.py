@@ -8,6 +8,7 @@ import torch.multiprocessing as mp
 
 from minconv_dist.ops.scan import scan
 from minconv_dist.ops.scan.sequence_parallel import sequence_parallel_scan
+from tests.spawned import leave
 
 WORLD = 2
 
@@ -59,6 +60,7 @@ def _worker(rank, port, cases):
                 torch.testing.assert_close(total, g_ref[2], rtol=1e-10, atol=1e-12)
     finally:
         dist.destroy_process_group()
+    leave()
 
 
 @pytest.mark.timeout(120)

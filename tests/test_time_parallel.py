@@ -22,6 +22,7 @@ from minconv_dist.train.engine import build_engine
 from minconv_dist.train.local_ray import free_port
 from minconv_dist.train.loop import normalized_mse
 from minconv_dist.train.time_parallel import TimeSplit, device_mesh
+from tests.spawned import leave
 
 T, K, B, GRID = 7, 5, 2, (8, 8)  # 5 teacher-forced frames (split 2 / 3 over 2 ranks), then 2 closed-loop steps
 STATS = NormStats(["u", "v"], [0.5, -1.0], [2.0, 0.5])
@@ -92,6 +93,7 @@ def _worker(rank: int, world: int, S: int, port: int, cases: list[tuple[str, int
                 build_model(arch, STATS.channels, 4, 2, grid=GRID)(mine[:, :-1], time_group=time.group)
     finally:
         dist.destroy_process_group()
+    leave()
 
 
 @pytest.mark.timeout(300)
