@@ -8,6 +8,7 @@ loop's own pieces (device_mesh, TimeSplit, build_engine: DeepSpeed, train_step):
 3. the same window on one GPU, chunked (--single): its peak memory, or that it runs out of memory.
 
     python benchmarks/time_parallel.py                      # S = 2 GPUs, T = 2 x 8760 at 64x128, 64 channels
+    python benchmarks/time_parallel.py --S 1 --T 4096 --no-single   # the baseline: one GPU, the window whole
     python benchmarks/time_parallel.py --device cpu --T 16 --grid 8 16 --hidden 8 --chunk 4   # gloo smoke run
 
 Memory: the network keeps about 1 + 2 L tensors of [T, C, H, W] per window (8.6 GiB each in bf16 per 8760
@@ -83,35 +84,56 @@ def _setup(T: int, args, precision: str):
     return cfg, model
 
 
-def _check(args, device: torch.device, time_split: TimeSplit) -> str | None:
-    """Gradients of one fp32 step on --check-T frames: time-parallel vs one device (rank 0). Returns rank 0's line."""
+def _check(args, device: torch.device, time_split: TimeSplit, dtype: torch.dtype) -> str | None:
+    """Gradients of one step on --check-T frames in `dtype`: time-parallel vs one device (rank 0), and the floor:
+    the one-device model at twice the chunk. Returns rank 0's two table rows. float64 (its scans in torch's
+    doubling form, DeepSpeed's averaging by `_Mean`) tells rounding from a systematic difference."""
     T = min(args.check_T, args.T)
     torch.backends.cudnn.allow_tf32 = False  # fp32 convs: the two runs' convs batch their frames differently
     cfg, model = _setup(T, args, "fp32")
+    model = model.to(device, dtype)
     k = cfg.data.teacher_steps
     reference = copy.deepcopy(model) if dist.get_rank() == 0 else None
-    floor = copy.deepcopy(model) if dist.get_rank() == 0 else None  # one device, twice the chunk: fp32's noise
+    floor = copy.deepcopy(model) if dist.get_rank() == 0 else None
     split = TimeSplit(time_split.index, time_split.count, T, time_split.group)
-    engine = build_engine(cfg, model.to(device), total_steps=1, bf16=False)
-    loss, _ = normalized_mse(engine, _window(T, args, device, split.frames(k)), k, time=split)
+    engine = build_engine(cfg, model, total_steps=1, bf16=False) if dtype == torch.float32 else _Mean(model)
+    loss, _ = normalized_mse(engine, _window(T, args, device, split.frames(k)).to(dtype), k, time=split)
     engine.backward(loss)  # ZeRO-0: the gradients, averaged over the ranks, are in .grad
     grads = {n: p.grad.detach().clone() for n, p in engine.module.named_parameters()}
     del engine, model, loss
-    line = None
+    rows = None
     if reference is not None:
-        x = _window(T, args, device)
+        x = _window(T, args, device).to(dtype)
         for cell in floor.cells:
             cell.chunk_size = 2 * args.chunk
-        want = _one_device_grads(reference.to(device), x, k)
-        line = (f"| {T} | {k} | {args.S} | {args.chunk} | fp32 | {_worst(grads, want)} |\n"
-                f"| {T} | {k} | 1, chunk {2 * args.chunk} (fp32's floor) | {args.chunk} | fp32 "
-                f"| {_worst(_one_device_grads(floor.to(device), x, k), want)} |")
+        want = _one_device_grads(reference, x, k)
+        name = str(dtype)[6:]
+        rows = (f"| {T} | {k} | {args.S} | {args.chunk} | {name} | {_worst(grads, want)} |\n"
+                f"| {T} | {k} | 1, chunk {2 * args.chunk} (the floor) | {args.chunk} | {name} "
+                f"| {_worst(_one_device_grads(floor, x, k), want)} |")
         del reference, floor, x
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     dist.barrier()
-    return line
+    return rows
+
+
+class _Mean(torch.nn.Module):
+    """The model with DeepSpeed's gradient averaging over the ranks, for float64 (which DeepSpeed cannot reduce)."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+        for p in self.module.parameters():
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
 
 
 def _one_device_grads(model: torch.nn.Module, x: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
@@ -121,19 +143,24 @@ def _one_device_grads(model: torch.nn.Module, x: torch.Tensor, k: int) -> dict[s
 
 
 def _worst(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> str:
-    """'max abs diff | max over parameters of (max abs diff / max abs gradient)' as two table cells."""
-    diffs = [((got[n] - g).abs().max().item(), g.abs().max().item()) for n, g in want.items()]
-    return f"{max(d for d, _ in diffs):.2e} | {max(d / m for d, m in diffs):.2e}"
+    """Three table cells: the max abs diff; the largest over parameters of (max abs diff / max abs gradient); that
+    parameter's name and max abs gradient."""
+    diffs = {n: ((got[n] - g).abs().max().item(), g.abs().max().item()) for n, g in want.items()}
+    name = max(diffs, key=lambda n: diffs[n][0] / diffs[n][1])
+    d, m = diffs[name]
+    return f"{max(d for d, _ in diffs.values()):.2e} | {d / m:.2e} | {name} (max abs grad {m:.1e})"
 
 
-def _throughput(args, device: torch.device, time_split: TimeSplit) -> str | None:
-    """Seconds per train step on the long window split over the ranks; rank 0's table row."""
+def _throughput(args, device: torch.device, time_split: TimeSplit | None) -> str | None:
+    """Seconds per train step on the long window split over the ranks (--S 1: whole on one device, the
+    baseline); rank 0's table row."""
     precision = "bf16" if args.bf16 else "fp32"
     torch.backends.cudnn.allow_tf32 = True
     cfg, model = _setup(args.T, args, precision)
     k = cfg.data.teacher_steps
     engine = build_engine(cfg, model.to(device), total_steps=args.steps + 1, bf16=args.bf16)
-    x = _window(args.T, args, device, time_split.frames(k))
+    frames = time_split.frames(k) if time_split else (0, args.T + 1)
+    x = _window(args.T, args, device, frames)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
@@ -152,8 +179,8 @@ def _throughput(args, device: torch.device, time_split: TimeSplit) -> str | None
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    first, stop = time_split.frames(k)
-    return (f"| {args.T} | {k} | {args.S} | {stop - first - 1} | {args.chunk} | {precision} | {seconds:.2f} "
+    first, stop = time_split.teacher_frames(k) if time_split else (0, k)
+    return (f"| {args.T} | {k} | {args.S} | {stop - first} | {args.chunk} | {precision} | {seconds:.2f} "
             f"| {args.T / seconds:.0f} | {peak.item():.1f} |")
 
 
@@ -188,8 +215,8 @@ def _worker(rank: int, args, port: int) -> None:
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=args.S,
                             **({"device_id": device} if cuda else {}))
     try:
-        time_split = TimeSplit.of(device_mesh(args.S, args.S, device.type), args.T)
-        check = _check(args, device, time_split)
+        time_split = TimeSplit.of(device_mesh(args.S, args.S, device.type), args.T) if args.S > 1 else None
+        checks = [_check(args, device, time_split, getattr(torch, d)) for d in args.check_dtype if time_split]
         row = _throughput(args, device, time_split)
         single = _single(args, device) if args.single and rank == 0 else None
         dist.barrier()
@@ -198,10 +225,12 @@ def _worker(rank: int, args, port: int) -> None:
             print(f"# {' '.join(sys.argv)}\n# {datetime.date.today()}, {args.S} x {name}, torch {torch.__version__}, "
                   f"{args.arch} {args.layers} x {args.hidden} channels, {CHANNELS} input channels, "
                   f"{args.grid[0]}x{args.grid[1]}, batch 1\n")
-            print("Gradients of one step, time-parallel vs one device (chunked):\n")
-            print("| T | teacher steps | S | chunk | precision | max abs diff | max diff / max abs grad |")
-            print("|---|---|---|---|---|---|---|")
-            print(check + "\n")
+            if checks:
+                print("Gradients of one step, time-parallel vs one device (chunked):\n")
+                print("| T | teacher steps | S | chunk | precision | max abs diff | max diff / max abs grad "
+                      "| worst parameter |")
+                print("|---|---|---|---|---|---|---|---|")
+                print("\n".join(checks) + "\n")
             print("Train steps (DeepSpeed ZeRO-0, AdamW), the window split over the S ranks:\n")
             print("| T | teacher steps | S | teacher frames of rank 0 | chunk | precision | s/step | frames/s "
                   "| peak GiB/rank |")
@@ -227,6 +256,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--T", type=int, default=2 * 8760, help="frames predicted per window")
     parser.add_argument("--closed", type=int, default=4, help="closed-loop steps (on the last rank)")
     parser.add_argument("--check-T", type=int, default=1024, help="window of the gradient check (fits one device)")
+    parser.add_argument("--check-dtype", choices=["float32", "float64"], nargs="+", default=["float32"],
+                        help="float64 (scans in torch's doubling form) tells rounding from a systematic difference")
     parser.add_argument("--grid", type=int, nargs=2, default=[64, 128])
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)

@@ -106,3 +106,14 @@ def test_auto_gate_scan_is_the_fused_kernel_on_cuda(monkeypatch):
     pre = torch.randn(2, 7, GATES["gru"].blocks * 3, 4, 4, device="cuda")
     h, _ = gate_scan("gru", pre, torch.full((2, 3, 4, 4), 0.5, device="cuda"))
     assert len(calls) == 1 and h.shape == (2, 7, 3, 4, 4)
+
+
+def test_auto_keeps_float64_in_float64_on_cuda():
+    """The kernel accumulates in fp32, so float64 on CUDA resolves to the torch form, exact to float64."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.rand(2, 300, 8, device="cuda", dtype=torch.float64, generator=gen) * 0.9 + 0.05
+    b = torch.randn(2, 300, 8, device="cuda", dtype=torch.float64, generator=gen)
+    assert resolve("auto", a) == "doubling" and resolve("auto", a.float()) == "triton"
+    h, _ = scan(a, b)
+    want, _ = scan(a.cpu(), b.cpu(), method="sequential")
+    torch.testing.assert_close(h.cpu(), want, rtol=1e-12, atol=1e-12)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import Tensor
 
 from minconv_dist.ops.scan.doubling import scan_doubling
@@ -34,10 +35,11 @@ else:
 
 
 def resolve(method: str, like: Tensor) -> str:
-    """The method to run on tensors like `like`: "auto" is triton for CUDA tensors where it imports,
-    doubling otherwise; a named method is checked, not replaced."""
+    """The method to run on tensors like `like`: "auto" is triton for CUDA tensors where it imports (except
+    float64: the kernel accumulates in fp32), doubling otherwise; a named method is checked, not replaced."""
     if method == "auto":
-        return "triton" if like.is_cuda and "triton" in SCANS else "doubling"
+        fused = like.is_cuda and like.dtype != torch.float64 and "triton" in SCANS
+        return "triton" if fused else "doubling"
     if method not in SCANS:
         raise ValueError(f"unknown scan method {method!r}; expected 'auto' or one of {sorted(SCANS)}")
     if method == "triton" and not like.is_cuda:
