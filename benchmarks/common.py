@@ -28,6 +28,22 @@ def time_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 10, budget_ms
     return statistics.median(times)
 
 
+def queued_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 20) -> float:
+    """Device time per call of fn() in ms: `reps` calls queued back to back between two CUDA events, so the host's
+    launch overhead hides behind the device's work as it does in a training step (a kernel's own speed; `time_ms`
+    counts the host too, which dominates a launch shorter than about 0.5 ms)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
 def interleaved_ms(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int = 2,
                    repeats: int = 7) -> dict[str, float]:
     """Median wall time in ms of each fn, called in turn (A, B, C, A, B, C, ...) so drifts of clock and

@@ -5,15 +5,20 @@ fused gate+scan of each Min cell against the bare scan.
 Traffic counted: forward reads a, b and writes h (3 tensors); backward reads a, h, dh and writes
 da, db (5); fused gate+scan reads the k pre-activation blocks instead of a, b.
 
-    PYTHONPATH=. python benchmarks/scan.py
+Times are device time per call, launches queued back to back (`queued_ms`), as in a training step where the host
+runs ahead; `--timing synced` waits for each call, so the host's launch overhead counts too (the metric of issues
+3-14: at the short walks it measured the host, not the kernel: docs/benchmarks.md, "the scan at copy bandwidth").
+
+    PYTHONPATH=. python benchmarks/scan.py [--timing queued|synced]
 """
 from __future__ import annotations
 
 import argparse
+from typing import Callable
 
 import torch
 
-from benchmarks.common import copy_bandwidth_gbs, device_line, time_ms
+from benchmarks.common import copy_bandwidth_gbs, device_line, queued_ms, time_ms
 from minconv_dist.ops.gates import GATES, gate_rule
 from minconv_dist.ops.scan import gate_scan, scan
 
@@ -21,7 +26,10 @@ SHAPES = [(8, 64, 262144), (4, 256, 65536), (1, 8192, 131072)]
 METHODS = ["triton", "log", "sequential"]
 
 
-def _scan_rows(copy: float, dtype: torch.dtype, methods=METHODS) -> None:
+Timer = Callable[..., float]
+
+
+def _scan_rows(copy: float, dtype: torch.dtype, timer: Timer, methods=METHODS) -> None:
     for B, T, D in SHAPES:
         a = (torch.rand(B, T, D, device="cuda") * 0.9 + 0.05).to(dtype).requires_grad_()
         b = (torch.rand(B, T, D, device="cuda") + 0.05).to(dtype).requires_grad_()  # log form needs b > 0
@@ -30,14 +38,14 @@ def _scan_rows(copy: float, dtype: torch.dtype, methods=METHODS) -> None:
         for method in methods if dtype == torch.float32 else ["triton"]:
             reps = dict(warmup=1, reps=3) if method == "sequential" else {}
             with torch.no_grad():
-                fwd = time_ms(lambda: scan(a, b, method=method), **reps)
+                fwd = timer(lambda: scan(a, b, method=method), **reps)
 
             def step():
                 h, _ = scan(a, b, method=method)
                 torch.autograd.grad(h, (a, b), dh)
 
             try:
-                both = time_ms(step, **reps)
+                both = timer(step, **reps)
             except torch.cuda.OutOfMemoryError:
                 both = float("nan")
             torch.cuda.empty_cache()
@@ -50,7 +58,7 @@ def _scan_rows(copy: float, dtype: torch.dtype, methods=METHODS) -> None:
         torch.cuda.empty_cache()
 
 
-def _gate_rows() -> None:
+def _gate_rows(timer: Timer) -> None:
     """Fused gate+scan vs the bare scan on a, b of the same D (and vs gates in torch + scan)."""
     B, T, hidden, H, W = 8, 64, 64, 64, 64
     a = (torch.rand(B, T, hidden, H, W, device="cuda") * 0.9 + 0.05).requires_grad_()
@@ -62,8 +70,8 @@ def _gate_rows() -> None:
         torch.autograd.grad(h, (a, b), dh)
 
     with torch.no_grad():
-        bare_f = time_ms(lambda: scan(a, b, method="triton"))
-    bare_b = time_ms(bare)
+        bare_f = timer(lambda: scan(a, b, method="triton"))
+    bare_b = timer(bare)
     for kind in sorted(GATES):
         pre = (torch.randn(B, T, GATES[kind][0] * hidden, H, W, device="cuda") * 2).requires_grad_()
         h0 = torch.full_like(a[:, 0], 0.5)
@@ -78,8 +86,8 @@ def _gate_rows() -> None:
             torch.autograd.grad(h, pre, dh)
 
         with torch.no_grad():
-            fused_f = time_ms(lambda: gate_scan(kind, pre, h0, method="triton"))
-        fused_b, unfused_b = time_ms(fused), time_ms(unfused)
+            fused_f = timer(lambda: gate_scan(kind, pre, h0, method="triton"))
+        fused_b, unfused_b = timer(fused), timer(unfused)
         print(
             f"| {kind} | {fused_f:.3f} | {bare_f:.3f} | {fused_f / bare_f:.2f} | {fused_b:.3f} | {bare_b:.3f} "
             f"| {fused_b / bare_b:.2f} | {unfused_b:.3f} | {unfused_b / fused_b:.1f}x |", flush=True
@@ -91,19 +99,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--gates-only", action="store_true", help="only the fused gate+scan table")
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, help="fp32 rows to time")
+    parser.add_argument("--timing", choices=["queued", "synced"], default="queued")
     args = parser.parse_args()
+    timer = queued_ms if args.timing == "queued" else time_ms
     copy = copy_bandwidth_gbs()
-    print(f"device: {device_line()}; copy bandwidth (read+write): {copy:.0f} GB/s")
+    print(f"device: {device_line()}; copy bandwidth (read+write): {copy:.0f} GB/s; timing: {args.timing}")
     print("| shape [B, T, D] | dtype | method | fwd ms | fwd GB/s | fwd / copy | fwd+bwd ms | fwd+bwd GB/s | fwd+bwd / copy |")
     print("|---|---|---|---|---|---|---|---|---|")
     if not args.gates_only:
-        _scan_rows(copy, torch.float32, args.methods)
-        _scan_rows(copy, torch.bfloat16)
+        _scan_rows(copy, torch.float32, timer, args.methods)
+        _scan_rows(copy, torch.bfloat16, timer)
     print("\nfused gate+scan vs bare scan, [B, T, hidden, H, W] = [8, 64, 64, 64, 64], fp32")
     print("| kind | fused fwd ms | bare fwd ms | ratio | fused fwd+bwd ms | bare fwd+bwd ms | ratio "
           "| torch gates + scan fwd+bwd ms | fused speed-up |")
     print("|---|---|---|---|---|---|---|---|---|")
-    _gate_rows()
+    _gate_rows(timer)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 from torch import Tensor
 
 from minconv_dist.ops.gates import GATES, gate_kind
@@ -33,17 +34,12 @@ PLAIN = 0  # KIND of the plain scan: x = a, y = b, one block per row
 _PLAIN = tl.constexpr(PLAIN)
 _GRU = tl.constexpr(GATES["gru"].kernel)
 _LSTM = tl.constexpr(GATES["lstm"].kernel)
-_FWD_CONFIGS = [
-    triton.Config({"BT": 8, "BD": 512}, num_warps=4),
-    triton.Config({"BT": 16, "BD": 256}, num_warps=2),
-    triton.Config({"BT": 4, "BD": 1024}, num_warps=8),
-]
-# the backward also tries wider/deeper tiles (measured: they help the prefetching bf16 backward)
-_CONFIGS = _FWD_CONFIGS + [
-    triton.Config({"BT": 8, "BD": 1024}, num_warps=8),
-    triton.Config({"BT": 16, "BD": 512}, num_warps=8),
-    triton.Config({"BT": 8, "BD": 256}, num_warps=2),
-]
+# (BT, BD, num_warps): the tiles that won somewhere in benchmarks/scan_tiles.py's sweep on an H100 (plain and
+# fused, fp32 and bf16, walks of 64 to 8192 steps; docs/benchmarks.md); the autotuner picks among them per D.
+_FWD_CONFIGS = [triton.Config({"BT": bt, "BD": bd}, num_warps=w) for bt, bd, w in [
+    (8, 512, 4), (16, 256, 2), (4, 1024, 8), (8, 1024, 4), (16, 512, 2), (4, 512, 2), (4, 1024, 4)]]
+_CONFIGS = [triton.Config({"BT": bt, "BD": bd}, num_warps=w) for bt, bd, w in [
+    (4, 1024, 8), (4, 512, 4), (4, 256, 2), (4, 1024, 4), (4, 512, 2), (8, 256, 2), (8, 1024, 8), (8, 512, 4)]]
 _MIN_CHUNK = 64  # time steps per chunk when time is split
 
 
@@ -61,7 +57,8 @@ def _combine(a1, b1, a2, b2):
 
 @triton.jit
 def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
+    """With a fast division (2 ulp): the IEEE division that `/` compiles to was most of a fused backward's work."""
+    return libdevice.fast_dividef(1.0, 1.0 + tl.exp(-x))
 
 
 @triton.jit
@@ -118,8 +115,9 @@ def _gates(x0, x1, KIND: tl.constexpr):
         if KIND == _LSTM:  # a = s(f) / (s(f) + s(i))
             sf = _sigmoid(x0)
             si = _sigmoid(x1)
-            a = sf / (sf + si)
-            oma = si / (sf + si)
+            inv = libdevice.fast_dividef(1.0, sf + si)
+            a = sf * inv
+            oma = si * inv
         else:  # explstm: a = sigmoid(f - i)
             a = _sigmoid(x0 - x1)
             oma = _sigmoid(x1 - x0)
