@@ -103,7 +103,8 @@ class WindowDataset(torch.utils.data.IterableDataset):
     use `persistent_workers` (the workers' copies would not see the new epoch). Windows are views of
     the block they were cut from (no copy per window; DataLoader's collate copies them into the batch):
     treat them as read-only, `clone()` before modifying one in place. `frames=(first, stop)`: yield (and
-    read) only those frames of each window, `[stop - first, C, H, W]`.
+    read) only those frames of each window, `[stop - first, C, H, W]`. `prefetch` blocks past the current
+    one are read ahead, concurrently, in threads.
 
     nan_policy: "raise" (default), "skip" the windows holding NaN, or "fill" them with `fill_values`
     (one per channel, e.g. the training means). Infinite values always raise, and so do values outside
@@ -251,34 +252,38 @@ class WindowDataset(torch.utils.data.IterableDataset):
             return
         samples, starts = self._locate(plan)
         block_of = self._block_of(samples, starts)
-        # each block's needed samples and time range, its first and last use in this worker's order
+        # each block's samples and runs of frames to read, and where each window sits in them, all planned
+        # before any read so the loop below does no arithmetic of its own
         blocks, first_use = np.unique(block_of, return_index=True)
-        blocks = blocks[np.argsort(first_use)]
-        rank_of = {b: j for j, b in enumerate(blocks)}
-        last_use = {b: i for i, b in enumerate(block_of)}
+        blocks = blocks[np.argsort(first_use)].tolist()
         first, stop = self.frames
-        span = {}
+        span, row, run, offset = {}, np.empty_like(plan), np.empty_like(plan), np.empty_like(plan)
         for b in blocks:
-            mine = block_of == b
-            span[b] = (int(samples[mine].min()), int(samples[mine].max()) + 1,
-                       frame_runs(starts[mine] + first, stop - first))
+            mine = np.flatnonzero(block_of == b)
+            s_first = int(samples[mine].min())
+            runs = frame_runs(starts[mine] + first, stop - first)
+            run_starts = np.array([a for a, _ in runs])
+            r = np.searchsorted(run_starts, starts[mine] + first, side="right") - 1
+            span[b] = (s_first, int(samples[mine].max()) + 1, runs)
+            row[mine], run[mine], offset[mine] = samples[mine] - s_first, r, starts[mine] + first - run_starts[r]
+        rank_of = {b: j for j, b in enumerate(blocks)}
+        block_of = block_of.tolist()
+        last_use = {b: i for i, b in enumerate(block_of)}
+        length = stop - first
         layers = self._layers()
-        pool = ThreadPoolExecutor(max_workers=1)
+        pool = ThreadPoolExecutor(max_workers=max(1, self.prefetch))
         pending: dict[int, Future] = {}
-        loaded: dict[int, tuple[int, np.ndarray, list[torch.Tensor]]] = {}
+        loaded: dict[int, list[torch.Tensor]] = {}
         next_block = 0
         try:
-            for i, (sample, start, b) in enumerate(zip(samples, starts, block_of)):
-                while next_block < min(blocks.size, rank_of[b] + 1 + self.prefetch):
+            for i, (b, r, j, t) in enumerate(zip(block_of, run.tolist(), row.tolist(), offset.tolist())):
+                while next_block < min(len(blocks), rank_of[b] + 1 + self.prefetch):
                     nb = blocks[next_block]
                     pending[nb] = pool.submit(self._read_runs, layers, *span[nb])
                     next_block += 1
                 if b not in loaded:
-                    loaded[b] = (span[b][0], *pending.pop(b).result())
-                s_first, run_starts, runs = loaded[b]
-                run = np.searchsorted(run_starts, start + first, side="right") - 1
-                t = start + first - run_starts[run]
-                x = runs[run][sample - s_first, t:t + stop - first]
+                    loaded[b] = pending.pop(b).result()
+                x = loaded[b][r][j, t:t + length]
                 if i == last_use[b]:
                     del loaded[b]
                 if self.nan_policy == "skip" and torch.isnan(x).any():
@@ -295,9 +300,9 @@ class WindowDataset(torch.utils.data.IterableDataset):
             pool.shutdown(wait=False, cancel_futures=True)
 
     def _read_runs(self, layers: list[xr.DataArray], s_first: int, s_last: int, runs: list[tuple[int, int]]
-                   ) -> tuple[np.ndarray, list[torch.Tensor]]:
-        """Each run `[t_first, t_last)` of samples `[s_first, s_last)` (`_read`), with the runs' first frames."""
-        return np.array([a for a, _ in runs]), [self._read(layers, s_first, s_last, a, b) for a, b in runs]
+                   ) -> list[torch.Tensor]:
+        """Each run `[t_first, t_last)` of samples `[s_first, s_last)` (`_read`)."""
+        return [self._read(layers, s_first, s_last, a, b) for a, b in runs]
 
     def _read(self, layers: list[xr.DataArray], s_first: int, s_last: int, t_first: int,
               t_last: int) -> torch.Tensor:
