@@ -31,12 +31,21 @@ def test_train_step_variants_check_equality_and_print_their_rows(capsys):
 
 
 def test_time_parallel_benchmark_runs_and_its_gradients_agree(capfd):
-    """2 gloo ranks (the GPU run's code paths on the CPU); rank 0 prints the tables."""
+    """2 gloo ranks (the GPU run's code paths on the CPU); rank 0 prints the tables. float64 is exact."""
     time_parallel.main(["--device", "cpu", "--T", "16", "--grid", "8", "16", "--hidden", "8", "--chunk", "4",
-                        "--steps", "1", "--single"])
+                        "--steps", "1", "--single", "--check-dtype", "float32", "float64"])
     out = capfd.readouterr().out
-    check, floor, train, single = (line for line in out.splitlines() if line.startswith("| 16 |"))
+    check, floor, check64, floor64, train, single = (line for line in out.splitlines() if line.startswith("| 16 |"))
     assert float(check.split("|")[7]) < 1e-5, out  # max difference / max gradient
     assert "floor" in floor and float(floor.split("|")[7]) < 1e-5, out  # one device at another chunk size
+    assert "float64" in check64 and float(check64.split("|")[7]) < 1e-12, out
+    assert check64.split("|")[8].split(".")[0].strip() in {"encoder", "cells", "norms", "decoder"}, out  # named
     assert float(train.split("|")[8]) > 0, out  # frames/s
     assert "runs" in single, out
+
+
+def test_time_parallel_benchmark_has_its_one_device_baseline(capfd):
+    time_parallel.main(["--device", "cpu", "--S", "1", "--T", "16", "--grid", "8", "16", "--hidden", "8",
+                        "--chunk", "4", "--steps", "1", "--no-single"])
+    rows = [line.split("|") for line in capfd.readouterr().out.splitlines() if line.startswith("| 16 |")]
+    assert len(rows) == 1 and rows[0][3].strip() == "1" and rows[0][4].strip() == "12", rows  # S, its frames
