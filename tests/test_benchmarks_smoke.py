@@ -1,7 +1,7 @@
 """The benchmark scripts run (tiny options): a benchmark that crashes measures nothing."""
 from __future__ import annotations
 
-from benchmarks import baselines, loader, time_parallel, train_step
+from benchmarks import baselines, loader, scan_cpu, time_parallel, train_step
 
 
 def test_loader_benchmark_runs_and_prints_its_table(capsys):
@@ -12,6 +12,12 @@ def test_loader_benchmark_runs_and_prints_its_table(capsys):
     for row in rows:
         amplification = float(row.split("|")[7])
         assert 1.0 <= amplification <= 1.5, row
+
+
+def test_cpu_scan_benchmark_prints_every_method(capsys):
+    scan_cpu.main(["--small", "--repeats", "1"])
+    (row,) = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| [2, 8")]
+    assert all(float(cell) > 0 for cell in row[2:5]) and row[5].strip().endswith("x"), row
 
 
 def test_baselines_benchmark_checks_equality_and_prints_its_table(capsys):

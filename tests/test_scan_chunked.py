@@ -13,7 +13,7 @@ def _leaves(*shapes, seed=0):
 
 
 @pytest.mark.parametrize("chunk_size", [1, 4, 7, 16, 37, 100])  # T=37: none but 1 divides it
-@pytest.mark.parametrize("method", ["sequential", "doubling"])
+@pytest.mark.parametrize("method", ["sequential", "doubling", "loop"])
 def test_chunked_scan_equals_unchunked(chunk_size, method):
     a, b, h0 = _leaves((2, 37, 3, 2), (2, 37, 3, 2), (2, 3, 2))
     w = torch.randn(2, 37, 3, 2, dtype=torch.float64)

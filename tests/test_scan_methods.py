@@ -5,7 +5,7 @@ import torch
 from minconv_dist.ops.gates import GATES
 from minconv_dist.ops.scan import SCANS, gate_scan, resolve, scan
 
-TORCH_METHODS = ["doubling", "log"]  # "triton" is tested on the GPU (test_scan_triton.py)
+TORCH_METHODS = ["doubling", "loop", "log"]  # "triton" is tested on the GPU (test_scan_triton.py)
 
 
 def _inputs(B, T, D, seed=0):
@@ -55,16 +55,30 @@ def test_carrying_the_final_state_equals_one_long_scan():
     assert torch.allclose(torch.cat([h1, h2], 1), h_full, rtol=1e-12)
 
 
-def test_doubling_handles_signed_inputs_and_keeps_dtype():
+@pytest.mark.parametrize("method", ["doubling", "loop"])
+def test_linear_methods_handle_signed_inputs_and_keep_dtype(method):
     a, b, h0 = _inputs(2, 19, (5,), seed=1)
     b = b - 0.6
     h_ref, _ = scan(a, b, -h0, method="sequential")
-    torch.testing.assert_close(scan(a, b, -h0, method="doubling")[0], h_ref, rtol=1e-10, atol=1e-12)
-    assert scan(a.float(), b.bfloat16(), method="doubling")[0].dtype == torch.bfloat16
+    torch.testing.assert_close(scan(a, b, -h0, method=method)[0], h_ref, rtol=1e-10, atol=1e-12)
+    assert scan(a.float(), b.bfloat16(), method=method)[0].dtype == torch.bfloat16
+
+
+def test_loop_accumulates_bf16_in_fp32_and_skips_unneeded_gradients():
+    a, b, h0 = (t.float() for t in _inputs(2, 200, (8,), seed=2))
+    got, _ = scan(a.bfloat16(), b.bfloat16(), h0, method="loop")
+    ref, _ = scan(a.bfloat16().float(), b.bfloat16().float(), h0, method="sequential")  # rounded inputs, fp32 state
+    assert got.dtype == torch.bfloat16
+    assert ((got.float() - ref).abs() <= 2**-8 * ref.abs()).all()  # only the output's bf16 rounding
+    b = b.requires_grad_()
+    h, _ = scan(a, b, h0, method="loop")  # a and h0 need no gradient: only db is computed
+    (db,) = torch.autograd.grad(h.sum(), b)
+    h_ref, _ = scan(a, b, h0, method="sequential")
+    torch.testing.assert_close(db, torch.autograd.grad(h_ref.sum(), b)[0], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", sorted(GATES))
-@pytest.mark.parametrize("method", ["doubling", "sequential"])
+@pytest.mark.parametrize("method", ["doubling", "loop", "sequential"])
 def test_gate_scan_methods_equal_log_form(kind, method):
     gen = torch.Generator().manual_seed(3)
     pre = torch.randn(2, 9, GATES[kind].blocks * 3, 4, 5, generator=gen, dtype=torch.float64) * 3
@@ -77,7 +91,7 @@ def test_gate_scan_methods_equal_log_form(kind, method):
 
 def test_auto_is_a_torch_method_on_cpu_and_triton_needs_cuda():
     a, b, h0 = _inputs(1, 5, (2,), seed=0)
-    assert resolve("auto", a) == "doubling"
+    assert resolve("auto", a) == "loop"
     torch.testing.assert_close(scan(a, b, h0)[0], scan(a, b, h0, method="sequential")[0])
     if "triton" in SCANS:
         with pytest.raises(ValueError, match="needs CUDA"):

@@ -14,7 +14,8 @@ Modules (all implementations tested against `sequential`), layered as in flash-l
 - registry.py: `SCANS` (method -> implementation), `GATE_SCANS`, and what "auto" resolves to.
 - "sequential" (naive.py): plain loop over time, the reference.
 - "log" (log_space.py): the paper's official form (cumsum + logcumsumexp); needs positive a, b, h0.
-- "doubling" (doubling.py): vectorised log2(T)-step torch scan; the default off CUDA.
+- "doubling" (doubling.py): vectorised log2(T)-step torch scan; CUDA's float64 default.
+- "loop" (loop.py): the sequential recurrence with its own backward; the default on the CPU.
 - "triton" (triton_scan.py): fused GPU kernel, forward and backward; the default on CUDA.
 - chunked.py: `run_chunked`, any of them per time chunk under activation checkpointing.
 - across ranks: `sequence_parallel.sequence_parallel_scan` and `sequence_parallel_run` (time split over a
@@ -24,10 +25,11 @@ from minconv_dist.ops.scan.api import gate_scan, scan
 from minconv_dist.ops.scan.chunked import run_chunked
 from minconv_dist.ops.scan.doubling import scan_doubling
 from minconv_dist.ops.scan.log_space import scan_log_space
+from minconv_dist.ops.scan.loop import scan_loop
 from minconv_dist.ops.scan.naive import scan_sequential
 from minconv_dist.ops.scan.registry import GATE_SCANS, SCANS, resolve
 
 __all__ = [
     "scan", "gate_scan", "run_chunked", "SCANS", "GATE_SCANS", "resolve",
-    "scan_sequential", "scan_log_space", "scan_doubling",
+    "scan_sequential", "scan_log_space", "scan_doubling", "scan_loop",
 ]

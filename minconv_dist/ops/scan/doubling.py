@@ -1,9 +1,10 @@
 """Vectorised torch scan (Hillis–Steele doubling): log2(T) whole-tensor steps instead of T.
 
-The CPU default: the sequential loop costs T small kernel launches, this one ceil(log2 T) large
-ones. Each step composes every element with the one 2^k before it, (a, b) -> (a a', a b' + b):
-only products of a in (0, 1) and sums, so it is as stable as the sequential form. Work is
-O(T log T) and autograd keeps each step's tensors; for very long T pass `chunk_size` to `scan` (see chunked.py).
+CUDA's float64 default (the fused kernel accumulates in fp32): a loop costs T small kernel launches there,
+this one ceil(log2 T) large ones; on the CPU, loop.py's O(T) form is faster. Each step composes every
+element with the one 2^k before it, (a, b) -> (a a', a b' + b): only products of a in (0, 1) and sums, so it
+is as stable as the sequential form. Work is O(T log T) and autograd keeps each step's tensors; for very
+long T pass `chunk_size` to `scan` (see chunked.py).
 """
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from minconv_dist.ops.scan.doubling import scan_doubling
 from minconv_dist.ops.scan.log_space import gate_scan_log_space, scan_log_space
+from minconv_dist.ops.scan.loop import scan_loop
 from minconv_dist.ops.scan.naive import scan_sequential
 
 ScanFn = Callable[[Tensor, Tensor, "Tensor | None"], tuple[Tensor, Tensor]]
@@ -22,6 +23,7 @@ SCANS: dict[str, ScanFn] = {
     "sequential": scan_sequential,
     "log": scan_log_space,
     "doubling": scan_doubling,
+    "loop": scan_loop,
 }
 GATE_SCANS: dict[str, GateScanFn] = {"log": gate_scan_log_space}
 
@@ -35,11 +37,12 @@ else:
 
 
 def resolve(method: str, like: Tensor) -> str:
-    """The method to run on tensors like `like`: "auto" is triton for CUDA tensors where it imports (except
-    float64: the kernel accumulates in fp32), doubling otherwise; a named method is checked, not replaced."""
+    """The method to run on tensors like `like`: "auto" is triton for CUDA tensors where it imports (doubling
+    for float64: the kernel accumulates in fp32), loop on the CPU; a named method is checked, not replaced."""
     if method == "auto":
-        fused = like.is_cuda and like.dtype != torch.float64 and "triton" in SCANS
-        return "triton" if fused else "doubling"
+        if not like.is_cuda:
+            return "loop"
+        return "triton" if like.dtype != torch.float64 and "triton" in SCANS else "doubling"
     if method not in SCANS:
         raise ValueError(f"unknown scan method {method!r}; expected 'auto' or one of {sorted(SCANS)}")
     if method == "triton" and not like.is_cuda:
