@@ -2,17 +2,17 @@
 scan, backward), per torch method, interleaved in one process; milliseconds per step and the ratio to
 `doubling`, the CPU default before `loop`.
 
-    .venv/bin/python benchmarks/scan_cpu.py
+    PYTHONPATH=. .venv/bin/python benchmarks/scan_cpu.py
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
-import statistics
-import time
 
 import torch
 
+from benchmarks.common import interleaved_ms
 from minconv_dist.ops.scan import gate_scan
 
 SHAPES = [(8, 24, 24, 16, 32), (8, 24, 64, 16, 32), (4, 96, 24, 16, 32), (1, 730, 24, 16, 32)]
@@ -35,15 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     for B, T, C, H, W in [(2, 8, 4, 8, 8)] if args.small else SHAPES:
         pre = torch.randn(B, T, 2 * C, H, W, requires_grad=True)
         h0 = torch.full((B, C, H, W), 0.5)
-        times: dict[str, list[float]] = {m: [] for m in METHODS}
-        for m in METHODS:
-            step(pre, h0, m)  # warm-up
-        for _ in range(args.repeats):
-            for m in METHODS:
-                start = time.perf_counter()
-                step(pre, h0, m)
-                times[m].append((time.perf_counter() - start) * 1e3)
-        ms = {m: statistics.median(t) for m, t in times.items()}
+        ms = interleaved_ms({m: functools.partial(step, pre, h0, m) for m in METHODS}, torch.device("cpu"),
+                            warmup=1, repeats=args.repeats)
         print(f"| [{B}, {T}, {C}, {H}, {W}] | " + " | ".join(f"{ms[m]:.1f}" for m in METHODS)
               + f" | {ms['doubling'] / ms['loop']:.1f}x |", flush=True)
 

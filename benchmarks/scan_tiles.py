@@ -23,7 +23,6 @@ from types import ModuleType
 
 import torch
 import triton
-
 from triton.runtime.errors import OutOfResources
 
 from benchmarks.common import copy_bandwidth_gbs, device_line, queued_ms
@@ -31,7 +30,7 @@ from minconv_dist.ops.gates import GATES
 from minconv_dist.ops.scan import triton_scan as ts
 
 SHAPES = [(8, 64, 262144), (4, 256, 65536), (1, 8192, 131072)]
-LSTM_SHAPE = (8, 64, 262144)  # [B, T, D] of the Min cells' fused kernels: hidden 64 at 64x64, batch 8
+GATE_SHAPE = (8, 64, 262144)  # [B, T, D] of the Min cells' fused kernels: hidden 64 at 64x64, batch 8
 
 
 def tiles() -> list[tuple[int, int, int]]:
@@ -131,7 +130,7 @@ def sweep(case: Case, copy: float, out: csv.DictWriter) -> None:
 
 
 CASES = [("plain", s, d) for d in (torch.float32, torch.bfloat16) for s in SHAPES] + [
-    (kind, LSTM_SHAPE, d) for kind in ("lstm", "explstm", "gru") for d in (torch.float32, torch.bfloat16)]
+    (kind, GATE_SHAPE, d) for kind in ("lstm", "explstm", "gru") for d in (torch.float32, torch.bfloat16)]
 
 
 def profile() -> None:

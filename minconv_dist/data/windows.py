@@ -260,12 +260,12 @@ class WindowDataset(torch.utils.data.IterableDataset):
         span, row, run, offset = {}, np.empty_like(plan), np.empty_like(plan), np.empty_like(plan)
         for b in blocks:
             mine = np.flatnonzero(block_of == b)
-            s_first = int(samples[mine].min())
-            runs = frame_runs(starts[mine] + first, stop - first)
+            s_first, firsts = int(samples[mine].min()), starts[mine] + first
+            runs = frame_runs(firsts, stop - first)
             run_starts = np.array([a for a, _ in runs])
-            r = np.searchsorted(run_starts, starts[mine] + first, side="right") - 1
+            r = np.searchsorted(run_starts, firsts, side="right") - 1
             span[b] = (s_first, int(samples[mine].max()) + 1, runs)
-            row[mine], run[mine], offset[mine] = samples[mine] - s_first, r, starts[mine] + first - run_starts[r]
+            row[mine], run[mine], offset[mine] = samples[mine] - s_first, r, firsts - run_starts[r]
         rank_of = {b: j for j, b in enumerate(blocks)}
         block_of = block_of.tolist()
         last_use = {b: i for i, b in enumerate(block_of)}
