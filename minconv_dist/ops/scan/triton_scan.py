@@ -14,7 +14,7 @@ state, pass 2 scans again from it.
 KIND says where (a, b) come from: PLAIN = given a and b; a Min cell's KIND (ops/gates.py `GATES`,
 with its number of gate blocks NB) = its conv pre-activations [B, T, NB*D], gate blocks stacked on
 channels, gates computed in registers. Every rule has b = (1 - a) * g(h~), so the kinds differ only in
-a(pre) (`_gates`) and its derivative (`_gates_grad`). The backward recomputes the gates from `pre` and
+a(pre) and the slopes of logit(a) (`_gates`). The backward recomputes the gates from `pre` and
 reads the saved h; nothing else is stored.
 """
 from __future__ import annotations
@@ -97,68 +97,64 @@ def _d_ptr(P, bi, T, t, offs_d, D, SHIFT: tl.constexpr = 0):
 
 
 @triton.jit
-def _g(x):
-    """minGRU's g (ops/gates.py) of a raw h~ block."""
+def _g_and_slope(x):
+    """minGRU's g (ops/gates.py) of a raw h~ block, and its derivative g'."""
     x = x.to(tl.float32)
-    return tl.where(x >= 0, x + 0.5, _sigmoid(x))
+    s = _sigmoid(x)
+    return tl.where(x >= 0, x + 0.5, s), tl.where(x >= 0, 1.0, s * (1.0 - s))
+
+
+@triton.jit
+def _complement(x, e, s):
+    """sigmoid(-x) from e = exp(-x) and s = sigmoid(x): accurate on both sides, and no inf * 0."""
+    return tl.where(x > 0, e * s, 1.0 - s)
 
 
 @triton.jit
 def _gates(x0, x1, KIND: tl.constexpr):
-    """A Min cell's (a, 1 - a) from its raw gate blocks, both computed directly for accuracy."""
+    """A Min cell's (a, 1 - a) from its raw gate blocks (both computed directly, for accuracy), and the slopes
+    (s0, s1) of logit(a) along x0 and x1: dL/dx_k = s_k * dL/da * a (1 - a). (The forward drops the slopes,
+    and the compiler what computes them.)"""
     x0 = x0.to(tl.float32)
-    if KIND == _GRU:  # a = 1 - sigmoid(k)
+    if KIND == _GRU:  # a = 1 - sigmoid(k): logit(a) = -k
         a = _sigmoid(-x0)
         oma = _sigmoid(x0)
+        s0 = tl.full(x0.shape, -1.0, tl.float32)
+        s1 = s0
     else:
         x1 = x1.to(tl.float32)
-        if KIND == _LSTM:  # a = s(f) / (s(f) + s(i))
-            sf = _sigmoid(x0)
-            si = _sigmoid(x1)
+        if KIND == _LSTM:  # a = s(f) / (s(f) + s(i)): logit(a) = log s(f) - log s(i)
+            ef = tl.exp(-x0)
+            ei = tl.exp(-x1)
+            sf = libdevice.fast_dividef(1.0, 1.0 + ef)
+            si = libdevice.fast_dividef(1.0, 1.0 + ei)
             inv = libdevice.fast_dividef(1.0, sf + si)
             a = sf * inv
             oma = si * inv
-        else:  # explstm: a = sigmoid(f - i)
+            s0 = _complement(x0, ef, sf)
+            s1 = -_complement(x1, ei, si)
+        else:  # explstm: a = sigmoid(f - i): logit(a) = f - i
             a = _sigmoid(x0 - x1)
             oma = _sigmoid(x1 - x0)
-    return a, oma
-
-
-@triton.jit
-def _gates_grad(w, x0, x1, KIND: tl.constexpr):
-    """dL/dx0, dL/dx1 from w = dL/da * a (1 - a), the gradient along logit(a) (gru: x1 is unused)."""
-    if KIND == _GRU:  # logit(a) = -k
-        d0 = -w
-        d1 = d0
-    elif KIND == _LSTM:  # logit(a) = log s(f) - log s(i)
-        d0 = w * _sigmoid(-x0.to(tl.float32))
-        d1 = -w * _sigmoid(-x1.to(tl.float32))
-    else:  # explstm: logit(a) = f - i
-        d0 = w
-        d1 = -w
-    return d0, d1
-
-
-@triton.jit
-def _craw(X, off, m, BS, NB: tl.constexpr):
-    """Raw loads of what a is made of: (a, a) plain, (k, k) gru, (f, i) lstm/explstm."""
-    r0 = tl.load(X + off, mask=m, other=0.0)
-    if NB == 3:
-        r1 = tl.load(X + off + BS, mask=m, other=0.0)
-    else:
-        r1 = r0
-    return r0, r1
+            s0 = tl.full(x0.shape, 1.0, tl.float32)
+            s1 = -s0
+    return a, oma, s0, s1
 
 
 @triton.jit
 def _raw(X, Y, off, m, BS, KIND: tl.constexpr, NB: tl.constexpr):
-    """The raw loads of one tile, issued before they are used: (a, b, b) plain, (x0, x1, h~) Min cells."""
+    """The raw loads of one tile, issued before they are used: (a, b, b) plain, (x0, x1, h~) Min cells
+    ((k, k, h~) for the GRU's two blocks)."""
     if KIND == _PLAIN:
         r0 = tl.load(X + off, mask=m, other=0.0)
         r1 = tl.load(Y + off, mask=m, other=0.0)
         r2 = r1
     else:
-        r0, r1 = _craw(X, off, m, BS, NB)
+        r0 = tl.load(X + off, mask=m, other=0.0)
+        if NB == 3:
+            r1 = tl.load(X + off + BS, mask=m, other=0.0)
+        else:
+            r1 = r0
         r2 = tl.load(X + off + (NB - 1) * BS, mask=m, other=0.0)  # h~: the last block
     return r0, r1, r2
 
@@ -169,46 +165,10 @@ def _ab(r0, r1, r2, KIND: tl.constexpr):
         a = r0.to(tl.float32)
         b = r1.to(tl.float32)
     else:
-        a, oma = _gates(r0, r1, KIND)
-        b = oma * _g(r2)
+        a, oma, _, _ = _gates(r0, r1, KIND)
+        g, _ = _g_and_slope(r2)
+        b = oma * g
     return a, b
-
-
-@triton.jit
-def _coef_of(r0, r1, KIND: tl.constexpr):
-    if KIND == _PLAIN:
-        a = r0.to(tl.float32)
-    else:
-        a, _ = _gates(r0, r1, KIND)
-    return a
-
-
-@triton.jit
-def _coef(X, off, m, BS, KIND: tl.constexpr, NB: tl.constexpr):
-    r0, r1 = _craw(X, off, m, BS, NB)
-    return _coef_of(r0, r1, KIND)
-
-
-@triton.jit
-def _store_grads(X, DX, DY, off, m, BS, gr, hp, KIND: tl.constexpr, NB: tl.constexpr):
-    """Given gr = dL/dh_t and hp = h_{t-1}: store dL/da, dL/db (plain) or dL/dpre (Min cells)."""
-    if KIND == _PLAIN:
-        tl.store(DX + off, (gr * hp).to(DX.dtype.element_ty), mask=m)
-        tl.store(DY + off, gr.to(DY.dtype.element_ty), mask=m)
-    else:
-        r0, r1, r2 = _raw(X, X, off, m, BS, KIND, NB)
-        a, oma = _gates(r0, r1, KIND)
-        ht = r2.to(tl.float32)
-        sh = _sigmoid(ht)
-        gv = _g(ht)
-        gd = tl.where(ht >= 0, 1.0, sh * (1.0 - sh))  # g'(h~)
-        # b = (1 - a) g(h~): the total derivative along a is da - db * g(h~)
-        w = gr * (hp - gv) * a * oma
-        tl.store(DX + off + (NB - 1) * BS, (gr * oma * gd).to(DX.dtype.element_ty), mask=m)
-        d0, d1 = _gates_grad(w, r0, r1, KIND)
-        tl.store(DX + off, d0.to(DX.dtype.element_ty), mask=m)
-        if NB == 3:
-            tl.store(DX + off + BS, d1.to(DX.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -223,48 +183,68 @@ def _scan_tile(a, b, h, prod, rows, BT: tl.constexpr, REDUCE: tl.constexpr):
 
 
 @triton.jit
-def _hprev(H, other, bi, T, t, valid, offs_d, D, LOAD: tl.constexpr):
-    """h_{t-1} of a backward tile (0 before step 0) when LOAD, else `other` (already loaded, or unused)."""
-    if LOAD:
+def _adjoint_combine(A1, B1, a1, A2, B2, a2):
+    """A run of later steps (A1, B1, a1), then the run of steps just before it (A2, B2, a2). A run maps the carry
+    v it receives (v = a g of the step after it) to the adjoint g = A v + B of its earliest step, whose a is
+    the third member: so each step uses its own a, and no a_{t+1} is loaded or recomputed."""
+    m = A2 * a1
+    return m * A1, m * B1 + B2, a2
+
+
+@triton.jit
+def _bwd_loads(X, DH, H, bi, T, t, valid, offs_d, D, BS, KIND: tl.constexpr, NB: tl.constexpr,
+               LOAD_HP: tl.constexpr):
+    """A backward tile's raw loads, issued before they are used: what a_t (and, for a Min cell, b_t) are
+    made of, dh_t and, unless only reducing, h_{t-1} (0 before step 0)."""
+    off = _x_off(bi, T, t, offs_d, D, NB)
+    if KIND == _PLAIN:  # b does not enter the backward
+        r0 = tl.load(X + off, mask=valid, other=1.0)
+        r1 = r0
+        r2 = r0
+    else:
+        r0, r1, r2 = _raw(X, X, off, valid, BS, KIND, NB)
+    dh = tl.load(_d_ptr(DH, bi, T, t, offs_d, D), mask=valid, other=0.0)
+    if LOAD_HP:
         hp = tl.load(_d_ptr(H, bi, T, t, offs_d, D, -1), mask=valid & (t >= 1)[:, None], other=0.0)
     else:
-        hp = other
-    return hp
+        hp = dh
+    return r0, r1, r2, dh, hp
 
 
 @triton.jit
-def _adjoint_masks(t, t_lo, t_hi, dm):
-    """A backward tile's steps t (row 0 the latest) that are in the chunk, and those with an a_{t+1} in it."""
-    valid = (t >= t_lo)[:, None] & dm[None, :]
-    return valid, valid & (t + 1 < t_hi)[:, None]
-
-
-@triton.jit
-def _adjoint_loads(X, DH, H, bi, T, t, t_lo, t_hi, dm, offs_d, D, BS,
-                   NB: tl.constexpr, LOAD_HP: tl.constexpr):
-    """The raw loads of a backward tile, issued before they are used (prefetch): a_{t+1}'s blocks,
-    dh_t and, when LOAD_HP, h_{t-1}; with the tile's masks."""
-    valid, shifted = _adjoint_masks(t, t_lo, t_hi, dm)
-    c0, c1 = _craw(X, _x_off(bi, T, t, offs_d, D, NB, 1), shifted, BS, NB)
-    dh = tl.load(_d_ptr(DH, bi, T, t, offs_d, D), mask=valid, other=0.0)
-    hp = _hprev(H, dh, bi, T, t, valid, offs_d, D, LOAD_HP)
-    return valid, shifted, c0, c1, dh, hp
-
-
-@triton.jit
-def _adjoint_tile(X, DX, DY, H, coef, dh, hp, h0, u, prod, bi, T, t, valid, offs_d, rows, D, BS,
+def _adjoint_tile(DX, DY, r0, r1, r2, dh, hp, h0, u, prod, bi, T, t, valid, offs_d, rows, D, BS,
                   KIND: tl.constexpr, NB: tl.constexpr, HAS_H0: tl.constexpr, REDUCE: tl.constexpr,
-                  LOAD_HP: tl.constexpr, BT: tl.constexpr):
-    """The backward's loop body: scan the tile's adjoint (coefficients a_{t+1}) from the carry u, then
-    store its gradients (loading h_{t-1} first when LOAD_HP) or, when REDUCE, fold it into prod.
-    Returns (u, prod) for the next tile."""
-    gr, prod = _scan_tile(coef, dh.to(tl.float32), u, prod, rows, BT, REDUCE)
-    if not REDUCE:
-        hp = _hprev(H, hp, bi, T, t, valid, offs_d, D, LOAD_HP).to(tl.float32)
+                  BT: tl.constexpr):
+    """The backward's loop body: scan the tile's adjoint from the carry u, then store its gradients or, when
+    REDUCE, fold the tile's map of u into prod. Returns (u, prod) for the next tile."""
+    if KIND == _PLAIN:
+        a = r0.to(tl.float32)
+        oma, s0, s1 = a, a, a  # unused
+    else:
+        a, oma, s0, s1 = _gates(r0, r1, KIND)
+    a = tl.where(valid, a, 1.0)  # steps before the chunk pass the carry through
+    A, Bg, _ = tl.associative_scan((tl.zeros_like(a) + 1.0, dh.to(tl.float32), a), 0, _adjoint_combine)
+    gr = A * u[None, :] + Bg  # dL/dh_t
+    v = a * gr  # what step t passes to step t - 1
+    if REDUCE:
+        prod = prod * _last(a * A, rows, BT)
+    else:
+        hp = hp.to(tl.float32)
         if HAS_H0:
             hp += tl.where((t == 0)[:, None], h0[None, :], 0.0)
-        _store_grads(X, DX, DY, _x_off(bi, T, t, offs_d, D, NB), valid, BS, gr, hp, KIND, NB)
-    return _last(gr, rows, BT), prod
+        off = _x_off(bi, T, t, offs_d, D, NB)
+        if KIND == _PLAIN:  # dL/da_t = g_t h_{t-1}, dL/db_t = g_t
+            tl.store(DX + off, (gr * hp).to(DX.dtype.element_ty), mask=valid)
+            tl.store(DY + off, gr.to(DY.dtype.element_ty), mask=valid)
+        else:
+            g, slope = _g_and_slope(r2)
+            # b = (1 - a) g(h~): the total derivative along a is dL/da - dL/db * g(h~)
+            w = v * (hp - g) * oma
+            tl.store(DX + off + (NB - 1) * BS, (gr * oma * slope).to(DX.dtype.element_ty), mask=valid)
+            tl.store(DX + off, (w * s0).to(DX.dtype.element_ty), mask=valid)
+            if NB == 3:
+                tl.store(DX + off + BS, (w * s1).to(DX.dtype.element_ty), mask=valid)
+    return _last(v, rows, BT), prod
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=["D", "KIND", "HAS_H0", "REDUCE"],
@@ -304,10 +284,10 @@ def _bwd_kernel(X, Y, H0, H, DH, DX, DY, DH0, CA, CB, T, D, BS, chunk_len,
                 CARRY: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
     """Adjoint g_t = dh_t + a_{t+1} g_{t+1}, scanned backwards over one time chunk.
 
-    The carry between chunks is u = a_lo * g_lo (what step lo passes to step lo - 1), so a chunk's
-    last step uses coefficient 1 and adds u. REDUCE: store the chunk's (prod a, u from a zero carry).
-    Else: carry-in from CB when CARRY, store the gradients and, for chunk 0, dL/dh0 = a_0 g_0.
-    PLAIN: the loads of a_{t+1}, dh_t and h_{t-1} for tile i+1 are issued before tile i is scanned."""
+    The carry between tiles and chunks is v = a_lo * g_lo (what step lo passes to step lo - 1). REDUCE: store
+    the chunk's map of its carry-in to its carry-out (CA * v + CB). Else: carry-in from CB when CARRY, store the
+    gradients and, for chunk 0, dL/dh0 = a_0 g_0. PLAIN: tile i+1's loads are issued before tile i is scanned
+    (measured faster for the plain scan in bf16, slower for the fused gates)."""
     bi, c, offs_d, dm, rows, t_lo, t_hi, state_off = _program(T, D, chunk_len, BT, BD)
     if CARRY:
         u = tl.load(CB + state_off, mask=dm, other=0.0)
@@ -318,33 +298,30 @@ def _bwd_kernel(X, Y, H0, H, DH, DX, DY, DH0, CA, CB, T, D, BS, chunk_len,
     else:
         h0 = u  # never read: HAS_H0 is off
     prod = tl.full([BD], 1.0, tl.float32)
-    if KIND == _PLAIN:  # prefetch: measured faster for the plain scan (bf16), slower for the fused gates
-        t = (t_hi - 1 - rows).to(tl.int64)  # row 0 is the latest step
-        valid, shifted, c0, c1, dh, hp = _adjoint_loads(X, DH, H, bi, T, t, t_lo, t_hi, dm, offs_d, D, BS,
-                                                        NB, not REDUCE)
+    t = (t_hi - 1 - rows).to(tl.int64)  # row 0 is the latest step
+    valid = (t >= t_lo)[:, None] & dm[None, :]
+    if KIND == _PLAIN:
+        r0, r1, r2, dh, hp = _bwd_loads(X, DH, H, bi, T, t, valid, offs_d, D, BS, KIND, NB, not REDUCE)
         for i in range(0, tl.cdiv(t_hi - t_lo, BT)):
             tn = t - BT
-            validn, shiftedn, c0n, c1n, dhn, hpn = _adjoint_loads(X, DH, H, bi, T, tn, t_lo, t_hi, dm, offs_d,
-                                                                  D, BS, NB, not REDUCE)
-            coef = tl.where(shifted, _coef_of(c0, c1, KIND), 1.0)
-            u, prod = _adjoint_tile(X, DX, DY, H, coef, dh, hp, h0, u, prod, bi, T, t, valid, offs_d, rows,
-                                    D, BS, KIND, NB, HAS_H0, REDUCE, False, BT)
-            t, valid, shifted, c0, c1, dh, hp = tn, validn, shiftedn, c0n, c1n, dhn, hpn
+            validn = (tn >= t_lo)[:, None] & dm[None, :]
+            r0n, r1n, r2n, dhn, hpn = _bwd_loads(X, DH, H, bi, T, tn, validn, offs_d, D, BS, KIND, NB, not REDUCE)
+            u, prod = _adjoint_tile(DX, DY, r0, r1, r2, dh, hp, h0, u, prod, bi, T, t, valid, offs_d, rows, D, BS,
+                                    KIND, NB, HAS_H0, REDUCE, BT)
+            t, valid, r0, r1, r2, dh, hp = tn, validn, r0n, r1n, r2n, dhn, hpn
     else:
         for i in range(0, tl.cdiv(t_hi - t_lo, BT)):
-            t = (t_hi - 1 - i * BT - rows).to(tl.int64)
-            valid, shifted = _adjoint_masks(t, t_lo, t_hi, dm)
-            coef = tl.where(shifted, _coef(X, _x_off(bi, T, t, offs_d, D, NB, 1), shifted, BS, KIND, NB), 1.0)
-            dh = tl.load(_d_ptr(DH, bi, T, t, offs_d, D), mask=valid, other=0.0)
-            u, prod = _adjoint_tile(X, DX, DY, H, coef, dh, dh, h0, u, prod, bi, T, t, valid, offs_d, rows,
-                                    D, BS, KIND, NB, HAS_H0, REDUCE, True, BT)
-    a_lo = _coef(X, (bi * T + t_lo) * (NB * D) + offs_d, dm, BS, KIND, NB)
+            r0, r1, r2, dh, hp = _bwd_loads(X, DH, H, bi, T, t, valid, offs_d, D, BS, KIND, NB, not REDUCE)
+            u, prod = _adjoint_tile(DX, DY, r0, r1, r2, dh, hp, h0, u, prod, bi, T, t, valid, offs_d, rows, D, BS,
+                                    KIND, NB, HAS_H0, REDUCE, BT)
+            t = t - BT
+            valid = (t >= t_lo)[:, None] & dm[None, :]
     if REDUCE:
-        tl.store(CA + state_off, prod * a_lo, mask=dm)
-        tl.store(CB + state_off, a_lo * u, mask=dm)
+        tl.store(CA + state_off, prod, mask=dm)
+        tl.store(CB + state_off, u, mask=dm)
     elif HAS_H0:
         if c == 0:
-            tl.store(DH0 + bi * D + offs_d, a_lo * u, mask=dm)
+            tl.store(DH0 + bi * D + offs_d, u, mask=dm)
 
 
 @functools.lru_cache(maxsize=None)
