@@ -84,10 +84,10 @@ def _program(T, D, chunk_len, BT: tl.constexpr, BD: tl.constexpr):
 
 
 @triton.jit
-def _x_off(bi, T, t, offs_d, D, NB: tl.constexpr, SHIFT: tl.constexpr = 0):
-    """Offsets of the tile at steps t + SHIFT, columns offs_d of batch row bi in x [B, T, NB*D]
+def _x_off(bi, T, t, offs_d, D, NB: tl.constexpr):
+    """Offsets of the tile at steps t, columns offs_d of batch row bi in x [B, T, NB*D]
     (offsets, not pointers: a Min cell's gate blocks are read at +BS, +2BS from them)."""
-    return (bi * T + t[:, None] + SHIFT) * (NB * D) + offs_d[None, :]
+    return (bi * T + t[:, None]) * (NB * D) + offs_d[None, :]
 
 
 @triton.jit
