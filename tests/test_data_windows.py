@@ -12,7 +12,7 @@ import zarr
 from torch.utils.data import DataLoader
 
 from minconv_dist.data import DataError, DimNames, WindowDataset, open_store, write_synthetic_era5
-from minconv_dist.data.windows import consumed_per_worker
+from minconv_dist.data.windows import consumed_per_worker, windows_with_nan
 
 T = 5
 
@@ -140,6 +140,20 @@ def test_resume_with_loader_workers_yields_exactly_the_rest(tiny_store):
     resumed.load_state_dict(make().state_dict(position=len(consumed)))
     rest = starts_of(collect(resumed, workers=2, batch=4), lookup)
     assert starts_of(consumed, lookup) + rest == full
+
+
+def test_windows_are_views_of_their_block(tiny_store):
+    """No copy per window: the windows of a block share its memory, one frame apart."""
+    first = list(WindowDataset(tiny_store, "z", T, shuffle=False, max_read_amplification=1.1))[:56]  # block 0
+    assert len({w.untyped_storage().data_ptr() for w in first}) == 1
+    assert all(b.data_ptr() - a.data_ptr() == a[0].nbytes for a, b in zip(first, first[1:]))
+
+
+def test_windows_with_nan_per_sample_and_first_frame():
+    x = torch.zeros(2, 10, 1, 3, 3)
+    x[0, 4, 0, 1, 1] = x[1, 0, 0, 2, 2] = x[1, 9, 0, 0, 0] = float("nan")
+    want = [[torch.isnan(x[s, t:t + 3]).any().item() for t in range(8)] for s in range(2)]
+    assert windows_with_nan(x, 3).tolist() == want[0] + want[1]
 
 
 def test_consumed_per_worker_follows_dataloader_round_robin():
