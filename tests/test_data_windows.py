@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 
 import numpy as np
@@ -12,6 +13,7 @@ import zarr
 from torch.utils.data import DataLoader
 
 from minconv_dist.data import DataError, DimNames, WindowDataset, open_store, write_synthetic_era5
+from minconv_dist.data import windows as windows_module
 from minconv_dist.data.windows import consumed_per_worker, windows_with_nan
 
 T = 5
@@ -147,6 +149,25 @@ def test_windows_are_views_of_their_block(tiny_store):
     first = list(WindowDataset(tiny_store, "z", T, shuffle=False, max_read_amplification=1.1))[:56]  # block 0
     assert len({w.untyped_storage().data_ptr() for w in first}) == 1
     assert all(b.data_ptr() - a.data_ptr() == a[0].nbytes for a, b in zip(first, first[1:]))
+
+
+def test_the_store_is_opened_once_per_process(tiny_store, monkeypatch):
+    """Not once per epoch; a pickled copy (a spawned loader worker's) opens its own and yields the same windows."""
+    opened = []
+    original = windows_module.open_store
+
+    def counting(*args, **kwargs):
+        opened.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(windows_module, "open_store", counting)
+    ds = WindowDataset(tiny_store, "z", T)
+    first = list(ds)
+    ds.set_epoch(1)
+    assert len(list(ds)) == len(first) and len(opened) == 1
+    copy = pickle.loads(pickle.dumps(ds))
+    copy.set_epoch(0)
+    assert all(torch.equal(a, b) for a, b in zip(list(copy), first)) and len(opened) == 2
 
 
 def test_windows_with_nan_per_sample_and_first_frame():
