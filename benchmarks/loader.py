@@ -5,9 +5,12 @@ measured in the same run: the raw read of the whole store (every chunk once, zar
 one WindowDataset epoch (time, windows/s, read amplification = frames read / frames in the store) and
 windows/s of xbatcher's BatchGenerator and of per-window `isel(...).values` on a sample of windows.
 
-    .venv/bin/python benchmarks/loader.py              # 2 years hourly, 32x64 (the issue's size)
-    .venv/bin/python benchmarks/loader.py --days 60    # quicker
-    .venv/bin/python benchmarks/loader.py --days 365 --s3-days 0 --repeats 5   # min of 5 on a noisy machine
+    PYTHONPATH=. .venv/bin/python benchmarks/loader.py              # 2 years hourly, 32x64 (the issue's size)
+    PYTHONPATH=. .venv/bin/python benchmarks/loader.py --days 60    # quicker
+    PYTHONPATH=. .venv/bin/python benchmarks/loader.py --days 365 --s3-days 0 --repeats 5   # min of 5, noisy machine
+    PYTHONPATH=. .venv/bin/python benchmarks/loader.py --days 365 --s3-days 0 --prefetch 0 1 2   # an epoch per depth
+
+(PYTHONPATH=. times this checkout's loader, not the one the virtualenv has installed.)
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ def raw_read(url: str, options: dict | None, concurrency: int) -> tuple[float, i
     return seconds, values.nbytes
 
 
-def epoch(url: str, options: dict | None, window: int) -> tuple[float, int, float]:
+def epoch(url: str, options: dict | None, window: int, prefetch: int | None) -> tuple[float, int, float]:
+    """Seconds, windows and read amplification of one epoch (`prefetch` None: the dataset's default)."""
     frames_read = []
 
     class Counting(WindowDataset):
@@ -45,7 +49,8 @@ def epoch(url: str, options: dict | None, window: int) -> tuple[float, int, floa
             frames_read.append(t_last - t_first)
             return super()._read(layers, s_first, s_last, t_first, t_last)
 
-    ds = Counting(url, "z", window, storage_options=options, seed=0)
+    ds = Counting(url, "z", window, storage_options=options, seed=0,
+                  **({} if prefetch is None else {"prefetch": prefetch}))
     seconds, count = timed(lambda: sum(1 for _ in ds))
     assert count == len(ds)
     return seconds, count, sum(frames_read) / (ds.n_windows + window - 1)
@@ -82,7 +87,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=1, help="runs of the raw reads and the epoch (min of each)")
     p.add_argument("--s3-days", type=int, default=30,
                    help="length of the moto S3 stores (moto serves ~250 requests/s here); 0 skips S3")
+    p.add_argument("--prefetch", type=int, nargs="+", default=None,
+                   help="WindowDataset prefetch depths, an epoch (and a row) each; default: the dataset's default")
     args = p.parse_args(argv)
+    depths = args.prefetch or [None]
     end_of = lambda days: str((pd.Timestamp("2015-01-01") + pd.Timedelta(days=days)).date())  # noqa: E731
 
     targets = []
@@ -114,13 +122,16 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for name, url, options, chunk, end in targets:
         write_seconds, _ = timed(lambda: write_synthetic_era5(url, end=end, chunks=chunk, storage_options=options))
-        runs = [(raw_read(url, options, 10), raw_read(url, options, 64), epoch(url, options, args.window))
-                for _ in range(args.repeats)]  # alternating, so drifts of the machine fall on all three
-        (_, nbytes), (_, count, amplification) = runs[0][0], runs[0][2]
-        raw10, raw64, ep = (min(r[k][0] for r in runs) for k in range(3))
+        runs = [(raw_read(url, options, 10), raw_read(url, options, 64),
+                 *(epoch(url, options, args.window, depth) for depth in depths))
+                for _ in range(args.repeats)]  # alternating, so drifts of the machine fall on every one
+        nbytes = runs[0][0][1]
+        raw10, raw64 = (min(r[k][0] for r in runs) for k in range(2))
         xb, isel = alternatives(url, options, args.window, args.sample) if options is None else (np.nan, np.nan)
-        rows.append((name, nbytes / 1e6, write_seconds, raw10, raw64, ep, count / ep, amplification,
-                     ep / min(raw10, raw64), xb, isel))
+        for k, depth in enumerate(depths, start=2):
+            (_, count, amplification), ep = runs[0][k], min(r[k][0] for r in runs)
+            rows.append((name + ("" if depth is None else f", prefetch {depth}"), nbytes / 1e6, write_seconds,
+                         raw10, raw64, ep, count / ep, amplification, ep / min(raw10, raw64), xb, isel))
         print(f"done: {name}", flush=True)
     if server is not None:
         server.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 
 import numpy as np
@@ -12,7 +13,8 @@ import zarr
 from torch.utils.data import DataLoader
 
 from minconv_dist.data import DataError, DimNames, WindowDataset, open_store, write_synthetic_era5
-from minconv_dist.data.windows import consumed_per_worker
+from minconv_dist.data import windows as windows_module
+from minconv_dist.data.windows import buffer_shuffle, consumed_per_worker, windows_with_nan
 
 T = 5
 
@@ -140,6 +142,56 @@ def test_resume_with_loader_workers_yields_exactly_the_rest(tiny_store):
     resumed.load_state_dict(make().state_dict(position=len(consumed)))
     rest = starts_of(collect(resumed, workers=2, batch=4), lookup)
     assert starts_of(consumed, lookup) + rest == full
+
+
+def test_windows_are_views_of_their_block(tiny_store):
+    """No copy per window: the windows of a block share its memory, one frame apart."""
+    first = list(WindowDataset(tiny_store, "z", T, shuffle=False, max_read_amplification=1.1))[:56]  # block 0
+    assert len({w.untyped_storage().data_ptr() for w in first}) == 1
+    assert all(b.data_ptr() - a.data_ptr() == a[0].nbytes for a, b in zip(first, first[1:]))
+
+
+def test_the_store_is_opened_once_per_process(tiny_store, monkeypatch):
+    """Not once per epoch; a pickled copy (a spawned loader worker's) opens its own and yields the same windows."""
+    opened = []
+    original = windows_module.open_store
+
+    def counting(*args, **kwargs):
+        opened.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(windows_module, "open_store", counting)
+    ds = WindowDataset(tiny_store, "z", T)
+    first = list(ds)
+    ds.set_epoch(1)
+    assert len(list(ds)) == len(first) and len(opened) == 1
+    copy = pickle.loads(pickle.dumps(ds))
+    copy.set_epoch(0)
+    assert all(torch.equal(a, b) for a, b in zip(list(copy), first)) and len(opened) == 2
+
+
+def test_buffer_shuffle_keeps_its_order():
+    """The order a resume relies on: the same as the item-by-item definition of a streaming shuffle buffer."""
+    def reference(seq, size, rng):
+        size = min(size, seq.size)
+        buf, out = seq[:size].copy(), np.empty_like(seq)
+        for i, (j, incoming) in enumerate(zip(rng.integers(0, size, seq.size - size), seq[size:])):
+            out[i], buf[j] = buf[j], incoming
+        out[seq.size - size:] = rng.permutation(buf)
+        return out
+
+    seq = np.random.default_rng(0).permutation(500)
+    for size in (2, 7, 100, 500, 800):
+        got, want = (f(seq, size, np.random.default_rng([1, size])) for f in (buffer_shuffle, reference))
+        np.testing.assert_array_equal(got, want)
+        assert got.dtype == seq.dtype
+
+
+def test_windows_with_nan_per_sample_and_first_frame():
+    x = torch.zeros(2, 10, 1, 3, 3)
+    x[0, 4, 0, 1, 1] = x[1, 0, 0, 2, 2] = x[1, 9, 0, 0, 0] = float("nan")
+    want = [[torch.isnan(x[s, t:t + 3]).any().item() for t in range(8)] for s in range(2)]
+    assert windows_with_nan(x, 3).tolist() == want[0] + want[1]
 
 
 def test_consumed_per_worker_follows_dataloader_round_robin():
