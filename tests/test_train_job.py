@@ -70,9 +70,15 @@ def test_ctrl_c_ends_the_run_as_killed_cleans_up_and_prints_the_resume_command(t
                 "data.val_range=[2015-02-01, 2015-02-28]", "model.hidden_size=4", "model.layers=1",
                 "optim.epochs=50", "tracking.log_every=1", f"tracking.uri={uri}", f"run.storage_path={tmp_path}/runs",
                 "run.name=interrupted"]
-    proc = subprocess.Popen([sys.executable, "jobs/train_era5.py", *(a for s in settings for a in ("--set", s))],
-                            cwd=ROOT, env=dict(os.environ, RAY_TMPDIR=ray_tmp), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    # started as from a terminal: a shell's background job (`pytest &`, as CI runners may start it) ignores
+    # SIGINT, a child inherits that, and Python then never raises KeyboardInterrupt
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # a handler: SIG_DFL again in the child
+    try:
+        proc = subprocess.Popen([sys.executable, "jobs/train_era5.py", *(a for s in settings for a in ("--set", s))],
+                                cwd=ROOT, env=dict(os.environ, RAY_TMPDIR=ray_tmp), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    finally:
+        signal.signal(signal.SIGINT, before)
     seen = []
     for line in proc.stdout:
         seen.append(line)
