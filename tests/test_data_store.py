@@ -11,10 +11,13 @@ import time
 import numpy as np
 import pytest
 import xarray as xr
+import zarr
 
 from minconv_dist.data import (ChannelSpec, DimNames, open_store, parse_channels, select_channels,
                                write_synthetic_era5)
-from minconv_dist.data.store import COMPLETE_ATTR, DataError, remote_options, set_attrs
+from minconv_dist.data.chunks import Source, read
+from minconv_dist.data.store import (COMPLETE_ATTR, READ_BATCH_CHUNKS, DataError, reading, remote_options, set_attrs,
+                                     zarr_store)
 from minconv_dist.train.local_ray import free_port
 
 WB2 = DimNames(lat="latitude", lon="longitude")
@@ -27,6 +30,23 @@ def test_local_file_and_memory_round_trip(tiny_store, tmp_path):
     assert open_store(f"file://{tiny_store}").z.identical(ref.z)
     write_synthetic_era5("memory://roundtrip.zarr", start="2015-01-01", end="2015-01-11", chunks=6)
     np.testing.assert_array_equal(open_store("memory://roundtrip.zarr").z.values, ref.z.values)
+
+
+def test_reads_in_batches_of_chunks_give_what_zarr_alone_gives(tiny_store):
+    """open_store's arrays decode `READ_BATCH_CHUNKS` chunks per task; any slice (across chunks, a partial last
+    chunk, one frame) reads the same values as zarr's default one chunk per task, coordinates left out."""
+    with reading():
+        batched = zarr.open_group(zarr_store(tiny_store), mode="r")["z"]
+    plain = zarr.open_group(zarr_store(tiny_store), mode="r")["z"]
+    assert batched._async_array.codec_pipeline.batch_size == READ_BATCH_CHUNKS > 1
+    assert plain._async_array.codec_pipeline.batch_size == 1
+    layer = open_store(tiny_store, dask=False).z
+    n = layer.sizes["time"]
+    for region in (slice(0, n), slice(5, n - 1), slice(n - 2, n), slice(7, 8)):
+        got = read(layer, {"time": region}, Source(tiny_store, parse_channels("z")[0]))
+        assert got.dims == layer.dims and not got.coords
+        np.testing.assert_array_equal(got.values, plain[region])
+        np.testing.assert_array_equal(batched[region], plain[region])
 
 
 def test_s3_round_trip(tiny_store, s3_bucket, s3_options):

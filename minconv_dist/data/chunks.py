@@ -87,10 +87,12 @@ def bad_chunk(source: Source, region: dict[str, slice]) -> tuple[str, str] | Non
 
 
 def read(layer: xr.DataArray, region: dict[str, slice], source: Source) -> xr.DataArray:
-    """`layer[region]` loaded into memory. A failure is a DataError naming the chunk that fails again, or,
-    when none does (a passing network fault), an OSError naming what was being read."""
+    """`layer[region]` loaded into memory, without coordinates: its readers want the values, and building the
+    coordinates took ~0.7 ms a read, a third of reading a 48-frame 32x64 block. A failure is a DataError naming
+    the chunk that fails again, or, when none does (a passing network fault), an OSError naming what was being
+    read."""
     try:
-        return layer.isel(region).load()
+        return xr.DataArray(layer.variable.isel(region).load())
     except Exception as err:
         where = f"channel {source.spec} {span(layer, region, source.dims)} of {redact(source.url)!r}"
         found = bad_chunk(source, region)
