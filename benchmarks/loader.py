@@ -1,7 +1,8 @@
 """Loader benchmark (issue 4): one epoch of stride-1 windows vs a raw zarr read and two common alternatives.
 
-For each store (time chunks of 1 and 24 frames; local and on a moto S3 server started here) it prints,
-measured in the same run: the raw read of the whole store (every chunk once, zarr's async concurrency),
+For each store (time chunks of 1 and 24 frames by default; local and on a moto S3 server started here) it
+prints, measured in the same run: the raw read of the whole store (every chunk once, zarr's async concurrency),
+the epoch's own blocks read by zarr alone (the floor of its read plan: amplification and one call per block),
 one WindowDataset epoch (time, windows/s, read amplification = frames read / frames in the store) and
 windows/s of xbatcher's BatchGenerator and of per-window `isel(...).values` on a sample of windows.
 
@@ -9,6 +10,7 @@ windows/s of xbatcher's BatchGenerator and of per-window `isel(...).values` on a
     PYTHONPATH=. .venv/bin/python benchmarks/loader.py --days 60    # quicker
     PYTHONPATH=. .venv/bin/python benchmarks/loader.py --days 365 --s3-days 0 --repeats 5   # min of 5, noisy machine
     PYTHONPATH=. .venv/bin/python benchmarks/loader.py --days 365 --s3-days 0 --prefetch 0 1 2   # an epoch per depth
+    PYTHONPATH=. .venv/bin/python benchmarks/loader.py --days 60 --chunks 24 --grid 128 256   # 16x the bytes a window
 
 (PYTHONPATH=. times this checkout's loader, not the one the virtualenv has installed.)
 """
@@ -24,7 +26,7 @@ import pandas as pd
 import zarr
 
 from minconv_dist.data import WindowDataset, open_store, write_synthetic_era5
-from minconv_dist.data.store import zarr_store
+from minconv_dist.data.store import reading, zarr_store
 
 
 def timed(fn) -> tuple[float, object]:
@@ -34,10 +36,21 @@ def timed(fn) -> tuple[float, object]:
 
 
 def raw_read(url: str, options: dict | None, concurrency: int) -> tuple[float, int]:
-    with zarr.config.set({"async.concurrency": concurrency}):
+    with reading():  # the settings the loader's arrays are opened with
         arr = zarr.open_group(zarr_store(url, options), mode="r")["z"]
+    with zarr.config.set({"async.concurrency": concurrency}):
         seconds, values = timed(lambda: arr[:])
     return seconds, values.nbytes
+
+
+def blocks_alone(url: str, options: dict | None, window: int) -> float:
+    """Seconds zarr alone takes to read the frames of every block of one epoch, one call per block as the
+    dataset makes them, in its order."""
+    ds = WindowDataset(url, "z", window, storage_options=options, seed=0)
+    blocks, reads, _, _ = ds._plan_blocks(ds.worker_plan(0, 0, 1))
+    with reading():
+        arr = zarr.open_group(zarr_store(url, options), mode="r")["z"]
+    return timed(lambda: [arr[t0:t1] for b in blocks for t0, t1 in reads[b][2]])[0]
 
 
 def epoch(url: str, options: dict | None, window: int, prefetch: int | None) -> tuple[float, int, float]:
@@ -87,6 +100,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=1, help="runs of the raw reads and the epoch (min of each)")
     p.add_argument("--s3-days", type=int, default=30,
                    help="length of the moto S3 stores (moto serves ~250 requests/s here); 0 skips S3")
+    p.add_argument("--chunks", type=int, nargs="+", default=[1, 24], help="time chunk sizes, a store each")
+    p.add_argument("--grid", type=int, nargs=2, default=[32, 64], metavar=("H", "W"),
+                   help="grid size; a larger one gives each window more bytes against its fixed costs")
     p.add_argument("--prefetch", type=int, nargs="+", default=None,
                    help="WindowDataset prefetch depths, an epoch (and a row) each; default: the dataset's default")
     args = p.parse_args(argv)
@@ -112,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
               "client_kwargs": {"region_name": "us-east-1"}}
         boto3.client("s3", endpoint_url=s3["endpoint_url"], aws_access_key_id="testing",
                      aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket="bench")
-    for chunk in (1, 24):
+    for chunk in args.chunks:
         targets.append((f"local, {args.days} d, chunks ({chunk}, H, W)", f"{tmp}/c{chunk}.zarr", None, chunk,
                         end_of(args.days)))
         if server is not None:
@@ -121,28 +137,30 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = []
     for name, url, options, chunk, end in targets:
-        write_seconds, _ = timed(lambda: write_synthetic_era5(url, end=end, chunks=chunk, storage_options=options))
-        runs = [(raw_read(url, options, 10), raw_read(url, options, 64),
+        write_seconds, _ = timed(lambda: write_synthetic_era5(url, end=end, chunks=chunk, nlat=args.grid[0],
+                                                              nlon=args.grid[1], storage_options=options))
+        runs = [(raw_read(url, options, 10), raw_read(url, options, 64), blocks_alone(url, options, args.window),
                  *(epoch(url, options, args.window, depth) for depth in depths))
                 for _ in range(args.repeats)]  # alternating, so drifts of the machine fall on every one
         nbytes = runs[0][0][1]
         raw10, raw64 = (min(r[k][0] for r in runs) for k in range(2))
+        alone = min(r[2] for r in runs)
         xb, isel = alternatives(url, options, args.window, args.sample) if options is None else (np.nan, np.nan)
-        for k, depth in enumerate(depths, start=2):
+        for k, depth in enumerate(depths, start=3):
             (_, count, amplification), ep = runs[0][k], min(r[k][0] for r in runs)
             rows.append((name + ("" if depth is None else f", prefetch {depth}"), nbytes / 1e6, write_seconds,
-                         raw10, raw64, ep, count / ep, amplification, ep / min(raw10, raw64), xb, isel))
+                         raw10, raw64, alone, ep, count / ep, amplification, ep / min(raw10, raw64), xb, isel))
         print(f"done: {name}", flush=True)
     if server is not None:
         server.stop()
 
-    print(f"\nhourly 32x64 float32 stores from 2015-01-01, window T={args.window}, stride 1\n")
+    print(f"\nhourly {args.grid[0]}x{args.grid[1]} float32 stores from 2015-01-01, window T={args.window}, stride 1\n")
     print("| store | MB | raw read, concurrency 10 (s, MB/s) | raw read, concurrency 64 (s, MB/s) "
-          "| WindowDataset epoch (s) | windows/s | read amplification | epoch / best raw read "
+          "| its blocks, zarr alone (s) | WindowDataset epoch (s) | windows/s | read amplification | epoch / best raw read "
           "| xbatcher windows/s | per-window isel windows/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, mb, _, r10, r64, ep, rate, amp, ratio, xb, isel in rows:
-        print(f"| {name} | {mb:.0f} | {r10:.2f} s, {mb / r10:.0f} | {r64:.2f} s, {mb / r64:.0f} | {ep:.2f} | "
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, mb, _, r10, r64, alone, ep, rate, amp, ratio, xb, isel in rows:
+        print(f"| {name} | {mb:.0f} | {r10:.3f} s, {mb / r10:.0f} | {r64:.3f} s, {mb / r64:.0f} | {alone:.3f} | {ep:.3f} | "
               f"{rate:,.0f} | {amp:.3f} | {ratio:.2f}x | {rate_text(xb)} | {rate_text(isel)} |")
 
 

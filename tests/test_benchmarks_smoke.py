@@ -5,13 +5,14 @@ from benchmarks import baselines, loader, scan_cpu, time_parallel, train_step
 
 
 def test_loader_benchmark_runs_and_prints_its_table(capsys):
-    loader.main(["--days", "3", "--window", "6", "--sample", "5", "--s3-days", "1"])
+    loader.main(["--days", "3", "--window", "6", "--sample", "5", "--s3-days", "1", "--grid", "16", "32"])
     out = capsys.readouterr().out
+    assert "hourly 16x32 float32 stores" in out
     rows = [line for line in out.splitlines() if line.startswith("| local") or line.startswith("| moto")]
     assert len(rows) == 4, out  # local and moto S3, time chunks of 1 and 24
     for row in rows:
-        amplification = float(row.split("|")[7])
-        assert 1.0 <= amplification <= 1.5, row
+        blocks_alone, amplification = float(row.split("|")[5]), float(row.split("|")[8])
+        assert blocks_alone > 0 and 1.0 <= amplification <= 1.5, row
 
 
 def test_cpu_scan_benchmark_prints_every_method(capsys):
