@@ -7,8 +7,8 @@
 
     python benchmarks/gpu_e2e.py --gpus 1 2        # on the GPU machine (see benchmarks/gpu_e2e.sh)
     python benchmarks/gpu_e2e.py --cpu             # the same steps on 2 gloo CPU workers, small (smoke test)
-    python benchmarks/gpu_e2e.py --gpus 1 --no-long; python benchmarks/gpu_e2e.py --gpus 1 --long-only
-                                                   # in two parts, where one call is limited to 10 minutes
+    python benchmarks/gpu_e2e.py --gpus 1 --parts train   # one part (then recover, then long), where one
+                                                          # call is limited to 10 minutes
 
 Prints one markdown table (GPUs, check, result, detail) for docs/benchmarks.md.
 """
@@ -38,6 +38,7 @@ from minconv_dist.train.checkpoint import latest  # noqa: E402
 from minconv_dist.train.local_ray import local_ray_head, ray_executable  # noqa: E402
 
 ROWS: list[str] = []
+PARTS = ("train", "recover", "long")
 
 
 def row(gpus: int, check: str, ok: bool, detail: str) -> bool:
@@ -95,8 +96,10 @@ class Session:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(self.mlflow)
-        runs = client.search_runs(client.get_experiment_by_name("minconv_dist").experiment_id,
-                                  f"attributes.run_name = '{name}'")
+        experiment = client.get_experiment_by_name("minconv_dist")
+        if experiment is None:  # nothing trained yet
+            return None
+        runs = client.search_runs(experiment.experiment_id, f"attributes.run_name = '{name}'")
         versions = [v.version for r in runs for v in client.search_model_versions(f"run_id = '{r.info.run_id}'")]
         return max(versions, key=int) if versions else None
 
@@ -117,15 +120,11 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[fl
     return (max((a[k] - b[k]).abs().max().item() for k in b), max(v.abs().max().item() for v in b.values()))
 
 
-def run_jobs(s: Session, small: list[str], cpu: bool) -> None:
-    """Train at ZeRO 0/2/3 and register; forecast and evaluate the ZeRO-2 model; resume; a killed worker."""
+def run_training(s: Session, small: list[str], cpu: bool) -> None:
+    """Train at ZeRO 0/2/3 and register; forecast and evaluate the ZeRO-2 model."""
     n = s.gpus or s.workers
     for stage in (0, 2, 3):
-        name = f"zero{stage}"
-        _, status, sec = s.submit(s.settings(name, *small, f"parallel.zero_stage={stage}"))
-        version = s.version(name) if status == "SUCCEEDED" else None
-        row(n, f"train ZeRO-{stage} bf16 (`ray job submit`)", status == "SUCCEEDED" and version is not None,
-            f"{status}, {sec:.0f} s, model `models:/{s.model}/{version}`, val_loss {s.metric(name, 'val_loss')}")
+        train(s, small, stage)
     version = s.version("zero2")
     env = dict(s.head.env, MLFLOW_TRACKING_URI=s.mlflow)
     fc, ev = s.work / "forecast.zarr", s.work / "eval"
@@ -142,6 +141,22 @@ def run_jobs(s: Session, small: list[str], cpu: bool) -> None:
     row(n, "evaluate that forecast", out.returncode == 0 and (ev / "metrics.csv").exists(),
         "metrics.csv, skill and map plots written" if out.returncode == 0 else out.stderr[-300:])
 
+
+def train(s: Session, small: list[str], stage: int) -> None:
+    """One registered training run `zero{stage}` in bf16."""
+    name = f"zero{stage}"
+    _, status, sec = s.submit(s.settings(name, *small, f"parallel.zero_stage={stage}"))
+    version = s.version(name) if status == "SUCCEEDED" else None
+    row(s.gpus or s.workers, f"train ZeRO-{stage} bf16 (`ray job submit`)", status == "SUCCEEDED" and version is not None,
+        f"{status}, {sec:.0f} s, model `models:/{s.model}/{version}`, val_loss {s.metric(name, 'val_loss')}")
+
+
+def run_recovery(s: Session, small: list[str], cpu: bool) -> None:
+    """`--resume` of a stopped run and a worker killed mid-epoch, each against the uninterrupted ZeRO-2 run
+    (trained here when the training part did not run)."""
+    n = s.gpus or s.workers
+    if s.version("zero2") is None:
+        train(s, small, 2)
     reference = s.weights("zero2")
     _, status, _ = s.submit(s.settings("stopped", *small, "parallel.zero_stage=2", "run.stop_after_steps=37"))
     _, status2, sec = s.submit(s.settings("stopped", *small, "parallel.zero_stage=2"), resume="stopped")
@@ -201,9 +216,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpus", type=int, nargs="+", default=[1, 2], help="GPU counts, one Ray head each")
     parser.add_argument("--cpu", action="store_true", help="2 gloo CPU workers, small sizes (smoke test)")
-    parts = parser.add_mutually_exclusive_group()
-    parts.add_argument("--long-only", action="store_true", help="only the model.chunk_size job at long T")
-    parts.add_argument("--no-long", action="store_true", help="all but that job (each part fits a 10-minute call)")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="train: ZeRO 0/2/3, forecast, evaluate; recover: resume and a killed worker; "
+                             "long: the model.chunk_size job at long T (one part fits a 10-minute call)")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout still stops the Ray head (finally)
     work = Path(tempfile.mkdtemp(prefix="gpu-e2e-"))
@@ -227,9 +242,11 @@ def main() -> None:
         with local_ray_head(num_cpus=max(2, 4 * workers) if not args.cpu else 2, num_gpus=gpus, env=env) as head:
             row(gpus or workers, "local Ray head on 127.0.0.1", True, head.address)
             session = Session(head, gpus, workers, work / f"g{gpus}")
-            if not args.long_only:
-                run_jobs(session, small, args.cpu)
-            if not args.no_long:
+            if "train" in args.parts:
+                run_training(session, small, args.cpu)
+            if "recover" in args.parts:
+                run_recovery(session, small, args.cpu)
+            if "long" in args.parts:
                 run_long_job(session, long)
     failed = sum("FAILED" in r for r in ROWS)
     print(f"\n{len(ROWS) - failed} of {len(ROWS)} checks passed; work folder {work}", flush=True)
