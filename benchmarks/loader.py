@@ -43,18 +43,20 @@ def raw_read(url: str, options: dict | None, concurrency: int) -> tuple[float, i
     return seconds, values.nbytes
 
 
-def blocks_alone(url: str, options: dict | None, window: int) -> float:
+def blocks_alone(url: str, options: dict | None, window: int, amplification: float) -> float:
     """Seconds zarr alone takes to read the frames of every block of one epoch, one call per block as the
     dataset makes them, in its order."""
-    ds = WindowDataset(url, "z", window, storage_options=options, seed=0)
+    ds = WindowDataset(url, "z", window, storage_options=options, seed=0, max_read_amplification=amplification)
     blocks, reads, _, _ = ds._plan_blocks(ds.worker_plan(0, 0, 1))
     with reading():
         arr = zarr.open_group(zarr_store(url, options), mode="r")["z"]
     return timed(lambda: [arr[t0:t1] for b in blocks for t0, t1 in reads[b][2]])[0]
 
 
-def epoch(url: str, options: dict | None, window: int, prefetch: int | None) -> tuple[float, int, float]:
-    """Seconds, windows and read amplification of one epoch (`prefetch` None: the dataset's default)."""
+def epoch(url: str, options: dict | None, window: int, prefetch: int | None, amplification: float
+          ) -> tuple[float, int, float, int]:
+    """Seconds, windows, read amplification and block length (frames) of one epoch (`prefetch` None: the
+    dataset's default)."""
     frames_read = []
 
     class Counting(WindowDataset):
@@ -62,11 +64,11 @@ def epoch(url: str, options: dict | None, window: int, prefetch: int | None) -> 
             frames_read.append(t_last - t_first)
             return super()._read(layers, s_first, s_last, t_first, t_last)
 
-    ds = Counting(url, "z", window, storage_options=options, seed=0,
+    ds = Counting(url, "z", window, storage_options=options, seed=0, max_read_amplification=amplification,
                   **({} if prefetch is None else {"prefetch": prefetch}))
     seconds, count = timed(lambda: sum(1 for _ in ds))
     assert count == len(ds)
-    return seconds, count, sum(frames_read) / (ds.n_windows + window - 1)
+    return seconds, count, sum(frames_read) / (ds.n_windows + window - 1), ds.block
 
 
 def alternatives(url: str, options: dict | None, window: int, sample: int) -> tuple[float, float]:
@@ -103,10 +105,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--chunks", type=int, nargs="+", default=[1, 24], help="time chunk sizes, a store each")
     p.add_argument("--grid", type=int, nargs=2, default=[32, 64], metavar=("H", "W"),
                    help="grid size; a larger one gives each window more bytes against its fixed costs")
+    p.add_argument("--max-read-amplification", type=float, nargs="+", default=[1.05],
+                   help="WindowDataset's bound (1.05 is its default); lower means longer blocks, fewer zarr calls")
     p.add_argument("--prefetch", type=int, nargs="+", default=None,
                    help="WindowDataset prefetch depths, an epoch (and a row) each; default: the dataset's default")
     args = p.parse_args(argv)
-    depths = args.prefetch or [None]
+    settings = [(amp, depth) for amp in args.max_read_amplification for depth in args.prefetch or [None]]
     end_of = lambda days: str((pd.Timestamp("2015-01-01") + pd.Timedelta(days=days)).date())  # noqa: E731
 
     targets = []
@@ -139,17 +143,19 @@ def main(argv: list[str] | None = None) -> None:
     for name, url, options, chunk, end in targets:
         write_seconds, _ = timed(lambda: write_synthetic_era5(url, end=end, chunks=chunk, nlat=args.grid[0],
                                                               nlon=args.grid[1], storage_options=options))
-        runs = [(raw_read(url, options, 10), raw_read(url, options, 64), blocks_alone(url, options, args.window),
-                 *(epoch(url, options, args.window, depth) for depth in depths))
+        runs = [(raw_read(url, options, 10), raw_read(url, options, 64),
+                 *(blocks_alone(url, options, args.window, amp) for amp in args.max_read_amplification),
+                 *(epoch(url, options, args.window, depth, amp) for amp, depth in settings))
                 for _ in range(args.repeats)]  # alternating, so drifts of the machine fall on every one
         nbytes = runs[0][0][1]
         raw10, raw64 = (min(r[k][0] for r in runs) for k in range(2))
-        alone = min(r[2] for r in runs)
+        alone = {amp: min(r[2 + k] for r in runs) for k, amp in enumerate(args.max_read_amplification)}
         xb, isel = alternatives(url, options, args.window, args.sample) if options is None else (np.nan, np.nan)
-        for k, depth in enumerate(depths, start=3):
-            (_, count, amplification), ep = runs[0][k], min(r[k][0] for r in runs)
-            rows.append((name + ("" if depth is None else f", prefetch {depth}"), nbytes / 1e6, write_seconds,
-                         raw10, raw64, alone, ep, count / ep, amplification, ep / min(raw10, raw64), xb, isel))
+        for k, (amp, depth) in enumerate(settings, start=2 + len(alone)):
+            (_, count, amplification, block), ep = runs[0][k], min(r[k][0] for r in runs)
+            label = f", blocks of {block} (max amplification {amp})" + ("" if depth is None else f", prefetch {depth}")
+            rows.append((name + label, nbytes / 1e6, write_seconds, raw10, raw64, alone[amp], ep, count / ep,
+                         amplification, ep / min(raw10, raw64), xb, isel))
         print(f"done: {name}", flush=True)
     if server is not None:
         server.stop()
