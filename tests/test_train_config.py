@@ -37,6 +37,7 @@ def test_defaults_yaml_and_overrides(tmp_path):
     ("model.hidden_size=0", r"model.hidden_size: got 0, expected >= 1"),
     ("model.norm=batch", r"model.norm: got 'batch', expected one of \['layer', 'group'\]"),
     ("model.chunk_size=0", r"model.chunk_size: got 0, expected >= 1"),
+    ("data.max_read_amplification=1", r"data.max_read_amplification: got 1.0, expected > 1"),
     ("parallel.use_gpu=maybe", "parallel.use_gpu: expected bool"),
     ("optim", "expected key=value"),
     ("data.train_samples=[0, 8]", r"data.train_samples: got \[0, 8\], expected null unless data.dims.sample"),
@@ -145,3 +146,18 @@ def test_time_parallelism_is_checked(overrides, match):
     assert load_config(overrides=["parallel.sequence_parallel=2"]).parallel.sequence_parallel == 2
     with pytest.raises(ConfigError, match=match):
         load_config(overrides=overrides)
+
+
+def test_max_read_amplification_sets_the_training_windows_blocks(tiny_store):
+    """The config key reaches WindowDataset: a lower bound makes longer blocks (6-frame chunks, T + 1 = 7)."""
+    from minconv_dist.data import NormStats
+    from minconv_dist.train.datasets import window_dataset
+
+    stats = NormStats(["z"], [0.0], [1.0])
+    blocks = []
+    for amplification in (1.5, 1.1):
+        cfg = load_config(overrides=[f"data.url={tiny_store}", "data.sequence_length=6", "data.teacher_steps=4",
+                                     "data.train_range=[2015-01-01, 2015-01-08]", "data.coarsen=1",
+                                     f"data.max_read_amplification={amplification}"])
+        blocks.append(window_dataset(cfg, tiny_store, stats, "train", rank=0, world_size=1).block)
+    assert blocks == [12, 60]  # one extra chunk per block: <= 0.5 and <= 0.1 of the block

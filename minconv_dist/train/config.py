@@ -92,6 +92,9 @@ class DataConfig:
     loader_workers: Annotated[int, Bounds(ge=0)] = 0
     input_noise: NonNegative = 0.0  # std of Gaussian noise added to the normalised inputs
     nan_policy: Literal[NAN_POLICIES] = "raise"  # NaN in a window: raise, skip the window, fill with the mean
+    # A block's extra frames (the T frames past it that its last windows need) over its own frames, at most.
+    # Lower: longer blocks, fewer zarr calls (faster on small frames), a coarser shuffle (docs/data.md).
+    max_read_amplification: Annotated[float, Bounds(gt=1)] = 1.05
     # Per channel, in data.channels order: [low, high], where its values can physically lie (store units), or
     # null for the default (minconv_dist.data.DEFAULT_BOUNDS; none: only finiteness). Checked before training.
     bounds: list[Annotated[list[float], Pair] | None] | None = None

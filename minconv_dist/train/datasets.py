@@ -26,6 +26,7 @@ def window_dataset(cfg: TrainConfig, url: str, stats: NormStats, split: str, *, 
         **split_of(cfg, split), coarsen=d.coarsen, dims=d.dims, storage_options=d.storage_options or None,
         shuffle=train, seed=cfg.run.seed, batch_size=d.batch_size, rank=rank, world_size=world_size,
         nan_policy=d.nan_policy, fill_values=stats.mean if d.nan_policy == "fill" else None,
+        max_read_amplification=d.max_read_amplification,
         bounds=channel_bounds(d.channels, d.bounds),  # every block a worker reads is range-checked too
         frames=frames,
     )
