@@ -147,7 +147,8 @@ def train(s: Session, small: list[str], stage: int) -> None:
     name = f"zero{stage}"
     _, status, sec = s.submit(s.settings(name, *small, f"parallel.zero_stage={stage}"))
     version = s.version(name) if status == "SUCCEEDED" else None
-    row(s.gpus or s.workers, f"train ZeRO-{stage} bf16 (`ray job submit`)", status == "SUCCEEDED" and version is not None,
+    ok = status == "SUCCEEDED" and version is not None
+    row(s.gpus or s.workers, f"train ZeRO-{stage} bf16 (`ray job submit`)", ok,
         f"{status}, {sec:.0f} s, model `models:/{s.model}/{version}`, val_loss {s.metric(name, 'val_loss')}")
 
 

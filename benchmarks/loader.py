@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
         xb, isel = alternatives(url, options, args.window, args.sample) if options is None else (np.nan, np.nan)
         for k, (amp, depth) in enumerate(settings, start=2 + len(alone)):
             (_, count, amplification, block), ep = runs[0][k], min(r[k][0] for r in runs)
-            label = f", blocks of {block} (max amplification {amp})" + ("" if depth is None else f", prefetch {depth}")
+            label = f", blocks of {block} (max amplification {amp})"
+            label += "" if depth is None else f", prefetch {depth}"
             rows.append((name + label, nbytes / 1e6, write_seconds, raw10, raw64, alone[amp], ep, count / ep,
                          amplification, ep / min(raw10, raw64), xb, isel))
         print(f"done: {name}", flush=True)
@@ -162,12 +163,12 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"\nhourly {args.grid[0]}x{args.grid[1]} float32 stores from 2015-01-01, window T={args.window}, stride 1\n")
     print("| store | MB | raw read, concurrency 10 (s, MB/s) | raw read, concurrency 64 (s, MB/s) "
-          "| its blocks, zarr alone (s) | WindowDataset epoch (s) | windows/s | read amplification | epoch / best raw read "
-          "| xbatcher windows/s | per-window isel windows/s |")
+          "| its blocks, zarr alone (s) | WindowDataset epoch (s) | windows/s | read amplification "
+          "| epoch / best raw read | xbatcher windows/s | per-window isel windows/s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, mb, _, r10, r64, alone, ep, rate, amp, ratio, xb, isel in rows:
-        print(f"| {name} | {mb:.0f} | {r10:.3f} s, {mb / r10:.0f} | {r64:.3f} s, {mb / r64:.0f} | {alone:.3f} | {ep:.3f} | "
-              f"{rate:,.0f} | {amp:.3f} | {ratio:.2f}x | {rate_text(xb)} | {rate_text(isel)} |")
+        print(f"| {name} | {mb:.0f} | {r10:.3f} s, {mb / r10:.0f} | {r64:.3f} s, {mb / r64:.0f} | {alone:.3f} "
+              f"| {ep:.3f} | {rate:,.0f} | {amp:.3f} | {ratio:.2f}x | {rate_text(xb)} | {rate_text(isel)} |")
 
 
 if __name__ == "__main__":
