@@ -35,9 +35,14 @@ def timed(fn) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
+def zarr_array(url: str, options: dict | None) -> zarr.Array:
+    """The store's `z`, opened by zarr alone with the settings the loader's arrays are opened with."""
+    with reading():
+        return zarr.open_group(zarr_store(url, options), mode="r")["z"]
+
+
 def raw_read(url: str, options: dict | None, concurrency: int) -> tuple[float, int]:
-    with reading():  # the settings the loader's arrays are opened with
-        arr = zarr.open_group(zarr_store(url, options), mode="r")["z"]
+    arr = zarr_array(url, options)
     with zarr.config.set({"async.concurrency": concurrency}):
         seconds, values = timed(lambda: arr[:])
     return seconds, values.nbytes
@@ -48,8 +53,7 @@ def blocks_alone(url: str, options: dict | None, window: int, amplification: flo
     dataset makes them, in its order."""
     ds = WindowDataset(url, "z", window, storage_options=options, seed=0, max_read_amplification=amplification)
     blocks, reads, _, _ = ds._plan_blocks(ds.worker_plan(0, 0, 1))
-    with reading():
-        arr = zarr.open_group(zarr_store(url, options), mode="r")["z"]
+    arr = zarr_array(url, options)
     return timed(lambda: [arr[t0:t1] for b in blocks for t0, t1 in reads[b][2]])[0]
 
 

@@ -37,8 +37,8 @@ REMOTE_DEFAULTS["s3a"] = REMOTE_DEFAULTS["s3"]
 REMOTE_DEFAULTS["gcs"] = REMOTE_DEFAULTS["gs"]
 # Chunks zarr decodes per task of a read (its default is 1). Its per-chunk Python runs on one event loop thread
 # whatever the cores, so fewer, larger tasks read faster: a year of hourly 32x64 frames in 24-frame chunks,
-# 180 -> 130 ms (2-core sandbox), 10-20% less on the H100 host (docs/data.md). A read may then hold up to its
-# own size again in decoded chunks.
+# 180 -> 130 ms (2-core sandbox), 9-26% less on the H100 host (docs/benchmarks.md, issue 14 item 4). A read
+# may then hold up to its own size again in decoded chunks.
 READ_BATCH_CHUNKS = 64
 # The longest a store may take to answer the first request before `open_store` gives up on it.
 REACH_TIMEOUT_S = 60.0
