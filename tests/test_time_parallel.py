@@ -131,7 +131,7 @@ def test_ray_job_with_two_time_ranks_trains_as_one_worker(tiny_store, tmp_path):
     import mlflow
     import ray
 
-    from minconv_dist.models import load_model_file
+    from minconv_dist.models import check_weights, load_model_file
     from minconv_dist.train import fit
 
     def job(name: str, *overrides: str):
@@ -147,7 +147,7 @@ def test_ray_job_with_two_time_ranks_trains_as_one_worker(tiny_store, tmp_path):
         history = mlflow.tracking.MlflowClient(result.mlflow_uri).get_metric_history(result.mlflow_run_id,
                                                                                        "train_loss")
         losses = [m.value for m in sorted(history, key=lambda m: m.step)]
-        return losses, result.metrics["val_loss"], load_model_file(f"{result.checkpoint}/model.pt").state_dict()
+        return losses, result.metrics["val_loss"], load_model_file(f"{result.checkpoint}/model.pt")
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
@@ -158,7 +158,6 @@ def test_ray_job_with_two_time_ranks_trains_as_one_worker(tiny_store, tmp_path):
     assert len(split[0]) == 3
     torch.testing.assert_close(torch.tensor(split[0]), torch.tensor(whole[0]), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(split[1], whole[1], rtol=1e-5, atol=1e-7)
-    for key, value in whole[2].items():
-        # AdamW's first steps divide by |gradient|: where a LayerNorm weight's gradient nearly cancels, fp32
-        # rounding moves it by up to ~1e-5 (the three steps move weights by up to 1.5e-2)
-        torch.testing.assert_close(split[2][key], value, rtol=1e-4, atol=5e-5, msg=key)
+    # AdamW's first steps divide by |gradient|: where a LayerNorm weight's gradient nearly cancels, fp32
+    # rounding moves it by up to ~1e-5 of its scale (the three steps move weights by up to 1.5e-2); buffers exact
+    check_weights(split[2], whole[2], rel_tol=1e-4)

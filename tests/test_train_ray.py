@@ -23,7 +23,7 @@ import zarr
 from minconv_dist.data import NormStats, compute_stats, generate_navier_stokes, open_store, write_synthetic_era5
 from minconv_dist.data.store import COMPLETE_ATTR, set_attrs
 from minconv_dist.evaluate import load_model
-from minconv_dist.models import load_model_file
+from minconv_dist.models import check_weights, load_model_file
 from minconv_dist.train import ConfigError, fit, load_config
 from minconv_dist.train.checkpoint import latest
 from minconv_dist.train.meter import NonFiniteLossError
@@ -100,8 +100,9 @@ def losses(result) -> list[float]:
     return [m.value for m in sorted(history, key=lambda m: m.step)]
 
 
-def weights(result) -> dict[str, torch.Tensor]:
-    return load_model_file(f"{result.checkpoint}/model.pt").state_dict()
+def model_of(result) -> torch.nn.Module:
+    """The network of a run's last checkpoint (its model file)."""
+    return load_model_file(f"{result.checkpoint}/model.pt")
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +119,9 @@ def test_zero_stage_decreases_loss(stage, store, workdir, reference):
     assert len(got) == STEPS and got[-1] < got[0]
     if stage == 3:  # ZeRO-3 partitions parameters but must compute the same thing as ZeRO-0
         torch.testing.assert_close(torch.tensor(got), torch.tensor(losses(reference)), rtol=1e-4, atol=1e-6)
-        for key, value in weights(reference).items():
-            torch.testing.assert_close(weights(result)[key], value, rtol=1e-4, atol=1e-5)
+        # its reduce-scatter sums gradients in another order: fp32 rounding, which AdamW's division by |g|
+        # can lift to ~1e-5 of a weight where a gradient nearly cancels; buffers are copied, so exact
+        check_weights(model_of(result), model_of(reference), rel_tol=1e-4)
 
 
 @pytest.mark.slow
@@ -128,8 +130,7 @@ def test_worker_killed_mid_epoch_recovers_exactly(store, workdir, reference, tmp
     result = fit(tiny(store, workdir, "killed"), callbacks=[KillLastWorker(3, marker)])
     assert marker.exists(), "the hook did not kill a worker"
     assert losses(result)[-1] == losses(reference)[-1]
-    for key, value in weights(reference).items():
-        torch.testing.assert_close(weights(result)[key], value, rtol=0, atol=0)
+    check_weights(model_of(result), model_of(reference))  # bit-equal
 
 
 @pytest.mark.slow
@@ -140,8 +141,7 @@ def test_resume_continues_a_stopped_run_exactly(store, workdir, reference):
     assert resumed.run_dir == first.run_dir and resumed.mlflow_run_id == first.mlflow_run_id
     assert latest(resumed.run_dir)[1]["global_step"] == STEPS
     assert losses(resumed) == losses(reference)
-    for key, value in weights(reference).items():
-        torch.testing.assert_close(weights(resumed)[key], value, rtol=0, atol=0)
+    check_weights(model_of(resumed), model_of(reference))  # bit-equal
     with pytest.raises(ConfigError, match="already has checkpoints"):
         fit(tiny(store, workdir, "stopped"))
 
