@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import ray.train
 import torch
@@ -21,7 +22,9 @@ from ray.train.torch import TorchTrainer
 
 from minconv_dist.data import (DataError, NormStats, channel_bounds, check_stats, compute_stats, default_store,
                                open_store, parse_channels)
-from minconv_dist.data.store import redact
+from minconv_dist.data.forcings import check_times
+from minconv_dist.data.static import read_static
+from minconv_dist.data.store import is_local, redact
 from minconv_dist.models import load_model_file
 from minconv_dist.train import checkpoint, tracking
 from minconv_dist.train.config import ConfigError, TrainConfig
@@ -75,15 +78,18 @@ def _config_errors(key: str, io_key: str = "data.url") -> Iterator[None]:
         raise ConfigError(f"{key}: {err}") from err
 
 
-def _check_data(cfg: TrainConfig, url: str) -> tuple[NormStats, tuple[int, int], int, int]:
-    """Open the store, compute (or load) the stats, size the epoch and read each split's first batch, all
-    checked (docs/data.md, "Checks"), so that bad data fail here, before any worker starts."""
+def _check_data(cfg: TrainConfig, url: str) -> tuple[NormStats, tuple[int, int], int, int, np.ndarray | None]:
+    """Open the store, compute (or load) the stats, size the epoch, read each split's first batch and the static
+    fields, all checked (docs/data.md, "Checks"), so that bad data fail here, before any worker starts."""
     d = cfg.data
     # a sample store is split by data.<split>_samples, a single series by data.<split>_range
     key = {split: f"data.{split}_{'samples' if d.dims.sample else 'range'}" for split in ("train", "val")}
     bounds = channel_bounds(d.channels, d.bounds)
     with _config_errors("data.url"):
-        open_store(url, d.storage_options or None)
+        store = open_store(url, d.storage_options or None)
+    if d.forcings:
+        with _config_errors("data.forcings"):
+            check_times(store[d.dims.time].values, repr(redact(url)))
     with _config_errors(f"{key['train']} / data.channels / data.stats_path",
                         "data.stats_path" if d.stats_path else "data.url"):
         stats = (NormStats.load(d.stats_path, d.storage_options or None) if d.stats_path else
@@ -110,7 +116,14 @@ def _check_data(cfg: TrainConfig, url: str) -> tuple[NormStats, tuple[int, int],
     if cfg.optim.steps_per_epoch:
         steps = min(steps, cfg.optim.steps_per_epoch)
     val_batches = min(cfg.checkpoint.val_batches, per_rank["val"] // d.batch_size)
-    return stats, ds.grid, steps, val_batches
+    static = None
+    if d.static:
+        static_url = d.static_url or url
+        with _config_errors("data.static", "data.static_url" if d.static_url else "data.url"):
+            static = read_static(static_url, d.static, latitude=ds.latitudes, longitude=ds.longitudes, dims=d.dims,
+                                 coarsen=d.coarsen,
+                                 storage_options=None if is_local(static_url) else d.storage_options or None)
+    return stats, ds.grid, steps, val_batches, static
 
 
 def _check_durable(cfg: TrainConfig) -> None:
@@ -206,7 +219,7 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, callbacks: list[StepCall
             raise ConfigError(f"run.name: run {name!r} already has checkpoints in {directory}; "
                               f"continue it with --resume {name} or choose another run.name")
     url = cfg.data.url or default_store()
-    stats, grid, steps_per_epoch, val_batches = _check_data(cfg, url)
+    stats, grid, steps_per_epoch, val_batches, static = _check_data(cfg, url)
 
     started_ray = not ray.is_initialized()
     if started_ray:
@@ -223,7 +236,8 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, callbacks: list[StepCall
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={
-            "config": cfg.to_dict(), "url": url, "stats": asdict(stats), "steps_per_epoch": steps_per_epoch,
+            "config": cfg.to_dict(), "url": url, "stats": asdict(stats), "static": static,
+            "steps_per_epoch": steps_per_epoch,
             "val_batches": val_batches, "mlflow_uri": uri, "mlflow_run_id": run_id, "resume_from": resume_from,
             "callbacks": list(callbacks),
         },
@@ -261,7 +275,8 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, callbacks: list[StepCall
         raise TrainingError(f"run {name} finished without a complete checkpoint in {directory}")
     with ray.train.Checkpoint(last[0]).as_directory() as local:
         model = load_model_file(Path(local) / "model.pt")
-    example = model.normalizer.denormalize(torch.zeros(1, cfg.data.sequence_length, model.in_channels, *grid))
+    example = torch.cat([model.normalizer.denormalize(torch.zeros(1, cfg.data.sequence_length, model.in_channels, *grid)),
+                         torch.zeros(1, cfg.data.sequence_length, len(model.forcings), *grid)], dim=2)
     version = tracking.log_model(uri, run_id, model, example, cfg.tracking.registered_model)
     tracking.finish_run(uri, run_id, "FINISHED")
     metrics = dict(result.metrics or {}) or {"global_step": last[1]["global_step"]}
