@@ -342,3 +342,41 @@ def test_loaded_statistics_must_be_for_the_runs_channels(store, workdir, tmp_pat
     NormStats(["t2m"], [280.0], [10.0]).save(str(path))
     with pytest.raises(ConfigError, match=r"^data.stats_path: statistics for channels \['t2m'\], data.channels are \['z'\]"):
         fit(tiny(store, workdir, "wrongstats", f"data.stats_path={path}", "data.bounds=[null]"))
+
+
+@pytest.mark.slow
+def test_forcings_and_static_fields_train_and_the_registered_model_forecasts(store, workdir, ray_session, tmp_path,
+                                                                              monkeypatch):
+    """A run reading every forcing and two static fields from a second store (latitude descending, unlike the
+    data's): the loss is finite and falls, the registered model carries its inputs, and jobs/forecast.py
+    forecasts with it."""
+    from jobs import forecast as forecast_job
+
+    from minconv_dist.data.forcings import FORCINGS, forcing_channels
+    from tests.conftest import add_static_fields
+
+    static_url = str(tmp_path / "static.zarr")
+    grid = open_store(store)
+    xr.Dataset(coords={"lat": grid["lat"].values[::-1], "lon": grid["lon"].values}).to_zarr(
+        static_url, zarr_format=3, consolidated=False)
+    add_static_fields(static_url, "lat", "lon")
+    static = ["land_sea_mask", "geopotential_at_surface"]
+    result = fit(tiny(store, workdir, "inputs", f"data.forcings={list(FORCINGS)}", f"data.static={static}",
+                      f"data.static_url={static_url}", "tracking.registered_model=tiny-inputs"))
+    got = losses(result)
+    assert len(got) == STEPS and np.isfinite(got).all() and got[-1] < got[0], got
+    mlflow.set_tracking_uri(result.mlflow_uri)  # load_model's tracking_uri does not reach the model registry
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", result.mlflow_uri)  # what the forecast job's user exports
+    network = load_model(f"models:/tiny-inputs/{result.model_version}")
+    assert network.forcings == forcing_channels(list(FORCINGS)) and network.static.channels == static
+    raw = np.stack([open_store(static_url)[name].values[::-1] for name in static])  # latitude as the data's
+    expected = raw.reshape(2, 8, 2, 16, 2).mean(axis=(2, 4))  # 2x2 block means: coarsened as the data
+    assert not np.array_equal(expected[:, ::-1], expected)  # the flip shows
+    torch.testing.assert_close(network.static.values, torch.from_numpy(expected))
+    out = tmp_path / "fc.zarr"
+    forecast_job.main(["--model", f"models:/tiny-inputs/{result.model_version}", "--data", store, "--coarsen", "2",
+                       "--context", "4", "--steps", "6", "--init-start", "2015-02-10", "--init-end", "2015-02-11",
+                       "--out", str(out)])
+    fc = xr.open_zarr(out)
+    assert fc.attrs["model_spec"].count("toa_insolation") == 1 and fc["geopotential"].shape == (2, 6, 1, 8, 16)
+    assert np.isfinite(fc["geopotential"].values).all() and 4e4 < float(fc["geopotential"].mean()) < 7e4
