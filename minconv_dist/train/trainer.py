@@ -7,7 +7,6 @@ import os
 import queue
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -23,7 +22,7 @@ from minconv_dist.data import (DataError, NormStats, channel_bounds, check_stats
                                open_store, parse_channels)
 from minconv_dist.data.store import redact
 from minconv_dist.models import load_model_file
-from minconv_dist.train import checkpoint, tracking
+from minconv_dist.train import checkpoint, runs, tracking
 from minconv_dist.train.config import ConfigError, TrainConfig
 from minconv_dist.train.datasets import split_of, window_dataset
 from minconv_dist.train.loop import StepCallback, worker_loop
@@ -206,12 +205,10 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, callbacks: list[StepCall
             raise ConfigError(f"--resume {resume}: {err}") from None
         storage, name = directory.rsplit("/", 1)
     else:
-        name = cfg.run.name or f"{cfg.model.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name = cfg.run.name or runs.default_name(cfg.model.arch)
         directory = run_dir(name, cfg.run.storage_path)
         storage = directory.rsplit("/", 1)[0]
-        if checkpoint.latest(directory) is not None:
-            raise ConfigError(f"run.name: run {name!r} already has checkpoints in {directory}; "
-                              f"continue it with --resume {name} or choose another run.name")
+        runs.check_free(directory, name)
     url = cfg.data.url or default_store()
     stats, grid, steps_per_epoch, val_batches = _check_data(cfg, url)
 
@@ -219,6 +216,8 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, callbacks: list[StepCall
     if started_ray:
         ray.init(log_to_driver=True)
     _check_resources(cfg)
+    if not resume:
+        runs.claim(directory, name)
 
     uri = tracking.resolve_uri(cfg.tracking.uri)
     run_id = position.get("mlflow_run_id") or tracking.open_run(uri, cfg.tracking.experiment, name, cfg.to_dict())
