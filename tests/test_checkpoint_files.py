@@ -156,6 +156,23 @@ def test_latest_skips_a_damaged_checkpoint_for_the_newest_verified(damage, why, 
     assert len(skipped) == 1 and re.fullmatch(f"skipped checkpoint_000004: {why}", skipped[0]), skipped
 
 
+def test_a_restarted_worker_falls_back_from_the_checkpoint_ray_hands_it(good, tmp_path, capsys):
+    """What rank 0 restores after a Ray restart: Ray's checkpoint if it verifies, else the newest that does, in
+    one line; with none, an error naming both."""
+    run = tmp_path / "run"
+    shutil.copytree(good, run)
+    newer, older = str(run / "checkpoint_000004"), str(run / "checkpoint_000002")
+    assert checkpoint.usable(newer, str(run)) == newer and capsys.readouterr().out == ""
+    truncate(run / "checkpoint_000004" / "ds" / "mp_rank_00_model_states.pt")
+    assert checkpoint.usable(newer, str(run)) == older
+    assert re.fullmatch(r"\[minconv\] skipped checkpoint_000004: ds/mp_rank_00_model_states.pt is \d+ bytes, the "
+                        r"manifest says \d+; restoring checkpoint_000002 \(step 2\)\n", capsys.readouterr().out)
+    truncate(run / "checkpoint_000002" / "model.pt")
+    with pytest.raises(CheckpointError, match=r"^checkpoint_000004 cannot be restored \(ds/mp_rank_00_model_states.pt "
+                                              r"is \d+ bytes, the manifest says \d+\) and no other checkpoint under"):
+        checkpoint.usable(newer, str(run))
+
+
 def test_a_perturbed_size_fails_the_check(good):
     """The size check is exact: one byte more is as wrong as half the file."""
     ckpt, name = good / "checkpoint_000004", "ds/mp_rank_00_model_states.pt"
