@@ -180,7 +180,7 @@ class TrackingConfig:
 
 @dataclass
 class RunConfig:
-    name: str | None = None  # None: "<arch>-<timestamp>"
+    name: str | None = None  # None: "<arch>-<YYYYmmdd-HHMMSS>-<6 hex>" (train/runs.py)
     storage_path: str = "runs"  # local dir (made absolute) or s3:// / gs:// URI shared by all nodes
     seed: int = 0
     stop_after_steps: AtLeast1 | None = None  # stop early (as if interrupted), checkpointed; --resume continues
