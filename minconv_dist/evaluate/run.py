@@ -3,6 +3,7 @@ against a truth store beside the baselines, write the table, the skill store and
 (all or nothing), and log them to an MLflow run."""
 from __future__ import annotations
 
+import json
 import logging
 import re
 import tempfile
@@ -45,20 +46,31 @@ def common_fields(forecasts: dict[str, xr.Dataset]) -> dict[str, xr.Dataset]:
     return {name: fc[channels].sel({TIME: inits}) for name, fc in forecasts.items()}
 
 
-def evaluate_stores(forecasts: dict[str, str], *, truth_url: str | None = None, dims: DimNames = DimNames(),
+def recorded_dims(forecast: xr.Dataset) -> DimNames:
+    """The dim names of the store a forecast of ours was made from (its `config` attr's `dims`), else the
+    defaults."""
+    config = forecast.attrs.get("config")
+    dims = (json.loads(config) if isinstance(config, str) else config or {}).get("dims") or {}
+    return DimNames(**dims)
+
+
+def evaluate_stores(forecasts: dict[str, str], *, truth_url: str | None = None, dims: DimNames | None = None,
                     coarsen: int | None = None, storage_options: dict | None = None,
                     forecast_storage_options: dict | None = None, climatology: str = "weatherbench2",
                     climatology_range: tuple[str, str] | None = None, definition: str = "weatherbench",
-                    ) -> tuple[xr.Dataset, dict[str, xr.Dataset], xr.Dataset]:
+                    drop_nan_inits: bool = False) -> tuple[xr.Dataset, dict[str, xr.Dataset], xr.Dataset]:
     """(skill, forecasts in internal channels, truth) for forecast stores {name: url} in the WB2 layout.
 
     The truth defaults to the first forecast's `data_source` (else the embedded store), coarsened as it says
-    (`coarsen` attr); each forecast's WB2 variables are matched to the truth store's channels (`z` is
-    geopotential at 500); all are scored on the variables and init times they share. The climatology
-    baseline needs `climatology_range`."""
+    (`coarsen` attr), in the dim names it records (`recorded_dims`) unless `dims` are given; each forecast's
+    WB2 variables are matched to the truth store's channels (`z` is geopotential at 500); all are scored on the
+    variables and init times they share (`evaluate_forecasts`, `drop_nan_inits`). The climatology baseline
+    needs `climatology_range`."""
     opened = {name: open_forecast(url, forecast_storage_options) for name, url in forecasts.items()}
     first = next(iter(opened.values()))
     url = truth_url or first.attrs.get("data_source") or default_store()
+    if dims is None:
+        dims = recorded_dims(first) if not truth_url and first.attrs.get("data_source") else DimNames()
     coarsen = coarsen or int(first.attrs.get("coarsen", 1))
     candidates = (listed_channels(first) or []) + store_channels(open_store(url, storage_options), dims)
     fields = common_fields({name: from_weatherbench2(fc, candidates) for name, fc in opened.items()})
@@ -72,7 +84,7 @@ def evaluate_stores(forecasts: dict[str, str], *, truth_url: str | None = None, 
         raw = CLIMATOLOGIES[climatology](url, channels, dims, tuple(climatology_range), storage_options,
                                         progress=False)
         clim = as_fields(coarsen_grid(raw, coarsen, "lat", "lon", url))
-    return evaluate_forecasts(fields, truth, clim, definition), fields, truth
+    return evaluate_forecasts(fields, truth, clim, definition, drop_nan_inits), fields, truth
 
 
 def _safe(channel: str) -> str:
