@@ -22,6 +22,7 @@ from minconv_dist.data import DimNames, NormStats, default_store
 from minconv_dist.data.store import redact, redact_config
 from minconv_dist.errors import run_job
 from minconv_dist.evaluate import init_times, load_model, open_channels, write_forecast
+from minconv_dist.evaluate.outputs import check_target
 from minconv_dist.job_args import dims_arg, job_parser
 
 
@@ -70,6 +71,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> str:
     args = parser().parse_args(argv)
+    check_target(args.out, args.out_storage_options, args.overwrite)  # before the long part
     stats = NormStats.load(args.stats) if args.stats else None
     model = load_model(args.model, arch=args.arch, padding=args.padding, tanh_encoder=args.tanh_encoder, stats=stats)
     url = args.data or default_store()

@@ -1,5 +1,6 @@
-"""Shared fixtures: a moto S3 server on 127.0.0.1 and a tiny synthetic store. Every Ray the tests start
-runs in Ray's single-machine mode (set here, before anything imports Ray): it listens on 127.0.0.1 only."""
+"""Shared fixtures: a moto S3 server on 127.0.0.1, an endpoint that never answers, and a tiny synthetic store.
+Every Ray the tests start runs in Ray's single-machine mode (set here, before anything imports Ray): it
+listens on 127.0.0.1 only."""
 
 from __future__ import annotations
 
@@ -70,3 +71,28 @@ def tiny_sample_store(tmp_path_factory) -> str:
                coords={"sample": np.arange(10), "time": np.arange(12.0), "y": np.arange(8) / 8, "x": np.arange(8) / 8},
                ).to_zarr(path, encoding={"vorticity": {"chunks": (4, 5, 8, 8)}}, zarr_format=3, consolidated=False)
     return path
+
+
+@pytest.fixture
+def silent_endpoint():
+    """A TCP server on 127.0.0.1 that accepts connections and never answers; its URL. Closed by the test."""
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+
+    def serve() -> None:
+        while True:
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:  # closed by the test
+                return
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    server.close()
+    thread.join(5)
+    for conn in accepted:
+        conn.close()

@@ -431,3 +431,42 @@ def test_evaluation_reports_nan_and_never_lets_it_change_a_score(nan_stores, ckp
     scores = ["weighted_rmse", "bias", "acc"]
     np.testing.assert_allclose(skill["z"].sel(metric=scores), expected["z"].sel(metric=scores), rtol=1e-6)
     assert skill.attrs["nan_inits_dropped"] == 2 and expected.attrs["nan_inits_dropped"] == 0
+
+
+def test_an_output_endpoint_that_refuses_fails_at_once_in_one_line(store, ckpt, capsys):
+    """One line naming --out (was a botocore traceback), before the model or the data are read."""
+    from minconv_dist.train.local_ray import free_port
+
+    options = json.dumps({"endpoint_url": f"http://127.0.0.1:{free_port()}", "key": "k", "secret": "s"})
+    capsys.readouterr()
+    assert run_job(forecast_job.main, ["--model", str(ckpt), "--coarsen", "2", "--context", "4", "--steps", "2",
+                                       *INIT, "--out", "s3://bucket/fc.zarr", "--out-storage-options", options]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: cannot reach output 's3://bucket/fc.zarr': EndpointConnectionError (--debug shows the "
+                   "traceback)\n"), err
+
+
+def test_an_output_endpoint_that_never_answers_fails_in_bounded_time(silent_endpoint, store, ckpt):
+    """The forecast job asks the --out endpoint once, with store.REACH_TIMEOUT_S as the deadline (set to 3 s
+    here; 60 s by default), and ends in one line, exit code 2, instead of waiting out botocore's and s3fs's
+    retries (425 s before). In a fresh interpreter, whose exit would show any coroutine left behind."""
+    import subprocess
+    import sys
+
+    options = {"endpoint_url": silent_endpoint, "key": "k", "secret": "s"}
+    code = ("import sys, time\n"
+            "import minconv_dist.data.store as store\n"
+            "from jobs.forecast import main\n"
+            "from minconv_dist.errors import run_job\n"
+            "store.REACH_TIMEOUT_S = 3\n"
+            "start = time.monotonic()\n"
+            f"rc = run_job(main, ['--model', {str(ckpt)!r}, '--data', {store!r}, '--coarsen', '2', *{INIT!r}, "
+            f"'--out', 's3://bucket/fc.zarr', '--out-storage-options', {json.dumps(options)!r}])\n"
+            "print(time.monotonic() - start)\n"
+            "sys.exit(rc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 2, out
+    assert out.stderr == ("error: cannot reach output 's3://bucket/fc.zarr': no answer in time (FSTimeoutError) "
+                          "(--debug shows the traceback)\n"), out
+    assert 3 <= float(out.stdout) < 15

@@ -41,6 +41,9 @@ def test_defaults_yaml_and_overrides(tmp_path):
     ("parallel.use_gpu=maybe", "parallel.use_gpu: expected bool"),
     ("optim", "expected key=value"),
     ("data.train_samples=[0, 8]", r"data.train_samples: got \[0, 8\], expected null unless data.dims.sample"),
+    ("run.name=my run ü", r"run.name: got 'my run ü', expected 1-100 ASCII letters, digits, '.', '_' or '-'"),
+    ("run.name=-resume", r"run.name: got '-resume', expected .* starting with a letter or digit"),
+    ("run.name=a/b", r"run.name: got 'a/b', expected"),
 ])
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):
@@ -114,6 +117,11 @@ def test_job_rejects_bad_config_before_ray():
     out = subprocess.run([sys.executable, "jobs/train_era5.py", "--set", "optim.lr=-1"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "optim.lr: got -1" in out.stderr
+    # Ray's metric tags are ASCII: this name once failed in Ray's controller (UnicodeEncodeError, exit 1)
+    out = subprocess.run([sys.executable, "jobs/train_era5.py", "--name", "my run ü"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.startswith("error: run.name: got 'my run ü', expected 1-100 ASCII")
+    assert len(out.stderr.splitlines()) == 1, out.stderr
 
 
 @pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
