@@ -14,11 +14,12 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from minconv_dist.data import CLIMATOLOGIES, DimNames, default_store, open_store
+from minconv_dist.data import CLIMATOLOGIES, DimNames, default_store, open_store, parse_channels
 from minconv_dist.data.selection import coarsen as coarsen_grid
 from minconv_dist.data.store import redact
 from minconv_dist.evaluate.forecast import open_channels, open_forecast
-from minconv_dist.evaluate.layout import TIME, from_weatherbench2, label, listed_channels, store_channels, to_weatherbench2
+from minconv_dist.evaluate.layout import (TIME, from_weatherbench2, label, listed_channels, store_channels,
+                                          to_weatherbench2, units)
 from minconv_dist.evaluate.metrics import align_truth, match_grid
 from minconv_dist.evaluate.outputs import check_complete, filesystem, publish_folder
 from minconv_dist.evaluate.plots import plot_maps, plot_skill
@@ -72,10 +73,13 @@ def evaluate_stores(forecasts: dict[str, str], *, truth_url: str | None = None, 
     if dims is None:
         dims = recorded_dims(first) if not truth_url and first.attrs.get("data_source") else DimNames()
     coarsen = coarsen or int(first.attrs.get("coarsen", 1))
-    candidates = (listed_channels(first) or []) + store_channels(open_store(url, storage_options), dims)
+    store = open_store(url, storage_options)
+    candidates = (listed_channels(first) or []) + store_channels(store, dims)
     fields = common_fields({name: from_weatherbench2(fc, candidates) for name, fc in opened.items()})
     channels = list(map(str, next(iter(fields.values())).data_vars))
     truth = as_fields(open_channels(url, channels, dims=dims, coarsen=coarsen, storage_options=storage_options))
+    for channel in channels:  # for the plots: the store's CF units, else ERA5's
+        truth[channel].attrs["units"] = units(channel, store[parse_channels(channel)[0].variable].attrs)
     fields = {name: match_grid(fc, truth, ("forecast", "truth")) for name, fc in fields.items()}
     for fc in fields.values():
         align_truth(fc, truth)  # fail on mismatched grids or times before the climatology pass
@@ -101,7 +105,8 @@ def render_outputs(skill: xr.Dataset, forecast: xr.Dataset, truth: xr.Dataset, f
     to_frame(skill).to_csv(files[0], index=False)
     to_weatherbench2(skill).to_zarr(folder / "skill.zarr", mode="w", consolidated=True, zarr_format=2)
     for channel in map(str, skill.data_vars):
-        files.append(plot_skill(skill, channel, folder / f"skill_{_safe(channel)}.png"))
+        files.append(plot_skill(skill, channel, folder / f"skill_{_safe(channel)}.png",
+                                unit=truth[channel].attrs.get("units")))
         files.append(plot_maps(forecast, truth, channel, folder / f"maps_{_safe(channel)}.png", map_leads))
     return files
 
