@@ -107,10 +107,12 @@ def test_curriculum_lengthens_the_closed_loop():
     assert teacher_steps_at(load_config(), 0) == 20  # no curriculum: the final split from the start
 
 
-@pytest.mark.parametrize("job", ["jobs/train_era5.py", "jobs/train_navier_stokes.py"])
-def test_jobs_have_help(job):
+@pytest.mark.parametrize("job, store", [("jobs/train_era5.py", "synthetic ERA5-like z500 store"),
+                                        ("jobs/train_navier_stokes.py", "16-trajectory Navier-Stokes vorticity store")])
+def test_jobs_have_help(job, store):
     out = subprocess.run([sys.executable, job, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--set" in out.stdout and "--resume" in out.stdout
+    assert store in " ".join(out.stdout.split())  # --url names the job's own default store
 
 
 def test_job_rejects_bad_config_before_ray():
