@@ -57,20 +57,16 @@ def evaluate_forecasts(
     if climatology is not None:
         sources["climatology"] = climatology_forecast(climatology[names], first[TIME], leads)
     truths.update(dict.fromkeys(BASELINES, align_truth(sources["persistence"], truth)))  # same valid times
-    sources = {name: src.load() for name, src in sources.items()}
-    truths = {name: truths[name].load() for name in sources}
-    nan = {name: nan_fractions(src, truths[name]) for name, src in sources.items()}
-    inits = first[TIME].values
-    if drop_nan_inits:
-        inits = complete_inits(sources, truths)
-        sources = {name: src.sel({TIME: inits}) for name, src in sources.items()}
-        truths = {name: t.sel({TIME: inits}) for name, t in truths.items()}
+    inits = complete_inits(sources, truths) if drop_nan_inits else first[TIME].values
     if definition == "weatherbench":
         acc_ref = truth[names].sel(time=np.unique((inits[:, None] + leads.values).ravel())).mean("time")
     else:
-        acc_ref = sources.get("climatology")
-    parts = [xr.concat([score(src, truths[name], acc_ref, definition), nan[name]], dim="metric", coords="minimal",
-                       compat="override") for name, src in sources.items()]
+        acc_ref = sources["climatology"].sel({TIME: inits}) if "climatology" in sources else None
+    parts = []
+    for name, src in sources.items():  # one source in memory at a time
+        src, tr = src.load(), truths[name].load()
+        scores = score(src.sel({TIME: inits}), tr.sel({TIME: inits}), acc_ref, definition)
+        parts.append(xr.concat([scores, nan_fractions(src, tr)], dim="metric", coords="minimal", compat="override"))
     out = xr.concat(parts, dim="source", coords="minimal", compat="override", join="outer")
     out = out.assign_coords(source=list(sources)).load()  # small; its dask parts would be chunked unevenly
     out.attrs.update(definition=definition, nan_inits_dropped=int(first.sizes[TIME] - inits.size))
@@ -85,7 +81,8 @@ def nan_fractions(forecast: xr.Dataset, truth: xr.Dataset) -> xr.Dataset:
 
 
 def complete_inits(sources: dict[str, xr.Dataset], truths: dict[str, xr.Dataset]) -> np.ndarray:
-    """The init times at which no source and no truth holds a NaN; raises ValueError if there is none."""
+    """The init times at which no source and no truth holds a NaN (one lazy reduction per variable); raises
+    ValueError if there is none."""
     first = next(iter(sources.values()))
     bad = np.zeros(first.sizes[TIME], dtype=bool)
     for ds in (*sources.values(), *truths.values()):
