@@ -1,5 +1,6 @@
-"""Shared fixtures: a moto S3 server on 127.0.0.1 and a tiny synthetic store. Every Ray the tests start
-runs in Ray's single-machine mode (set here, before anything imports Ray): it listens on 127.0.0.1 only."""
+"""Shared fixtures: a moto S3 server on 127.0.0.1, an endpoint that never answers, and a tiny synthetic store.
+Every Ray the tests start runs in Ray's single-machine mode (set here, before anything imports Ray): it
+listens on 127.0.0.1 only."""
 
 from __future__ import annotations
 
@@ -98,3 +99,28 @@ def tiny_static_store(tmp_path_factory) -> str:
     write_synthetic_era5(path, **TINY, layout="weatherbench2")
     add_static_fields(path)
     return path
+
+
+@pytest.fixture
+def silent_endpoint():
+    """A TCP server on 127.0.0.1 that accepts connections and never answers; its URL. Closed by the test."""
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+
+    def serve() -> None:
+        while True:
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:  # closed by the test
+                return
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    server.close()
+    thread.join(5)
+    for conn in accepted:
+        conn.close()

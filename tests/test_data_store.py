@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -77,28 +75,6 @@ def test_remote_timeouts_are_defaults_under_the_users_options():
     assert remote_options("gs://bucket/x.zarr", {"requests_timeout": 5}) == {"requests_timeout": 5}
     assert remote_options("gs://bucket/x.zarr")["requests_timeout"] > 0
     assert remote_options("/local/x.zarr") == {} and remote_options("memory://x.zarr") == {}
-
-
-@pytest.fixture
-def silent_endpoint():
-    """A TCP server on 127.0.0.1 that accepts connections and never answers; its URL."""
-    server = socket.create_server(("127.0.0.1", 0))
-    accepted = []
-
-    def serve() -> None:
-        while True:
-            try:
-                accepted.append(server.accept()[0])
-            except OSError:  # closed by the test
-                return
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.getsockname()[1]}"
-    server.close()
-    thread.join(5)
-    for conn in accepted:
-        conn.close()
 
 
 def open_in_subprocess(endpoint: str, timeout: float, config: dict) -> tuple[subprocess.CompletedProcess, float]:

@@ -254,7 +254,7 @@ def test_missing_chunk_is_named(tiny_store, tmp_path):
     path = str(tmp_path / "holed.zarr")
     shutil.copytree(tiny_store, path)
     os.remove(os.path.join(path, "z", "c", "7", "0", "0"))
-    with pytest.raises(ValueError, match="chunk 'z/c/7/0/0' is missing"):
+    with pytest.raises(DataError, match=r"chunk 'z/c/7/0/0' of variable 'z' \(time .*\) is missing from"):
         list(WindowDataset(path, "z", T, shuffle=False))
 
 

@@ -41,6 +41,9 @@ def test_defaults_yaml_and_overrides(tmp_path):
     ("parallel.use_gpu=maybe", "parallel.use_gpu: expected bool"),
     ("optim", "expected key=value"),
     ("data.train_samples=[0, 8]", r"data.train_samples: got \[0, 8\], expected null unless data.dims.sample"),
+    ("run.name=my run ü", r"run.name: got 'my run ü', expected 1-100 ASCII letters, digits, '.', '_' or '-'"),
+    ("run.name=-resume", r"run.name: got '-resume', expected .* starting with a letter or digit"),
+    ("run.name=a/b", r"run.name: got 'a/b', expected"),
 ])
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):
@@ -104,16 +107,23 @@ def test_curriculum_lengthens_the_closed_loop():
     assert teacher_steps_at(load_config(), 0) == 20  # no curriculum: the final split from the start
 
 
-@pytest.mark.parametrize("job", ["jobs/train_era5.py", "jobs/train_navier_stokes.py"])
-def test_jobs_have_help(job):
+@pytest.mark.parametrize("job, store", [("jobs/train_era5.py", "synthetic ERA5-like z500 store"),
+                                        ("jobs/train_navier_stokes.py", "16-trajectory Navier-Stokes vorticity store")])
+def test_jobs_have_help(job, store):
     out = subprocess.run([sys.executable, job, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--set" in out.stdout and "--resume" in out.stdout
+    assert store in " ".join(out.stdout.split())  # --url names the job's own default store
 
 
 def test_job_rejects_bad_config_before_ray():
     out = subprocess.run([sys.executable, "jobs/train_era5.py", "--set", "optim.lr=-1"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "optim.lr: got -1" in out.stderr
+    # Ray's metric tags are ASCII: this name once failed in Ray's controller (UnicodeEncodeError, exit 1)
+    out = subprocess.run([sys.executable, "jobs/train_era5.py", "--name", "my run ü"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.startswith("error: run.name: got 'my run ü', expected 1-100 ASCII")
+    assert len(out.stderr.splitlines()) == 1, out.stderr
 
 
 @pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])

@@ -263,10 +263,13 @@ def swap_two_times(ds: xr.Dataset) -> xr.Dataset:
     (lambda p: zarr.open_array(os.path.join(p, "z"), mode="r+").__setitem__((300, 2, 2), np.nan),
      r"data.url: NaN in channel z \(variable 'z'\) at time 2015-01-13T12:00:00 of '.*bad.zarr'; set data.nan_policy"),
     (flip_a_byte, r"data.url: cannot read channel z time .* of '.*bad.zarr': chunk 'z/c/10/0/0' does not decode"),
+    (lambda p: os.remove(os.path.join(p, "z", "c", "10", "0", "0")),
+     r"data.url: chunk 'z/c/10/0/0' of variable 'z' \(time 2015-01-11T00:00:00 to 2015-01-11T23:00:00\) is missing "
+     r"from '.*bad.zarr' \(zarr reads it as NaN"),
     (lambda p: rewrite(p, swap_two_times), r"data.url: the time coordinate 'time' of '.*bad.zarr' is not strictly"),
     (lambda p: rewrite(p, lambda ds: ds.drop_vars("time")), r"data.url: '.*bad.zarr' has no time coordinate 'time'"),
     (lambda p: set_attrs(p, None, **{COMPLETE_ATTR: False}), r"data.url: zarr store '.*bad.zarr' is incomplete"),
-], ids=["implausible", "nan", "checksum", "time-order", "no-time", "incomplete"])
+], ids=["implausible", "nan", "checksum", "missing-chunk", "time-order", "no-time", "incomplete"])
 def test_bad_data_fails_before_any_worker(corrupt, match, store, workdir, ray_session, tmp_path):
     """Each error is one line naming the store and the problem, raised on the driver."""
     bad = str(tmp_path / "bad.zarr")
@@ -292,16 +295,23 @@ class RecordAttempt:
 
 
 @pytest.mark.slow
-def test_data_error_in_a_worker_stops_the_run_without_retries(store, workdir, ray_session, tmp_path):
-    """NaN where the driver does not look (the second half of the validation period, rank 1's): the worker's
-    DataError ends the run at once, though parallel.max_failures would allow two more attempts."""
-    bad = str(tmp_path / "late-nan.zarr")
+@pytest.mark.parametrize("name, corrupt, match", [
+    ("late-nan", lambda arr, p: arr.__setitem__((1300, 1, 1), np.nan),  # 2015-02-24T04:00
+     r"NaN in channel z \(variable 'z'\) at time 2015-02-24T04:00:00 of '.*late.zarr'"),
+    ("late-chunk", lambda arr, p: os.remove(os.path.join(p, "z", "c", "54", "0", "0")),  # 2015-02-24
+     r"chunk 'z/c/54/0/0' of variable 'z' \(time 2015-02-24T00:00:00 to 2015-02-24T23:00:00\) is missing from "
+     r"'.*late.zarr'"),
+])
+def test_data_error_in_a_worker_stops_the_run_without_retries(name, corrupt, match, store, workdir, ray_session,
+                                                               tmp_path):
+    """Bad data where the driver does not look (the second half of the validation period, rank 1's): the
+    worker's DataError ends the run at once, though parallel.max_failures would allow two more attempts."""
+    bad = str(tmp_path / "late.zarr")
     shutil.copytree(store, bad)
-    zarr.open_array(os.path.join(bad, "z"), mode="r+")[1300, 1, 1] = np.nan  # 2015-02-24T04:00
+    corrupt(zarr.open_array(os.path.join(bad, "z"), mode="r+"), bad)
     attempts = tmp_path / "attempts"
-    with pytest.raises(TrainingError, match=r"run late-nan stopped on bad data \(not retried\): NaN in channel z "
-                                            r"\(variable 'z'\) at time 2015-02-24T04:00:00 of '.*late-nan.zarr'") as info:
-        fit(tiny(bad, workdir, "late-nan", "parallel.max_failures=2"), callbacks=[RecordAttempt(attempts)])
+    with pytest.raises(TrainingError, match=rf"run {name} stopped on bad data \(not retried\): " + match) as info:
+        fit(tiny(bad, workdir, name, "parallel.max_failures=2"), callbacks=[RecordAttempt(attempts)])
     assert "\n" not in str(info.value)
     assert len(attempts.read_text().splitlines()) == 2  # both ranks, once
 

@@ -127,26 +127,43 @@ def zarr_store(url: str, storage_options: dict | None = None) -> Any:
                                              read_only=False)
 
 
-def _unreachable(url: str, err: BaseException) -> OSError:
+def _unreachable(url: str, err: BaseException, what: str = "zarr store") -> OSError:
     """One line for a store that cannot be reached; never the storage_options (they may hold credentials)."""
     name = type(err).__name__
     timed_out = isinstance(err, TimeoutError) or "Timeout" in name  # fsspec, botocore and aiohttp timeouts
-    return OSError(f"cannot reach zarr store {redact(url)!r}: {f'no answer in time ({name})' if timed_out else name}")
+    return OSError(f"cannot reach {what} {redact(url)!r}: {f'no answer in time ({name})' if timed_out else name}")
+
+
+def _ask(url: str, storage_options: dict | None, method: str, what: str, timeout: float) -> Any:
+    """`fs.<method>(path)` for `url` as one request that fails alone, within `timeout` seconds (cancelled inside
+    fsspec's event loop, cleanly), as an OSError in one line; FileNotFoundError passes through."""
+    fs, path = filesystem(url, storage_options)
+    try:
+        return getattr(fs, method)(path, **({"timeout": timeout} if fs.async_impl else {}))
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # botocore/aiohttp connection errors, timeouts, credentials
+        raise _unreachable(url, err, what) from err
 
 
 def _check_reachable(url: str, storage_options: dict | None, timeout: float) -> None:
     """One request to a remote store before zarr opens it. zarr fetches several metadata keys at once, and
     when the endpoint fails the ones still retrying are dropped at exit with a traceback each; a single
-    request fails alone, within `timeout` seconds (cancelled inside fsspec's event loop, cleanly)."""
+    request fails alone, within `timeout` seconds."""
     if is_local(url) or url.startswith("memory://"):
         return
     try:
-        fs, path = filesystem(url, storage_options)
-        fs.info(path, **({"timeout": timeout} if fs.async_impl else {}))
+        _ask(url, storage_options, "info", "zarr store", timeout)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"no zarr store at {redact(url)!r}") from err
-    except Exception as err:  # botocore/aiohttp connection errors, timeouts, credentials
-        raise _unreachable(url, err) from err
+
+
+def exists(url: str, storage_options: dict | None = None, *, what: str = "output",
+           timeout: float | None = None) -> bool:
+    """Whether something is at `url`, asked before a job's long work: a remote endpoint must answer within
+    `timeout` seconds (default `REACH_TIMEOUT_S`), else an OSError in one line (`cannot reach output '<url>':
+    ...`), with the timeouts and retries of `remote_options`, as reads have."""
+    return _ask(url, storage_options, "exists", what, REACH_TIMEOUT_S if timeout is None else timeout)
 
 
 def reading() -> contextlib.AbstractContextManager:

@@ -46,7 +46,24 @@ class Bounds:
                 _check(key, ok(bound), value, f"{text} {bound:g}")
 
 
+@dataclass(frozen=True)
+class Matches:
+    """The form a string field must have, attached to its type: `Annotated[str, Matches(regex, text)]`."""
+
+    regex: str
+    text: str  # what the regex allows, in words, for the error
+
+    def check(self, key: str, value: Any) -> None:
+        if value is not None:
+            _check(key, re.fullmatch(self.regex, value), value, self.text)
+
+
 AtLeast1 = Annotated[int, Bounds(ge=1)]
+# A run name becomes a directory and URL path (run.storage_path/<name>), a Ray metric tag (Ray encodes tags as
+# ASCII: "my run ü" failed in Ray's controller with UnicodeEncodeError) and part of printed commands.
+RunName = Annotated[str, Matches(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", "1-100 ASCII letters, digits, '.', '_' or '-', "
+                                 "starting with a letter or digit (it names a directory, a URL path and a Ray "
+                                 "metric tag, which must be ASCII), e.g. 'my-run-u'")]
 NonNegative = Annotated[float, Bounds(ge=0)]
 Pair = Bounds(length=2)
 Arch = Literal[tuple(sorted(ARCHS))]
@@ -180,7 +197,7 @@ class TrackingConfig:
 
 @dataclass
 class RunConfig:
-    name: str | None = None  # None: "<arch>-<YYYYmmdd-HHMMSS>-<6 hex>" (train/runs.py)
+    name: RunName | None = None  # None: "<arch>-<YYYYmmdd-HHMMSS>-<6 hex>" (train/runs.py)
     storage_path: str = "runs"  # local dir (made absolute) or s3:// / gs:// URI shared by all nodes
     seed: int = 0
     stop_after_steps: AtLeast1 | None = None  # stop early (as if interrupted), checkpointed; --resume continues
