@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from minconv_dist.data import CLIMATOLOGIES, DimNames, default_store, open_store
+from minconv_dist.data import CLIMATOLOGIES, DimNames, default_store, open_store, store_dims
 from minconv_dist.data.selection import coarsen as coarsen_grid
 from minconv_dist.data.store import redact
 from minconv_dist.evaluate.forecast import open_channels, open_forecast
@@ -60,7 +60,9 @@ def evaluate_stores(forecasts: dict[str, str], *, truth_url: str | None = None, 
     first = next(iter(opened.values()))
     url = truth_url or first.attrs.get("data_source") or default_store()
     coarsen = coarsen or int(first.attrs.get("coarsen", 1))
-    candidates = (listed_channels(first) or []) + store_channels(open_store(url, storage_options), dims)
+    truth_store = open_store(url, storage_options)
+    dims = store_dims(truth_store, dims)  # `lat` or `latitude`, as the truth store spells it
+    candidates = (listed_channels(first) or []) + store_channels(truth_store, dims)
     fields = common_fields({name: from_weatherbench2(fc, candidates) for name, fc in opened.items()})
     channels = list(map(str, next(iter(fields.values())).data_vars))
     truth = as_fields(open_channels(url, channels, dims=dims, coarsen=coarsen, storage_options=storage_options))

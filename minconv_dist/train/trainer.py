@@ -20,7 +20,7 @@ import torch
 from ray.train.torch import TorchTrainer
 
 from minconv_dist.data import (DataError, NormStats, channel_bounds, check_stats, compute_stats, default_store,
-                               open_store, parse_channels)
+                               open_store, parse_channels, store_dims)
 from minconv_dist.data.store import redact
 from minconv_dist.models import load_model_file
 from minconv_dist.train import checkpoint, tracking
@@ -77,13 +77,14 @@ def _config_errors(key: str, io_key: str = "data.url") -> Iterator[None]:
 
 def _check_data(cfg: TrainConfig, url: str) -> tuple[NormStats, tuple[int, int], int, int]:
     """Open the store, compute (or load) the stats, size the epoch and read each split's first batch, all
-    checked (docs/data.md, "Checks"), so that bad data fail here, before any worker starts."""
+    checked (docs/data.md, "Checks"), so that bad data fail here, before any worker starts. Sets data.dims to the
+    store's spelling of latitude/longitude (`store_dims`), which the workers then use."""
     d = cfg.data
     # a sample store is split by data.<split>_samples, a single series by data.<split>_range
     key = {split: f"data.{split}_{'samples' if d.dims.sample else 'range'}" for split in ("train", "val")}
     bounds = channel_bounds(d.channels, d.bounds)
     with _config_errors("data.url"):
-        open_store(url, d.storage_options or None)
+        d.dims = store_dims(open_store(url, d.storage_options or None), d.dims)
     with _config_errors(f"{key['train']} / data.channels / data.stats_path",
                         "data.stats_path" if d.stats_path else "data.url"):
         stats = (NormStats.load(d.stats_path, d.storage_options or None) if d.stats_path else
