@@ -153,8 +153,8 @@ def test_parse_channels_round_trip():
             parse_channels(bad)
 
 
-def test_select_channels_wb2_layout_keeps_descending_latitude(tiny_wb2_store):
-    ds = open_store(tiny_wb2_store)
+def test_select_channels_wb2_layout_keeps_descending_latitude(tiny_north_to_south_store):
+    ds = open_store(tiny_north_to_south_store)
     da = select_channels(ds, "geopotential@500, temperature@850, 2m_temperature", WB2)
     assert da.dims == ("time", "channel", "lat", "lon")
     assert list(da.channel.values) == ["geopotential@500", "temperature@850", "2m_temperature"]
