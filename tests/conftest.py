@@ -51,9 +51,19 @@ def tiny_store(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_wb2_store(tmp_path_factory) -> str:
-    """WeatherBench2 layout: level dim, latitude/longitude names, latitude descending."""
+    """WeatherBench2 layout: level dim, latitude/longitude names (south to north), static fields."""
     path = str(tmp_path_factory.mktemp("stores") / "tiny_wb2.zarr")
     write_synthetic_era5(path, **TINY, layout="weatherbench2")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_north_to_south_store(tiny_wb2_store, tmp_path_factory) -> str:
+    """`tiny_wb2_store` with latitude running north to south, as ERA5's own files and ARCO-ERA5 order it."""
+    from minconv_dist.data import open_store
+
+    path = str(tmp_path_factory.mktemp("stores") / "tiny_n2s.zarr")
+    open_store(tiny_wb2_store).isel(latitude=slice(None, None, -1)).to_zarr(path, zarr_format=3, consolidated=False)
     return path
 
 

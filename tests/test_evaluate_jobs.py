@@ -18,7 +18,8 @@ from minconv_dist.errors import run_job
 from minconv_dist.evaluate import DEFINITIONS, check_inputs, load_model, open_channels
 from minconv_dist.models import build_model, save_model_file, to_official_state_dict
 
-STATS = NormStats(["z"], [54107.863], [3349.0322])
+Z = "geopotential@500"  # a channel of the embedded store (docs/data.md)
+STATS = NormStats([Z], [54073.8], [3259.7])
 INIT = ["--init-start", "2016-03-01", "--init-end", "2016-03-04", "--init-every", "24h"]
 
 
@@ -32,7 +33,7 @@ def store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     torch.manual_seed(0)
-    model = build_model("minconvgru", ["z"], 4, 2, padding="cylinder", norm="layer", grid=(16, 32))
+    model = build_model("minconvgru", [Z], 4, 2, padding="cylinder", norm="layer", grid=(16, 32))
     model.normalizer.set_stats(STATS.mean, STATS.std)
     path = tmp_path_factory.mktemp("model") / "model.pt"
     save_model_file(path, model)
@@ -42,7 +43,7 @@ def ckpt(tmp_path_factory):
 def test_model_file_round_trip_and_official_import(ckpt, tmp_path):
     """The model file carries the statistics in its weights; an official checkpoint has none and takes them."""
     model = load_model(str(ckpt))
-    assert model.normalizer.channels == ["z"]
+    assert model.normalizer.channels == [Z]
     torch.testing.assert_close(model.normalizer.mean, torch.tensor(STATS.mean))
     torch.testing.assert_close(model.normalizer.std, torch.tensor(STATS.std))
     x = 54000 + 3000 * torch.randn(2, 5, 1, 16, 32)  # physical units
@@ -70,7 +71,7 @@ def test_forecast_then_evaluate(store, ckpt, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # consolidated, nothing to rename or guess
         fc = xr.open_zarr(out)
-    # WeatherBench2's layout: z is z500, geopotential on level 500
+    # WeatherBench2's layout: geopotential@500 is geopotential on level 500
     assert list(fc.data_vars) == ["geopotential"] and list(fc["level"].values) == [500]
     assert fc["geopotential"].dims == ("time", "prediction_timedelta", "level", "latitude", "longitude")
     assert fc["geopotential"].shape == (4, 8, 1, 16, 32)
@@ -94,7 +95,7 @@ def test_forecast_then_evaluate(store, ckpt, tmp_path):
     for png in ("skill_geopotential_500.png", "maps_geopotential_500.png"):
         assert (res / png).read_bytes()[:4] == b"\x89PNG"
     # persistence is perfect at lead 0 only; at lead 1 h on a smooth field it is already close
-    pers = skill["z"].sel(source="persistence", metric="weighted_rmse").values
+    pers = skill[Z].sel(source="persistence", metric="weighted_rmse").values
     assert 0 < pers[0] < pers[-1]
 
     # a forecast store refuses to be overwritten silently
@@ -104,13 +105,13 @@ def test_forecast_then_evaluate(store, ckpt, tmp_path):
 
 def test_bad_inputs_fail_before_rollout(store, ckpt, tmp_path):
     model = load_model(str(ckpt))
-    data = open_channels(store, "z", coarsen=2)
+    data = open_channels(store, Z, coarsen=2)
     inits = data["time"].values[100:102]
     two = build_model("minconvgru", ["z", "t"], 4, 1, norm="group")
-    with pytest.raises(ValueError, match=r"takes channels \['z', 't'\], the data gives \['z'\]"):
+    with pytest.raises(ValueError, match=r"takes channels \['z', 't'\], the data gives \['geopotential@500'\]"):
         check_inputs(two, data, inits, 4, 4)
     with pytest.raises(ValueError, match="grid"):
-        check_inputs(model, open_channels(store, "z"), inits, 4, 4)
+        check_inputs(model, open_channels(store, Z), inits, 4, 4)
     with pytest.raises(ValueError, match="context"):
         check_inputs(model, data, data["time"].values[:1], 4, 4)
     with pytest.raises(ValueError, match="not in the data"):
@@ -145,7 +146,7 @@ def test_evaluate_logs_to_an_mlflow_run(store, ckpt, tmp_path, monkeypatch):
     client = mlflow.tracking.MlflowClient()
     history = client.get_metric_history(run.info.run_id, "eval/model/weighted_rmse/geopotential_500")
     logged = [m.value for m in sorted(history, key=lambda m: m.step)]
-    expected = skill["z"].sel(source="model", metric="weighted_rmse").values
+    expected = skill[Z].sel(source="model", metric="weighted_rmse").values
     assert [m.step for m in sorted(history, key=lambda m: m.step)] == [1, 2, 3]
     np.testing.assert_allclose(logged, expected, rtol=1e-6)
     files = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "evaluation")}
@@ -177,8 +178,8 @@ def test_user_errors_are_one_line_and_exit_2(store, ckpt, tmp_path, monkeypatch,
 def published_baseline(store, path, noise=20.0):
     """A forecast written by hand as WeatherBench2 publishes them: init times every 12 h, leads 0..8 h every 2 h,
     dims (time, prediction_timedelta, level, longitude, latitude) with latitude descending, geopotential on
-    levels 500 and 850, temperature beside it (not in our truth); z500 = truth + noise."""
-    truth = open_channels(store, "z", coarsen=2).sel(channel="z").load()
+    levels 500 and 850 (z850 = 0.3 z500), temperature beside it (zeros); z500 = truth + noise."""
+    truth = open_channels(store, Z, coarsen=2).sel(channel=Z).load()
     init = pd.date_range("2016-02-29 12:00", "2016-03-05", freq="12h").values
     lead = np.arange(0, 9, 2) * np.timedelta64(1, "h")
     z = truth.sel(time=(init[:, None] + lead).ravel()).values.reshape(init.size, lead.size, 16, 32)
@@ -201,10 +202,10 @@ def test_a_published_weatherbench2_forecast_is_scored_beside_ours(store, ckpt, t
     skill = evaluate_job.main(["--forecast", str(ours), str(hres), "--out", str(res), "--definition", "weatherbench2",
                                "--climatology-range", "2015-01-01", "2015-12-31", "--map-leads", "1"])
     assert list(skill["source"].values) == ["model", "hres", "persistence", "climatology"]
-    assert list(skill.data_vars) == ["z"]  # scored under the truth's channel name: z is geopotential at 500
+    assert list(skill.data_vars) == [Z]  # the channels both forecasts hold, under the truth's names
     hours = skill["prediction_timedelta"].values / np.timedelta64(1, "h")
     np.testing.assert_array_equal(hours, np.arange(0, 9))  # every lead of either forecast
-    rmse = skill["z"].sel(metric="weighted_rmse")
+    rmse = skill[Z].sel(metric="weighted_rmse")
     hres_rmse = rmse.sel(source="hres").values
     assert np.isnan(hres_rmse[1::2]).all() and np.allclose(hres_rmse[::2], 20.0, rtol=0.05)  # its noise
     assert np.isnan(rmse.sel(source="model").values[0]) and np.isfinite(rmse.sel(source="model").values[1:]).all()
@@ -217,14 +218,14 @@ def test_a_published_weatherbench2_forecast_is_scored_beside_ours(store, ckpt, t
     alone = evaluate_job.main(["--forecast", str(hres), "--name", "hres", "--coarsen", "2", "--out",
                                str(tmp_path / "alone")])
     assert list(alone["source"].values) == ["hres", "persistence"]
-    np.testing.assert_allclose(alone["z"].sel(source="hres", metric="weighted_rmse"), 20.0, rtol=0.05)
+    np.testing.assert_allclose(alone[Z].sel(source="hres", metric="weighted_rmse"), 20.0, rtol=0.05)
 
 
 def test_warmup_pass_forecasts_equal_rollouts_over_the_record(store, ckpt, tmp_path):
     """--warmup all: each init's forecast == a rollout warmed up on every frame from the record's start;
     --warmup N for one init == --context N; ConvLSTM/ConvGRU are refused."""
     model = load_model(str(ckpt))
-    data = open_channels(store, "z", coarsen=2)
+    data = open_channels(store, Z, coarsen=2)
     out = tmp_path / "warm.zarr"
     forecast_job.main(["--model", str(ckpt), "--out", str(out), "--coarsen", "2", "--warmup", "all", "--steps", "3",
                        "--warmup-chunk", "1000", "--batch-size", "3", *INIT])
@@ -243,7 +244,7 @@ def test_warmup_pass_forecasts_equal_rollouts_over_the_record(store, ckpt, tmp_p
     np.testing.assert_allclose(xr.open_zarr(tmp_path / "w.zarr")["geopotential"].values,
                                xr.open_zarr(tmp_path / "c.zarr")["geopotential"].values, rtol=1e-6)
 
-    lstm = build_model("convlstm", ["z"], 2, 1, padding="cylinder", norm="layer", grid=(16, 32))
+    lstm = build_model("convlstm", [Z], 2, 1, padding="cylinder", norm="layer", grid=(16, 32))
     save_model_file(tmp_path / "lstm.pt", lstm)
     with pytest.raises(ValueError, match="ConvLSTMCell.*use --context"):
         forecast_job.main(["--model", str(tmp_path / "lstm.pt"), "--coarsen", "2", "--warmup", "all", *INIT,
@@ -279,7 +280,7 @@ def test_forecast_and_evaluation_outputs_at_fsspec_urls(store, ckpt, tmp_path, m
         cli = ["--forecast", fc_url, "--forecast-storage-options", so, "--out", out, "--map-leads", "1"]
         skill = evaluate_job.main(cli + (["--out-storage-options", json.dumps(out_so)] if out_so else []))
         written, table = open_outputs(out, out_so)
-        xr.testing.assert_allclose(written["geopotential"].sel(level=500, drop=True), skill["z"])
+        xr.testing.assert_allclose(written["geopotential"].sel(level=500, drop=True), skill[Z])
         assert len(table) == 2 * 5 * 3  # model and persistence, 3 metrics and 2 NaN fractions, 3 leads
     assert open_store(f"s3://{s3_bucket}/eval/skill.zarr", s3_options)["geopotential"].dims == (
         "source", "metric", "prediction_timedelta", "level")

@@ -166,8 +166,27 @@ def test_max_read_amplification_sets_the_training_windows_blocks(tiny_store):
     stats = NormStats(["z"], [0.0], [1.0])
     blocks = []
     for amplification in (1.5, 1.1):
-        cfg = load_config(overrides=[f"data.url={tiny_store}", "data.sequence_length=6", "data.teacher_steps=4",
-                                     "data.train_range=[2015-01-01, 2015-01-08]", "data.coarsen=1",
-                                     f"data.max_read_amplification={amplification}"])
+        cfg = load_config(overrides=[f"data.url={tiny_store}", "data.channels=[z]", "data.sequence_length=6",
+                                     "data.teacher_steps=4", "data.train_range=[2015-01-01, 2015-01-08]",
+                                     "data.coarsen=1", f"data.max_read_amplification={amplification}"])
         blocks.append(window_dataset(cfg, tiny_store, stats, "train", rank=0, world_size=1).block)
     assert blocks == [12, 60]  # one extra chunk per block: <= 0.5 and <= 0.1 of the block
+
+
+def test_default_data_config_reads_the_embedded_stores_layout(tiny_wb2_store, tiny_store):
+    """data.channels defaults to the embedded store's prognostic variables; data.dims' default lat/lon are read as
+    the store spells them (latitude/longitude there), and the workers get the store's spelling."""
+    from minconv_dist.data import DimNames
+    from minconv_dist.train.trainer import _check_data
+
+    small = ["data.train_range=[2015-01-01, 2015-01-07]", "data.val_range=[2015-01-08, 2015-01-10]",
+             "data.sequence_length=6", "data.teacher_steps=4", "data.stride=6", "data.batch_size=2"]
+    cfg = load_config(overrides=[f"data.url={tiny_wb2_store}", *small])
+    assert cfg.data.channels == ["geopotential@500", "temperature@850"] and cfg.data.dims == DimNames()
+    stats, grid, _, _ = _check_data(cfg, tiny_wb2_store)
+    assert stats.channels == ["geopotential@500", "temperature@850"] and grid == (16, 32)
+    assert cfg.data.dims == DimNames(lat="latitude", lon="longitude")
+    assert cfg.to_dict()["data"]["dims"]["lat"] == "latitude"  # what the workers are given
+    v1 = load_config(overrides=[f"data.url={tiny_store}", "data.channels=[z]", *small])
+    _check_data(v1, tiny_store)
+    assert v1.data.dims == DimNames()  # a WeatherBench v1 store keeps lat/lon

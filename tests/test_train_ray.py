@@ -89,8 +89,9 @@ def workdir(tmp_path_factory) -> Path:
 
 def tiny(store: str, workdir: Path, name: str, *overrides: str):
     return load_config(overrides=[
-        f"data.url={store}", "data.train_range=[2015-01-01, 2015-01-31]", "data.val_range=[2015-02-01, 2015-02-28]",
-        "data.coarsen=2", "data.sequence_length=6", "data.teacher_steps=4", "data.stride=6", "data.batch_size=2",
+        f"data.url={store}", "data.channels=[z]", "data.train_range=[2015-01-01, 2015-01-31]",
+        "data.val_range=[2015-02-01, 2015-02-28]", "data.coarsen=2", "data.sequence_length=6", "data.teacher_steps=4",
+        "data.stride=6", "data.batch_size=2",
         "model.hidden_size=4", "model.layers=2", "optim.epochs=2", f"optim.steps_per_epoch={STEPS // 2}", "optim.lr=5e-3",
         "optim.warmup_steps=1", "checkpoint.val_every=2", "checkpoint.val_batches=1", "tracking.log_every=1",
         f"tracking.uri=sqlite:///{workdir}/mlflow.db", "tracking.registered_model=tiny", f"run.name={name}",

@@ -13,7 +13,7 @@ import copy
 import os
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,23 @@ class DimNames:
     lat: str = "lat"
     lon: str = "lon"
     sample: str | None = None
+
+
+# The two spellings of the horizontal dims: WeatherBench v1 (`lat`, `lon`) and WeatherBench2 / ARCO-ERA5 / the
+# embedded store (`latitude`, `longitude`).
+DIM_SPELLINGS = {"lat": ("lat", "latitude"), "lon": ("lon", "longitude")}
+
+
+def store_dims(ds: xr.Dataset, dims: DimNames = DimNames()) -> DimNames:
+    """`dims` as `ds` spells them: a `lat`/`lon` name that `ds` lacks becomes its other spelling (`latitude` for
+    `lat`, and back) when `ds` has that one, so one config reads both WeatherBench layouts. Any other name is
+    kept as given (a wrong one fails where it is used, naming it)."""
+    found = {}
+    for field, names in DIM_SPELLINGS.items():
+        given = getattr(dims, field)
+        if given in names and given not in ds.dims:
+            found.update({field: name for name in names if name in ds.dims})
+    return replace(dims, **found)
 
 
 def cache_dir() -> Path:

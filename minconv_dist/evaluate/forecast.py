@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from minconv_dist.data import DimNames, open_store, select_channels
+from minconv_dist.data import DimNames, open_store, select_channels, store_dims
 from minconv_dist.data.chunks import label
 from minconv_dist.data.forcings import check_times, compute_forcings
 from minconv_dist.data.selection import coarsen as coarsen_grid
@@ -255,8 +255,10 @@ def open_forecast(url: str, storage_options: dict | None = None) -> xr.Dataset:
 
 def open_channels(url: str, channels: str | list, *, dims: DimNames = DimNames(), coarsen: int = 1,
                   storage_options: dict | None = None) -> xr.DataArray:
-    """Lazy (time, channel, lat, lon) from a store, block-averaged by `coarsen` as the training windows are."""
-    return coarsen_grid(select_channels(open_store(url, storage_options), channels, dims), coarsen, "lat", "lon", url)
+    """Lazy (time, channel, lat, lon) from a store, block-averaged by `coarsen` as the training windows are.
+    `dims` may spell latitude/longitude either way (`store_dims`)."""
+    ds = open_store(url, storage_options)
+    return coarsen_grid(select_channels(ds, channels, store_dims(ds, dims)), coarsen, "lat", "lon", url)
 
 
 def init_times(times: np.ndarray, start: str | None, end: str | None, every: str) -> np.ndarray:

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from minconv_dist.data import CLIMATOLOGIES, DimNames, default_store, open_store, parse_channels
+from minconv_dist.data import CLIMATOLOGIES, DimNames, default_store, open_store, parse_channels, store_dims
 from minconv_dist.data.selection import coarsen as coarsen_grid
 from minconv_dist.data.store import redact
 from minconv_dist.evaluate.forecast import open_channels, open_forecast
@@ -73,13 +73,14 @@ def evaluate_stores(forecasts: dict[str, str], *, truth_url: str | None = None, 
     if dims is None:
         dims = recorded_dims(first) if not truth_url and first.attrs.get("data_source") else DimNames()
     coarsen = coarsen or int(first.attrs.get("coarsen", 1))
-    store = open_store(url, storage_options)
-    candidates = (listed_channels(first) or []) + store_channels(store, dims)
+    truth_store = open_store(url, storage_options)
+    dims = store_dims(truth_store, dims)  # `lat` or `latitude`, as the truth store spells it
+    candidates = (listed_channels(first) or []) + store_channels(truth_store, dims)
     fields = common_fields({name: from_weatherbench2(fc, candidates) for name, fc in opened.items()})
     channels = list(map(str, next(iter(fields.values())).data_vars))
     truth = as_fields(open_channels(url, channels, dims=dims, coarsen=coarsen, storage_options=storage_options))
     for channel in channels:  # for the plots: the store's CF units, else ERA5's
-        truth[channel].attrs["units"] = units(channel, store[parse_channels(channel)[0].variable].attrs)
+        truth[channel].attrs["units"] = units(channel, truth_store[parse_channels(channel)[0].variable].attrs)
     fields = {name: match_grid(fc, truth, ("forecast", "truth")) for name, fc in fields.items()}
     for fc in fields.values():
         align_truth(fc, truth)  # fail on mismatched grids or times before the climatology pass

@@ -91,8 +91,12 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     url: str | None = None  # None: the embedded synthetic ERA5-like store (minconv_dist.data.default_store)
-    channels: Annotated[list[str], Bounds(min_length=1)] = field(default_factory=lambda: ["z"])
-    dims: DimNames = field(default_factory=DimNames)  # the store's dimension names; dims.sample for trajectories
+    # The defaults fit the embedded store: its prognostic variables, in the WeatherBench2 layout.
+    channels: Annotated[list[str], Bounds(min_length=1)] = field(
+        default_factory=lambda: ["geopotential@500", "temperature@850"])
+    # The store's dimension names; dims.sample for trajectories. lat/lon may be spelled either way: a store with
+    # latitude/longitude (WeatherBench2) instead of lat/lon (WeatherBench v1), or the reverse, is read as it is.
+    dims: DimNames = field(default_factory=DimNames)
     storage_options: dict[str, Any] = field(default_factory=dict)
     stats_path: str | None = None  # NormStats JSON; None: computed over the training split before training
     # Defaults fit the synthetic store (2015-2016); the paper uses 1979-2014 / 2015-2016 (configs/era5_weatherbench.yaml).

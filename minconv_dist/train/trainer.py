@@ -20,7 +20,7 @@ import torch
 from ray.train.torch import TorchTrainer
 
 from minconv_dist.data import (DataError, NormStats, channel_bounds, check_stats, compute_stats, default_store,
-                               open_store, parse_channels)
+                               open_store, parse_channels, store_dims)
 from minconv_dist.data.forcings import check_times
 from minconv_dist.data.static import read_static
 from minconv_dist.data.store import is_local, redact
@@ -79,13 +79,15 @@ def _config_errors(key: str, io_key: str = "data.url") -> Iterator[None]:
 
 def _check_data(cfg: TrainConfig, url: str) -> tuple[NormStats, tuple[int, int], int, int, np.ndarray | None]:
     """Open the store, compute (or load) the stats, size the epoch, read each split's first batch and the static
-    fields, all checked (docs/data.md, "Checks"), so that bad data fail here, before any worker starts."""
+    fields, all checked (docs/data.md, "Checks"), so that bad data fail here, before any worker starts. Sets
+    data.dims to the store's spelling of latitude/longitude (`store_dims`), which the workers then use."""
     d = cfg.data
     # a sample store is split by data.<split>_samples, a single series by data.<split>_range
     key = {split: f"data.{split}_{'samples' if d.dims.sample else 'range'}" for split in ("train", "val")}
     bounds = channel_bounds(d.channels, d.bounds)
     with _config_errors("data.url"):
         store = open_store(url, d.storage_options or None)
+        d.dims = store_dims(store, d.dims)  # `lat` or `latitude`, as the store spells it; the workers use it
     if d.forcings:
         with _config_errors("data.forcings"):
             check_times(store[d.dims.time].values, repr(redact(url)))
