@@ -357,16 +357,16 @@ def nan_stores(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("nan")
     clean, bad = str(root / "clean.zarr"), str(root / "nan.zarr")
-    write_synthetic_era5(clean, start="2016-02-25", end="2016-03-08", freq="1h")
-    write_synthetic_era5(bad, start="2016-02-25", end="2016-03-08", freq="1h")
-    z = zarr.open_array(os.path.join(bad, "z"), mode="r+")
+    for path in (clean, bad):  # the embedded store's layout: geopotential at level 500 is channel Z
+        write_synthetic_era5(path, start="2016-02-25", end="2016-03-08", freq="1h", layout="weatherbench2")
+    z = zarr.open_array(os.path.join(bad, "geopotential"), mode="r+")  # (time, level 500/850, lat, lon)
     start = np.datetime64("2016-02-25T00")
     for t in ("2016-03-02T00", "2016-03-02T22"):
-        z[int((np.datetime64(t) - start) / np.timedelta64(1, "h")), 5, 7] = np.nan
+        z[int((np.datetime64(t) - start) / np.timedelta64(1, "h")), 0, 5, 7] = np.nan
     return clean, bad
 
 
-NAN_INITS = "2 of 4 init times read NaN (channel z: 2016-03-02T00:00:00, 2016-03-03T00:00:00)"
+NAN_INITS = f"2 of 4 init times read NaN (channel {Z}: 2016-03-02T00:00:00, 2016-03-03T00:00:00)"
 
 
 def test_forecast_refuses_inputs_with_nan_unless_allowed(nan_stores, ckpt, tmp_path, capsys, caplog):
@@ -388,13 +388,13 @@ def test_forecast_refuses_inputs_with_nan_unless_allowed(nan_stores, ckpt, tmp_p
     assert [r.getMessage() for r in caplog.records] == [
         f"writing NaN forecasts: {NAN_INITS}; listed in the store's nan_inputs attr"]
     fc = xr.open_zarr(out)
-    assert json.loads(fc.attrs["nan_inputs"]) == {"z": ["2016-03-02T00:00:00", "2016-03-03T00:00:00"]}
+    assert json.loads(fc.attrs["nan_inputs"]) == {Z: ["2016-03-02T00:00:00", "2016-03-03T00:00:00"]}
     finite = np.isfinite(fc["geopotential"].values).reshape(4, -1)
     assert finite[[0, 3]].all() and not finite[[1, 2]].any()  # a NaN pixel spreads over the whole forecast
 
     warm = ["--model", str(ckpt), "--data", bad, "--coarsen", "2", "--warmup", "48", "--steps", "3", *INIT]
-    with pytest.raises(ValueError, match=r"^3 of 4 init times read NaN \(channel z: 2016-03-02T00:00:00, "
-                                         r"2016-03-03T00:00:00, 2016-03-04T00:00:00\)"):
+    with pytest.raises(ValueError, match=r"^3 of 4 init times read NaN \(channel geopotential@500: "
+                                         r"2016-03-02T00:00:00, 2016-03-03T00:00:00, 2016-03-04T00:00:00\)"):
         forecast_job.main([*warm, "--out", str(tmp_path / "warm.zarr")])
 
 
@@ -411,12 +411,12 @@ def test_evaluation_reports_nan_and_never_lets_it_change_a_score(nan_stores, ckp
     for definition in DEFINITIONS:
         capsys.readouterr()
         skill = evaluate_job.main([*score, "--definition", definition, "--out", str(tmp_path / definition)])
-        model = skill["z"].sel(source="model")
+        model = skill[Z].sel(source="model")
         scores = [m for m in ("weighted_rmse", "bias", "acc") if m in skill["metric"]]  # WB2's ACC: a climatology
         assert len(scores) >= 2 and np.isnan(model.sel(metric=scores)).all(), definition
-        assert np.isfinite(skill["z"].sel(source="persistence", metric="weighted_rmse")).all()
+        assert np.isfinite(skill[Z].sel(source="persistence", metric="weighted_rmse")).all()
         np.testing.assert_array_equal(model.sel(metric="nan_fraction"), 0.5)  # 2 of 4 init times, every lead
-        np.testing.assert_array_equal(skill["z"].sel(metric="truth_nan_fraction"), 0.0)
+        np.testing.assert_array_equal(skill[Z].sel(metric="truth_nan_fraction"), 0.0)
         table = pd.read_csv(tmp_path / definition / "metrics.csv")
         rows = table[(table["metric"] == "nan_fraction") & (table["source"] == "model")]
         assert list(rows["value"]) == [0.5, 0.5, 0.5] and list(rows["lead_time_h"]) == [1.0, 2.0, 3.0]
@@ -430,7 +430,7 @@ def test_evaluation_reports_nan_and_never_lets_it_change_a_score(nan_stores, ckp
                        "--init-every", "72h", "--out", str(two)])
     expected = evaluate_job.main(["--forecast", str(two), "--truth", clean, "--out", str(tmp_path / "two")])
     scores = ["weighted_rmse", "bias", "acc"]
-    np.testing.assert_allclose(skill["z"].sel(metric=scores), expected["z"].sel(metric=scores), rtol=1e-6)
+    np.testing.assert_allclose(skill[Z].sel(metric=scores), expected[Z].sel(metric=scores), rtol=1e-6)
     assert skill.attrs["nan_inits_dropped"] == 2 and expected.attrs["nan_inits_dropped"] == 0
 
 
