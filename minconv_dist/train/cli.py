@@ -51,7 +51,7 @@ def main(description: str, preset: Path | None = None, argv: list[str] | None = 
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key; repeatable")
     parser.add_argument("--resume", metavar="RUN", help="continue run RUN (a name under run.storage_path, or "
-                                                        "its directory) from its latest complete checkpoint")
+                                                        "its directory) from its newest verified checkpoint")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (else: one line), and "
                                                             "Ray's, DeepSpeed's and MLflow's own log lines")
     for flag, (key, text) in SHORTCUTS.items():

@@ -52,7 +52,9 @@ def _log_checkpoint_model(uri: str, run_id: str, model: dict[str, Any]) -> None:
         fs, root = fsspec.core.url_to_fs(model["checkpoint"])
         fs.get(f"{root.rstrip('/')}/model.pt", str(path))
         network = load_model_file(path)
-        example = network.normalizer.denormalize(torch.zeros(1, model["frames"], network.in_channels, *model["grid"]))
+        shape = (1, model["frames"], network.in_channels, *model["grid"])
+        forcings = torch.zeros(*shape[:2], len(network.forcings), *shape[3:])  # MLflow's one input: [B, T, C + F, H, W]
+        example = torch.cat([network.normalizer.denormalize(torch.zeros(shape)), forcings], dim=2)
         model["model_uri"], model["model_id"] = tracking.log_model(uri, run_id, network, example, path)
 
 

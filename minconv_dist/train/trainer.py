@@ -9,20 +9,22 @@ import shlex
 import signal
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
 from minconv_dist.data import (DataError, NormStats, channel_bounds, check_stats, compute_stats, default_store,
                                open_store, parse_channels)
-from minconv_dist.data.store import redact
-from minconv_dist.train import checkpoint, sync, tracking
+from minconv_dist.data.forcings import check_times
+from minconv_dist.data.static import read_static
+from minconv_dist.data.store import is_local, redact
+from minconv_dist.train import checkpoint, runs, sync, tracking
 from minconv_dist.train.config import ConfigError, TrainConfig
 from minconv_dist.train.datasets import split_of, window_dataset
 from minconv_dist.train.local_ray import ignore_sigint
@@ -52,7 +54,7 @@ def resume_command(directory: str) -> str:
 class FitResult:
     run_name: str
     run_dir: str
-    checkpoint: str  # the last complete checkpoint
+    checkpoint: str  # the last verified checkpoint
     metrics: dict[str, Any]
     mlflow_uri: str
     mlflow_run_id: str
@@ -78,15 +80,18 @@ def _config_errors(key: str, io_key: str = "data.url") -> Iterator[None]:
         raise ConfigError(f"{key}: {err}") from err
 
 
-def _check_data(cfg: TrainConfig, url: str) -> tuple[NormStats, tuple[int, int], int, int]:
-    """Open the store, compute (or load) the stats, size the epoch and read each split's first batch, all
-    checked (docs/data.md, "Checks"), so that bad data fail here, before any worker starts."""
+def _check_data(cfg: TrainConfig, url: str) -> tuple[NormStats, tuple[int, int], int, int, np.ndarray | None]:
+    """Open the store, compute (or load) the stats, size the epoch, read each split's first batch and the static
+    fields, all checked (docs/data.md, "Checks"), so that bad data fail here, before any worker starts."""
     d = cfg.data
     # a sample store is split by data.<split>_samples, a single series by data.<split>_range
     key = {split: f"data.{split}_{'samples' if d.dims.sample else 'range'}" for split in ("train", "val")}
     bounds = channel_bounds(d.channels, d.bounds)
     with _config_errors("data.url"):
-        open_store(url, d.storage_options or None)
+        store = open_store(url, d.storage_options or None)
+    if d.forcings:
+        with _config_errors("data.forcings"):
+            check_times(store[d.dims.time].values, repr(redact(url)))
     with _config_errors(f"{key['train']} / data.channels / data.stats_path",
                         "data.stats_path" if d.stats_path else "data.url"):
         stats = (NormStats.load(d.stats_path, d.storage_options or None) if d.stats_path else
@@ -113,7 +118,14 @@ def _check_data(cfg: TrainConfig, url: str) -> tuple[NormStats, tuple[int, int],
     if cfg.optim.steps_per_epoch:
         steps = min(steps, cfg.optim.steps_per_epoch)
     val_batches = min(cfg.checkpoint.val_batches, per_rank["val"] // d.batch_size)
-    return stats, ds.grid, steps, val_batches
+    static = None
+    if d.static:
+        static_url = d.static_url or url
+        with _config_errors("data.static", "data.static_url" if d.static_url else "data.url"):
+            static = read_static(static_url, d.static, latitude=ds.latitudes, longitude=ds.longitudes, dims=d.dims,
+                                 coarsen=d.coarsen,
+                                 storage_options=None if is_local(static_url) else d.storage_options or None)
+    return stats, ds.grid, steps, val_batches, static
 
 
 def _check_durable(cfg: TrainConfig) -> None:
@@ -162,8 +174,9 @@ def _fit_beside_main_thread(trainer: TorchTrainer) -> ray.train.Result:
     return result
 
 
-# Failures that repeat exactly on a retry from the last checkpoint: bad data, a diverging loss.
-NOT_RETRIED = (DataError, NonFiniteLossError)
+# Failures that repeat exactly on a retry from the last checkpoint: bad data, a diverging loss, a checkpoint that
+# cannot be written (a full disk) or read (altered files).
+NOT_RETRIED = (DataError, NonFiniteLossError, checkpoint.StorageError, checkpoint.CheckpointError)
 
 
 class _StopOnDeterministicError(ray.train.UserCallback):
@@ -191,36 +204,43 @@ def _worker_cause(err: ray.train.TrainingFailedError) -> BaseException:
 
 def fit(cfg: TrainConfig, *, resume: str | None = None, callbacks: list[StepCallback] = ()) -> FitResult:
     """Train per `cfg`. `resume`: a run name under run.storage_path (or a run directory) to continue from its
-    latest complete checkpoint; `cfg` must then keep the run's saved plan (`resume_config` builds such a
+    newest verified checkpoint; `cfg` must then keep the run's saved plan (`resume_config` builds such a
     config). `callbacks` run on every worker before each step (picklable)."""
     _check_durable(cfg)
     resume_from, position = None, {}
-    if resume:
+    if resume:  # the newest verified checkpoint, all of it data only: checked before Ray or MLflow is touched
         directory = run_dir(resume, cfg.run.storage_path)
-        resume_from, position, saved = saved_plan(directory)
+        resume_from, position, saved, skipped = saved_plan(directory)
+        for line in skipped:
+            print(f"[minconv] --resume {resume}: {line}", flush=True)
         check_plan(saved, cfg, resume)
         check_unfinished(saved, position, cfg, resume)
+        try:
+            checkpoint.probe(resume_from)
+        except checkpoint.CheckpointError as err:
+            raise ConfigError(f"--resume {resume}: {err}") from None
         storage, name = directory.rsplit("/", 1)
     else:
-        name = cfg.run.name or f"{cfg.model.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name = cfg.run.name or runs.default_name(cfg.model.arch)
         directory = run_dir(name, cfg.run.storage_path)
         storage = directory.rsplit("/", 1)[0]
-        if checkpoint.latest(directory) is not None:
-            raise ConfigError(f"run.name: run {name!r} already has checkpoints in {directory}; "
-                              f"continue it with --resume {name} or choose another run.name")
+        runs.check_free(directory, name)
     url = cfg.data.url or default_store()
-    stats, grid, steps_per_epoch, val_batches = _check_data(cfg, url)
+    stats, grid, steps_per_epoch, val_batches, static = _check_data(cfg, url)
 
     started_ray = not ray.is_initialized()
     if started_ray:  # its workers leave a terminal's Ctrl-C to this process, which ends the run first
         ray.init(log_to_driver=True, runtime_env={"worker_process_setup_hook": ignore_sigint})
     _check_resources(cfg)
+    if not resume:
+        runs.claim(directory, name)
 
     uri = tracking.resolve_uri(cfg.tracking.uri)
     run_id = position.get("mlflow_run_id") or _open_run(cfg, uri, name)
     run = _Run(name, directory, storage, Spool(spool_dir(directory), uri, run_id))
     try:
-        return _train(cfg, run, resume_from, position, url, stats, grid, steps_per_epoch, val_batches, callbacks)
+        return _train(cfg, run, resume_from, position, url, stats, static, grid, steps_per_epoch, val_batches,
+                      callbacks)
     except KeyboardInterrupt as err:  # at any moment from here: the run ends KILLED, never RUNNING
         raise _interrupted(cfg, run, started_ray) from err
 
@@ -249,8 +269,8 @@ def _open_run(cfg: TrainConfig, uri: str, name: str) -> str:
 
 
 def _train(cfg: TrainConfig, run: _Run, resume_from: str | None, position: dict[str, Any], url: str,
-           stats: NormStats, grid: tuple[int, int], steps_per_epoch: int, val_batches: int,
-           callbacks: list[StepCallback]) -> FitResult:
+           stats: NormStats, static: np.ndarray | None, grid: tuple[int, int], steps_per_epoch: int,
+           val_batches: int, callbacks: list[StepCallback]) -> FitResult:
     """Train in the existing MLflow run, then end it: log and register the model, set the status (`sync`)."""
     name, directory, spool = run.name, run.directory, run.spool
     uri, run_id, t = spool.uri, spool.server_run_id, cfg.tracking
@@ -265,9 +285,9 @@ def _train(cfg: TrainConfig, run: _Run, resume_from: str | None, position: dict[
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={
-            "config": cfg.to_dict(), "url": url, "stats": asdict(stats), "steps_per_epoch": steps_per_epoch,
-            "val_batches": val_batches, "mlflow_uri": uri, "mlflow_run_id": run_id, "run_dir": directory,
-            "resume_from": resume_from, "callbacks": list(callbacks),
+            "config": cfg.to_dict(), "url": url, "stats": asdict(stats), "static": static,
+            "steps_per_epoch": steps_per_epoch, "val_batches": val_batches, "mlflow_uri": uri,
+            "mlflow_run_id": run_id, "resume_from": resume_from, "run_dir": directory, "callbacks": list(callbacks),
         },
         scaling_config=ray.train.ScalingConfig(num_workers=p.num_workers, use_gpu=p.use_gpu,
                                                resources_per_worker=resources),
@@ -297,7 +317,7 @@ def _train(cfg: TrainConfig, run: _Run, resume_from: str | None, position: dict[
                    f"continue with: {resume_command(directory)}") from err
     last = checkpoint.latest(directory)
     if last is None:
-        raise TrainingError(f"run {name} finished without a complete checkpoint in {directory}")
+        raise TrainingError(f"run {name} finished without a verified checkpoint in {directory}")
     step = last[1]["global_step"]
     if not last[1].get("finished"):  # run.stop_after_steps: stopped, not finished; its resume registers the model
         run.ending = sync.plan("KILLED")
