@@ -81,14 +81,17 @@ def start_in_terminal(args: list[str], ray_tmp: str) -> subprocess.Popen:
         signal.signal(signal.SIGINT, before)
 
 
-def ctrl_c(proc: subprocess.Popen, ready) -> str:
-    """Read the job's output until `ready(line)`, then Ctrl-C: SIGINT to its whole process group; the output."""
+def ctrl_c(proc: subprocess.Popen, ready, presses: int = 1) -> str:
+    """Read the job's output until `ready(line)`, then Ctrl-C (`presses` times, 0.3 s apart): SIGINT to its whole
+    process group; the output."""
     seen = []
     for line in proc.stdout:
         seen.append(line)
         if ready(line):
             break
-    os.killpg(proc.pid, signal.SIGINT)
+    for press in range(presses):
+        time.sleep(0.3 * bool(press))
+        os.killpg(proc.pid, signal.SIGINT)
     return "".join(seen) + proc.communicate(timeout=240)[0]
 
 
@@ -110,8 +113,8 @@ def assert_no_ray_left(ray_tmp: str) -> None:
 @pytest.mark.timeout(1800)
 def test_ctrl_c_at_any_moment_ends_the_run_killed_and_prints_how_to_go_on(tmp_path):
     """A terminal's Ctrl-C (SIGINT to the job's whole process group, Ray's processes included) right after the
-    MLflow run is created, mid-training, and while the finished run's model is being logged: each time exit
-    130, the run KILLED (never RUNNING), no process of the job's Ray left, and the printed command, pasted
+    MLflow run is created, mid-training (pressed twice), and while the finished run's model is being logged: each
+    time exit 130, the run KILLED (never RUNNING), no process of the job's Ray left, and the printed command, pasted
     (the runs folder has a space in it), goes on: the resume, then the sync that finishes the run."""
     store = str(tmp_path / "era5.zarr")
     write_synthetic_era5(store, start="2015-01-01", end="2015-03-01", nlat=16, nlon=32)
@@ -127,7 +130,8 @@ def test_ctrl_c_at_any_moment_ends_the_run_killed_and_prints_how_to_go_on(tmp_pa
     assert_no_ray_left(ray_tmp)
 
     proc = start_in_terminal(["jobs/train_era5.py", *tiny_job(store, tmp_path, "mid")], ray_tmp)
-    out = ctrl_c(proc, lambda line: "[minconv] epoch 0 step 3/6" in line)  # after the step-2 checkpoint
+    # after the step-2 checkpoint; pressed twice: the second must not cut the first's cleanup short
+    out = ctrl_c(proc, lambda line: "[minconv] epoch 0 step 3/6" in line, presses=2)
     assert proc.returncode == 130, out[-3000:]
     lines = [line for line in out.splitlines() if "[minconv] epoch" in line]
     assert lines and len(lines) == len(set(lines)), "a worker line shown twice on the driver"

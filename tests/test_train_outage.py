@@ -103,7 +103,7 @@ class SpoolSent:
 
 @pytest.fixture(scope="module")
 def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)  # not another user's Ray
     yield
     ray.shutdown()
 

@@ -229,8 +229,10 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, callbacks: list[StepCall
     stats, grid, steps_per_epoch, val_batches, static = _check_data(cfg, url)
 
     started_ray = not ray.is_initialized()
-    if started_ray:  # its workers leave a terminal's Ctrl-C to this process, which ends the run first
-        ray.init(log_to_driver=True, runtime_env={"worker_process_setup_hook": ignore_sigint})
+    if started_ray:  # a Ray of its own (not one another user started here), unless RAY_ADDRESS names one; its
+        # workers leave a terminal's Ctrl-C to this process, which ends the run first
+        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), log_to_driver=True,
+                 runtime_env={"worker_process_setup_hook": ignore_sigint})
     _check_resources(cfg)
     if not resume:
         runs.claim(directory, name)
