@@ -160,12 +160,14 @@ def assert_every_step_once(client, run_id: str) -> dict[str, list[int]]:
     return steps
 
 
-def assert_not_slowed(times: dict[int, float], during: list[int], outside: list[int], factor: float = 3.0) -> None:
-    """The median time per step while the server was down is at most `factor` times the median outside the
-    outage, in the same run under the same load. Logging in line with training, each step would wait for a
-    request to time out (tracking.timeout_s = 5 s, ~50x a tiny step here); spooling costs a local write."""
+def assert_not_slowed(times: dict[int, float], during: list[int], outside: list[int], timeout_s: float = 5.0) -> None:
+    """A step while the server was down (median) is slower than one outside the outage (median, the same run
+    under the same load) by less than a tenth of `timeout_s`. The guarded cost: a loop that logged in line with
+    training would wait at least one request timeout (tracking.timeout_s, 5 s here) per logging step (every
+    step here), MLflow's own retries minutes; spooling costs a local write on another thread, which on a
+    tiny model's ~20 ms step under a loaded CPU shows as a few ms (the thread holds the GIL meanwhile)."""
     slow, usual = statistics.median(times[s] for s in during), statistics.median(times[s] for s in outside)
-    assert slow <= factor * usual, f"steps took {slow:.3f} s during the outage, {usual:.3f} s outside it"
+    assert slow - usual < timeout_s / 10, f"steps took {slow:.3f} s during the outage, {usual:.3f} s outside it"
 
 
 def step_times(client, run_id: str) -> dict[int, float]:
