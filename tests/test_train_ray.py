@@ -149,7 +149,7 @@ def test_resume_continues_a_stopped_run_exactly(store, workdir, reference):
     resumed = fit(tiny(store, workdir, "ignored"), resume="stopped")
     assert resumed.run_dir == first.run_dir and resumed.mlflow_run_id == first.mlflow_run_id
     assert client.get_run(first.mlflow_run_id).info.status == "FINISHED"
-    assert [v.version for v in versions()] == [resumed.model_version]  # the only version of the run
+    assert [str(v.version) for v in versions()] == [resumed.model_version]  # the only version of the run
     assert latest(resumed.run_dir)[1]["global_step"] == STEPS
     assert losses(resumed) == losses(reference)
     check_weights(model_of(resumed), model_of(reference))  # bit-equal
