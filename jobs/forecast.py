@@ -38,6 +38,7 @@ def warmup_arg(value: str) -> int | str:
 def parser() -> argparse.ArgumentParser:
     p = job_parser(__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="checkpoint file, models:/name/version, runs:/id/path or official:PATH")
+    p.add_argument("--tracking-uri", help="MLflow store of a models:/ or runs:/ --model; else $MLFLOW_TRACKING_URI")
     p.add_argument("--arch", help="architecture, for official checkpoints")
     p.add_argument("--padding", default="zeros", help="padding, for official checkpoints")
     p.add_argument("--tanh-encoder", action="store_true", help="tanh on the encoder, for official checkpoints")
@@ -73,7 +74,8 @@ def main(argv: list[str] | None = None) -> str:
     args = parser().parse_args(argv)
     check_target(args.out, args.out_storage_options, args.overwrite)  # before the long part
     stats = NormStats.load(args.stats) if args.stats else None
-    model = load_model(args.model, arch=args.arch, padding=args.padding, tanh_encoder=args.tanh_encoder, stats=stats)
+    model = load_model(args.model, arch=args.arch, padding=args.padding, tanh_encoder=args.tanh_encoder, stats=stats,
+                       tracking_uri=args.tracking_uri)
     url = args.data or default_store()
     data = open_channels(url, args.channels or model.normalizer.channels, dims=args.dims,
                          coarsen=args.coarsen, storage_options=args.storage_options)

@@ -143,8 +143,14 @@ def test_worker_killed_mid_epoch_recovers_exactly(store, workdir, reference, tmp
 def test_resume_continues_a_stopped_run_exactly(store, workdir, reference):
     first = fit(tiny(store, workdir, "stopped", "run.stop_after_steps=3"))
     assert latest(first.run_dir)[1]["global_step"] == 3
+    client = mlflow.tracking.MlflowClient(first.mlflow_uri)
+    versions = lambda: client.search_model_versions(f"run_id = '{first.mlflow_run_id}'")  # noqa: E731
+    assert client.get_run(first.mlflow_run_id).info.status == "KILLED"  # stopped, not finished
+    assert first.model_version is None and not versions()
     resumed = fit(tiny(store, workdir, "ignored"), resume="stopped")
     assert resumed.run_dir == first.run_dir and resumed.mlflow_run_id == first.mlflow_run_id
+    assert client.get_run(first.mlflow_run_id).info.status == "FINISHED"
+    assert [str(v.version) for v in versions()] == [resumed.model_version]  # the only version of the run
     assert latest(resumed.run_dir)[1]["global_step"] == STEPS
     assert losses(resumed) == losses(reference)
     check_weights(model_of(resumed), model_of(reference))  # bit-equal

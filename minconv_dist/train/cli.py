@@ -15,6 +15,12 @@ from minconv_dist.train.resume import RunFinished, resume_config
 # Ray Train 2.60 wraps print() in its workers and the driver then shows every worker line twice (the print
 # and its logger's copy); plain print: each line once. Ray Train passes this variable on to its workers.
 WORKER_PRINT = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+# What a job prints: our own lines. Of the workers' output the driver shows only lines that start with
+# [minconv], without Ray's "(RayTrainWorker pid=...)" prefix (Ray's log settings, read when Ray is imported; Ray
+# Train's per-worker checkpoint/report lines, DeepSpeed's and Ray's core-worker messages stay in Ray's logs,
+# /tmp/ray/session_*/logs), and MLflow says only warnings, without progress bars. `--debug` shows everything.
+QUIET = {"RAY_DEDUP_LOGS_SKIP_REGEX": r"^(?!\[minconv\])", "RAY_DISABLE_WORKER_LOG_PREFIX": "1",
+         "MLFLOW_LOGGING_LEVEL": "WARNING", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 
 # flag -> config key; the value is passed through the same YAML parsing as --set
 SHORTCUTS = {
@@ -48,12 +54,13 @@ def main(description: str, preset: Path | None = None, argv: list[str] | None = 
                         help="override one config key; repeatable")
     parser.add_argument("--resume", metavar="RUN", help="continue run RUN (a name under run.storage_path, or "
                                                         "its directory) from its newest verified checkpoint")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (else: one line)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (else: one line), and "
+                                                            "Ray's, DeepSpeed's and MLflow's own log lines")
     for flag, (key, text) in SHORTCUTS.items():
         parser.add_argument(flag, dest=key, metavar="VALUE", help=f"{text.format(store=store)} (= --set {key}=VALUE)")
     args = parser.parse_args(argv)
     local = {} if "RAY_ADDRESS" in os.environ else LOCAL_ONLY  # a Ray of the job's own: on loopback only
-    for key, value in {**WORKER_PRINT, **local}.items():
+    for key, value in {**WORKER_PRINT, **local, **({} if args.debug else QUIET)}.items():
         os.environ.setdefault(key, value)
     from minconv_dist.train.meter import NonFiniteLossError
     from minconv_dist.train.trainer import Interrupted, TrainingError, fit  # imports Ray (and DeepSpeed, torch)
@@ -73,7 +80,7 @@ def main(description: str, preset: Path | None = None, argv: list[str] | None = 
     except Interrupted as stop:
         print(f"\n{stop}", file=sys.stderr)
         return 130
-    except KeyboardInterrupt:  # before training started: nothing to continue
+    except KeyboardInterrupt:  # before the MLflow run existed: nothing to continue
         print("\ninterrupted before training started", file=sys.stderr)
         return 130
     except (ConfigError, TrainingError, NonFiniteLossError) as err:

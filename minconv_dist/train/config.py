@@ -197,6 +197,10 @@ class TrackingConfig:
     registered_model: str = "minconv-era5"  # "" skips registration
     log_every: AtLeast1 = 10  # micro-steps between metric log lines
     plot: bool = True
+    # outages (docs/training.md, "What survives what"): training never waits for the server
+    timeout_s: AtLeast1 = 10  # an MLflow request taking longer fails (no retries): the server counts as down
+    retry_every_s: NonNegative = 30.0  # during an outage rank 0 offers the server what it spooled this often
+    wait_s: NonNegative = 60.0  # the driver retries (with backoff) creating the run and finishing it this long
 
 
 @dataclass

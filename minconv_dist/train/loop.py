@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from contextlib import ExitStack
 from itertools import islice
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
@@ -33,8 +34,9 @@ from minconv_dist.train.config import TrainConfig, build_config
 from minconv_dist.train.datasets import build_network, window_dataset
 from minconv_dist.train.engine import build_engine
 from minconv_dist.train.meter import LossMeter
+from minconv_dist.train.metric_logger import MetricLogger
+from minconv_dist.train.spool import Spool, spool_dir
 from minconv_dist.train.time_parallel import TimeSplit, device_mesh
-from minconv_dist.train.tracking import MetricLogger
 
 
 class StepCallback(Protocol):
@@ -164,6 +166,18 @@ def restore(engine: Any, meter: LossMeter, resume_from: str | None, run_dir: str
 def worker_loop(loop_config: dict[str, Any]) -> None:
     """Train per `loop_config` = {config, url, stats, static, steps_per_epoch, val_batches, mlflow_uri,
     mlflow_run_id, resume_from, run_dir, callbacks}; report a checkpoint at every validation and at the end."""
+    with ExitStack() as closing:  # rank 0's logger is closed (its queue written out) also when training fails
+        _train(loop_config, closing)
+
+
+def metric_logger(cfg: TrainConfig, loop_config: dict[str, Any]) -> MetricLogger:
+    """Rank 0's logger into the run; it spools beside the run directory while the server does not answer."""
+    uri, run_id = loop_config["mlflow_uri"], loop_config["mlflow_run_id"]
+    return MetricLogger(uri, run_id, Spool(spool_dir(loop_config["run_dir"]), uri, run_id),
+                        timeout_s=cfg.tracking.timeout_s, retry_every_s=cfg.tracking.retry_every_s)
+
+
+def _train(loop_config: dict[str, Any], closing: ExitStack) -> None:
     cfg, stats = build_config(loop_config["config"]), NormStats(**loop_config["stats"])
     callbacks: list[StepCallback] = loop_config.get("callbacks") or []
     ctx = ray.train.get_context()
@@ -187,7 +201,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     engine = build_engine(cfg, build_network(cfg, stats, train_ds.grid, loop_config.get("static")), last_step, bf16)
     meter = LossMeter(device)
     position = restore(engine, meter, loop_config.get("resume_from"), loop_config["run_dir"], rank, device)
-    logger = MetricLogger(loop_config["mlflow_uri"], loop_config["mlflow_run_id"]) if rank == 0 else None
+    logger = closing.enter_context(metric_logger(cfg, loop_config)) if rank == 0 else None
     progress = Progress(logger, d.batch_size * world // S, last_step, position["global_step"])
     while position["epoch"] < cfg.optim.epochs:
         epoch, k = position["epoch"], teacher_steps_at(cfg, position["epoch"])
@@ -217,6 +231,8 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
                     logger.plot_forecast(truth[:, 0].cpu(), forecast[:, 0].cpu(), step, stats.channels[0])
                 saved = {**position, "finished": bool(step == last_step), "epoch_loss_total": summary["epoch_total"],
                          "epoch_loss_count": summary["epoch_count"], "mlflow_run_id": loop_config["mlflow_run_id"]}
+                if logger is not None:  # a worker restarted from this checkpoint must find the steps before it
+                    logger.flush()
                 report(engine, rank, world, saved, cfg, {"epoch": position["epoch"], "step": step,
                                                          "train_loss": summary["last"], "val_loss": val_loss,
                                                          "final": int(final)}, loop_config["run_dir"])

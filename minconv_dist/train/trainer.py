@@ -1,22 +1,22 @@
 """`fit(config)`: check everything that can be checked on the driver, then run `worker_loop` on a Ray
-Train `TorchTrainer`, and log + register the final model in MLflow.
+Train `TorchTrainer`, and end the MLflow run: log + register the final model, set its status (`train/sync.py`).
 """
 from __future__ import annotations
 
 import os
 import queue
+import shlex
+import signal
 import sys
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
 import ray.train
-import torch
 from ray.train.torch import TorchTrainer
 
 from minconv_dist.data import (DataError, NormStats, channel_bounds, check_stats, compute_stats, default_store,
@@ -24,13 +24,14 @@ from minconv_dist.data import (DataError, NormStats, channel_bounds, check_stats
 from minconv_dist.data.forcings import check_times
 from minconv_dist.data.static import read_static
 from minconv_dist.data.store import is_local, redact
-from minconv_dist.models import load_model_file
-from minconv_dist.train import checkpoint, runs, tracking
+from minconv_dist.train import checkpoint, runs, sync, tracking
 from minconv_dist.train.config import ConfigError, TrainConfig
 from minconv_dist.train.datasets import split_of, window_dataset
+from minconv_dist.train.local_ray import ignore_sigint
 from minconv_dist.train.loop import StepCallback, worker_loop
 from minconv_dist.train.meter import NonFiniteLossError
 from minconv_dist.train.resume import check_plan, check_unfinished, run_dir, saved_plan
+from minconv_dist.train.spool import Spool, spool_dir
 
 
 class TrainingError(RuntimeError):
@@ -43,9 +44,10 @@ class Interrupted(KeyboardInterrupt):
 
 
 def resume_command(directory: str) -> str:
-    """The command that continues the run in `directory` (the job that is running, or the ERA5 job)."""
+    """The command that continues the run in `directory` (the job that is running, or the ERA5 job), quoted
+    for a POSIX shell."""
     job = sys.argv[0] if sys.argv[0].endswith(".py") and "pytest" not in sys.argv[0] else "jobs/train_era5.py"
-    return f"python {job} --resume {directory}"
+    return shlex.join(["python", job, "--resume", directory])
 
 
 @dataclass
@@ -57,6 +59,7 @@ class FitResult:
     mlflow_uri: str
     mlflow_run_id: str
     model_version: str | None
+    unsynced: str | None = None  # what MLflow does not have yet (it did not answer), for `sync.sync_command`
 
 
 @contextmanager
@@ -228,15 +231,57 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, callbacks: list[StepCall
     stats, grid, steps_per_epoch, val_batches, static = _check_data(cfg, url)
 
     started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(log_to_driver=True)
+    if started_ray:  # a Ray of its own (not one another user started here), unless RAY_ADDRESS names one; its
+        # workers leave a terminal's Ctrl-C to this process, which ends the run first
+        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), log_to_driver=True,
+                 runtime_env={"worker_process_setup_hook": ignore_sigint})
     _check_resources(cfg)
     if not resume:
         runs.claim(directory, name)
 
     uri = tracking.resolve_uri(cfg.tracking.uri)
-    run_id = position.get("mlflow_run_id") or tracking.open_run(uri, cfg.tracking.experiment, name, cfg.to_dict())
-    print(f"[minconv] run {name}: {directory}; MLflow {uri} run {run_id}; {steps_per_epoch} steps/epoch "
+    run_id = position.get("mlflow_run_id") or _open_run(cfg, uri, name)
+    run = _Run(name, directory, storage, Spool(spool_dir(directory), uri, run_id))
+    try:
+        return _train(cfg, run, resume_from, position, url, stats, static, grid, steps_per_epoch, val_batches,
+                      callbacks)
+    except KeyboardInterrupt as err:  # at any moment from here: the run ends KILLED, never RUNNING
+        raise _interrupted(cfg, run, started_ray) from err
+
+
+@dataclass
+class _Run:
+    """The run being trained: where it lives, and, once training is over, the plan of its end (`sync.plan`)."""
+
+    name: str
+    directory: str
+    storage: str
+    spool: Spool
+    ending: dict[str, Any] | None = None
+
+
+def _open_run(cfg: TrainConfig, uri: str, name: str) -> str:
+    """Create the MLflow run, retrying with backoff for tracking.wait_s; a new run needs the server once."""
+    t = cfg.tracking
+    try:
+        with tracking.http_limits(t.timeout_s):
+            return tracking.with_backoff(lambda: tracking.open_run(uri, t.experiment, name, cfg.to_dict()), t.wait_s)
+    except Exception as err:  # noqa: BLE001 - a server that does not answer raises many kinds
+        raise ConfigError(f"tracking.uri: MLflow at {redact(uri)} did not answer for tracking.wait_s={t.wait_s:g} s "
+                          f"({tracking.one_line(err)}); a new run is created there before training starts: start "
+                          "the server, or set tracking.uri / MLFLOW_TRACKING_URI") from err
+
+
+def _train(cfg: TrainConfig, run: _Run, resume_from: str | None, position: dict[str, Any], url: str,
+           stats: NormStats, static: np.ndarray | None, grid: tuple[int, int], steps_per_epoch: int,
+           val_batches: int, callbacks: list[StepCallback]) -> FitResult:
+    """Train in the existing MLflow run, then end it: log and register the model, set the status (`sync`)."""
+    name, directory, spool = run.name, run.directory, run.spool
+    uri, run_id, t = spool.uri, spool.server_run_id, cfg.tracking
+    if position:  # a resume: the run is RUNNING again; best effort, one bounded try: its end sets the status
+        with tracking.http_limits(t.timeout_s), suppress(Exception):
+            tracking.set_status(uri, run_id, "RUNNING")
+    print(f"[minconv] run {name}: {directory}; MLflow {redact(uri)} run {run_id}; {steps_per_epoch} steps/epoch "
           f"x {cfg.optim.epochs} epochs on {cfg.parallel.num_workers} workers, ZeRO-{cfg.parallel.zero_stage}",
           flush=True)
     p = cfg.parallel
@@ -245,15 +290,15 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, callbacks: list[StepCall
         worker_loop,
         train_loop_config={
             "config": cfg.to_dict(), "url": url, "stats": asdict(stats), "static": static,
-            "steps_per_epoch": steps_per_epoch,
-            "val_batches": val_batches, "mlflow_uri": uri, "mlflow_run_id": run_id, "resume_from": resume_from,
-            "run_dir": directory, "callbacks": list(callbacks),
+            "steps_per_epoch": steps_per_epoch, "val_batches": val_batches, "mlflow_uri": uri,
+            "mlflow_run_id": run_id, "resume_from": resume_from, "run_dir": directory, "callbacks": list(callbacks),
         },
         scaling_config=ray.train.ScalingConfig(num_workers=p.num_workers, use_gpu=p.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=p.max_failures), callbacks=[_StopOnDeterministicError()],
+            name=name, storage_path=run.storage,
+            failure_config=ray.train.FailureConfig(max_failures=p.max_failures),
+            callbacks=[_StopOnDeterministicError()],
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.checkpoint.keep, checkpoint_score_attribute="val_loss",
                 checkpoint_score_order="min"),
@@ -261,16 +306,12 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, callbacks: list[StepCall
     )
     try:
         result = _fit_beside_main_thread(trainer)
-    except KeyboardInterrupt as err:  # Ctrl-C: end the MLflow run, stop the Ray this call started, say how to go on
-        tracking.finish_run(uri, run_id, "KILLED")
-        if started_ray:
-            ray.shutdown()
-        raise Interrupted(f"run {name} interrupted; MLflow run {run_id} ended as KILLED; continue with: "
-                          f"{resume_command(directory)}") from err
     except ray.train.TrainingFailedError as err:
-        tracking.finish_run(uri, run_id, "FAILED")
+        unsynced = sync.finish_run(spool, sync.plan("FAILED"), timeout_s=t.timeout_s, wait_s=0)
         last = checkpoint.latest(directory)
         where = f"last good checkpoint: {last[0]} (step {last[1]['global_step']})" if last else "no checkpoint"
+        if unsynced:
+            where += f"; MLflow did not answer, later: {sync.sync_command(directory)}"
         cause = _worker_cause(err)
         if isinstance(cause, DataError):
             raise TrainingError(f"run {name} stopped on bad data (not retried): {cause}; {where}; after fixing "
@@ -281,13 +322,50 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, callbacks: list[StepCall
     last = checkpoint.latest(directory)
     if last is None:
         raise TrainingError(f"run {name} finished without a verified checkpoint in {directory}")
-    with ray.train.Checkpoint(last[0]).as_directory() as local:
-        model = load_model_file(Path(local) / "model.pt")
-    example = torch.cat([model.normalizer.denormalize(torch.zeros(1, cfg.data.sequence_length, model.in_channels, *grid)),
-                         torch.zeros(1, cfg.data.sequence_length, len(model.forcings), *grid)], dim=2)
-    version = tracking.log_model(uri, run_id, model, example, cfg.tracking.registered_model)
-    tracking.finish_run(uri, run_id, "FINISHED")
-    metrics = dict(result.metrics or {}) or {"global_step": last[1]["global_step"]}
-    print(f"[minconv] done: checkpoint {last[0]}; model {cfg.tracking.registered_model or '(not registered)'}"
-          f" version {version}; view with: mlflow ui --backend-store-uri {uri}", flush=True)
-    return FitResult(name, directory, last[0], metrics, uri, run_id, version)
+    step = last[1]["global_step"]
+    if not last[1].get("finished"):  # run.stop_after_steps: stopped, not finished; its resume registers the model
+        run.ending = sync.plan("KILLED")
+    else:
+        run.ending = sync.plan("FINISHED", last[0], step, t.registered_model, (cfg.data.sequence_length, grid))
+    unsynced = sync.finish_run(spool, run.ending, timeout_s=t.timeout_s, wait_s=t.wait_s)
+    version = (run.ending.get("model") or {}).get("version")
+    metrics = dict(result.metrics or {}) or {"global_step": step}
+    view = f"view with: mlflow ui --backend-store-uri {shlex.quote(uri)}"
+    if unsynced:
+        view = (f"MLflow does not have {unsynced}; kept in {spool.directory}; when it answers: "
+                f"{sync.sync_command(directory)}")
+    if run.ending["status"] == "KILLED":
+        print(f"[minconv] stopped at step {step} (run.stop_after_steps): checkpoint {last[0]}; MLflow run "
+              f"{run_id} KILLED, nothing registered; continue with: {resume_command(directory)}; {view}", flush=True)
+    else:
+        print(f"[minconv] done: checkpoint {last[0]}; model {t.registered_model or '(not registered)'} version "
+              f"{version}; {view}", flush=True)
+    return FitResult(name, directory, last[0], metrics, uri, run_id, version, unsynced)
+
+
+def _interrupted(cfg: TrainConfig, run: _Run, started_ray: bool) -> Interrupted:
+    """Ctrl-C: mark the run KILLED (one bounded try), stop the Ray this call started, say how to go on. Ray's
+    workers ignore the terminal's SIGINT (`local_ray.ignore_sigint`): nothing fails under this cleanup, and a
+    second Ctrl-C does not cut it short."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:
+        killed = sync.finish_run(run.spool, sync.plan("KILLED"), timeout_s=cfg.tracking.timeout_s, wait_s=0)
+        if run.ending is not None:  # training was over: the sync command ends the run as planned
+            run.spool.save_target(run.ending)
+        if started_ray:
+            ray.shutdown()
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+    status = f"MLflow run {run.spool.server_run_id} ended as KILLED"
+    if killed:
+        status = f"MLflow run {run.spool.server_run_id} not updated, {killed}; {sync.sync_command(run.directory)} " \
+                 "updates it"
+    if run.ending is not None:
+        return Interrupted(f"run {run.name} interrupted while ending; {status}; finish with: "
+                           f"{sync.sync_command(run.directory)}")
+    if checkpoint.latest(run.directory) is None:
+        return Interrupted(f"run {run.name} interrupted before its first checkpoint; {status}; nothing to resume: "
+                           "start a new run")
+    return Interrupted(f"run {run.name} interrupted; {status}; continue with: {resume_command(run.directory)}")
