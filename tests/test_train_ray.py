@@ -187,9 +187,12 @@ def test_mlflow_run_and_registered_model(reference, store):
     run = client.get_run(reference.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["parallel.zero_stage"] == "0" and run.data.params["model.arch"] == "minconvgru"
-    for key in ("train_loss", "val_loss", "lr", "samples_per_s", "time_per_step_s", "memory_rss_mb",
-                "epoch_train_loss"):
+    for key in ("train_loss", "train_mse", "val_loss", "val_mse", "lr", "samples_per_s", "time_per_step_s",
+                "memory_rss_mb", "epoch_train_loss"):
         assert key in run.data.metrics, key
+    # the loss says how it is weighted; the plain normalised MSE is logged beside it
+    assert run.data.tags["minconv.loss"].startswith("weighted normalised MSE: area (cell-area weights of 8 latitude")
+    assert run.data.metrics["train_mse"] != run.data.metrics["train_loss"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "config.yaml" in artifacts and "stats.json" not in artifacts  # the statistics live in the weights
     assert len(client.list_artifacts(run.info.run_id, "plots")) == STEPS // 2
@@ -318,6 +321,8 @@ def test_navier_stokes_job_setup_trains_and_logs(workdir, ray_session, tmp_path)
     result = fit(cfg)
     run = mlflow.tracking.MlflowClient(result.mlflow_uri).get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED" and {"train_loss", "val_loss"} <= set(run.data.metrics)
+    assert run.data.tags["minconv.loss"] == "plain normalised MSE"  # no latitude: uniform rows
+    assert run.data.metrics["train_mse"] == run.data.metrics["train_loss"]
     assert run.data.params["data.train_samples"] == "[0, 4]"
     mlflow.set_tracking_uri(result.mlflow_uri)
     forecast, _ = mlflow.pytorch.load_model(f"models:/tiny-ns/{result.model_version}").rollout(

@@ -21,12 +21,14 @@ from ray.train.torch import TorchTrainer
 
 from minconv_dist.data import (DataError, NormStats, channel_bounds, check_stats, compute_stats, default_store,
                                open_store, parse_channels)
+from minconv_dist.data.grid import grid_latitudes
 from minconv_dist.data.store import redact
 from minconv_dist.models import load_model_file
 from minconv_dist.train import checkpoint, tracking
 from minconv_dist.train.config import ConfigError, TrainConfig
 from minconv_dist.train.datasets import split_of, window_dataset
 from minconv_dist.train.loop import StepCallback, worker_loop
+from minconv_dist.train.losses import LossWeights, loss_weights
 from minconv_dist.train.meter import NonFiniteLossError
 from minconv_dist.train.resume import check_plan, check_unfinished, run_dir, saved_plan
 
@@ -75,9 +77,10 @@ def _config_errors(key: str, io_key: str = "data.url") -> Iterator[None]:
         raise ConfigError(f"{key}: {err}") from err
 
 
-def _check_data(cfg: TrainConfig, url: str) -> tuple[NormStats, tuple[int, int], int, int]:
-    """Open the store, compute (or load) the stats, size the epoch and read each split's first batch, all
-    checked (docs/data.md, "Checks"), so that bad data fail here, before any worker starts."""
+def _check_data(cfg: TrainConfig, url: str) -> tuple[NormStats, LossWeights, tuple[int, int], int, int]:
+    """Open the store, compute (or load) the stats and the loss weights of the run's grid, size the epoch and
+    read each split's first batch, all checked (docs/data.md, "Checks"), so that bad data fail here, before any
+    worker starts."""
     d = cfg.data
     # a sample store is split by data.<split>_samples, a single series by data.<split>_range
     key = {split: f"data.{split}_{'samples' if d.dims.sample else 'range'}" for split in ("train", "val")}
@@ -95,6 +98,12 @@ def _check_data(cfg: TrainConfig, url: str) -> tuple[NormStats, tuple[int, int],
             raise ConfigError(f"data.stats_path: statistics for channels {stats.channels}, data.channels are "
                               f"{channels}")
         check_stats(stats, bounds, f"{redact(url)!r} {key['train']}={getattr(d, key['train'][5:])}")
+    with _config_errors("data.dims.lat"):
+        latitude = grid_latitudes(url, d.dims, d.coarsen, d.storage_options or None)
+    try:
+        weights = loss_weights(cfg, latitude, repr(redact(url)))
+    except ValueError as err:  # names its loss.* key
+        raise ConfigError(str(err)) from err
     world = cfg.parallel.num_workers // cfg.parallel.sequence_parallel  # data-parallel groups share the windows
     per_rank = {}
     for split in ("train", "val"):
@@ -110,7 +119,7 @@ def _check_data(cfg: TrainConfig, url: str) -> tuple[NormStats, tuple[int, int],
     if cfg.optim.steps_per_epoch:
         steps = min(steps, cfg.optim.steps_per_epoch)
     val_batches = min(cfg.checkpoint.val_batches, per_rank["val"] // d.batch_size)
-    return stats, ds.grid, steps, val_batches
+    return stats, weights, ds.grid, steps, val_batches
 
 
 def _check_durable(cfg: TrainConfig) -> None:
@@ -206,7 +215,7 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, callbacks: list[StepCall
             raise ConfigError(f"run.name: run {name!r} already has checkpoints in {directory}; "
                               f"continue it with --resume {name} or choose another run.name")
     url = cfg.data.url or default_store()
-    stats, grid, steps_per_epoch, val_batches = _check_data(cfg, url)
+    stats, weights, grid, steps_per_epoch, val_batches = _check_data(cfg, url)
 
     started_ray = not ray.is_initialized()
     if started_ray:
@@ -214,16 +223,21 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, callbacks: list[StepCall
     _check_resources(cfg)
 
     uri = tracking.resolve_uri(cfg.tracking.uri)
-    run_id = position.get("mlflow_run_id") or tracking.open_run(uri, cfg.tracking.experiment, name, cfg.to_dict())
+    run_id = position.get("mlflow_run_id") or tracking.open_run(uri, cfg.tracking.experiment, name, cfg.to_dict(),
+                                                                tags={"minconv.loss": weights.description})
     print(f"[minconv] run {name}: {directory}; MLflow {uri} run {run_id}; {steps_per_epoch} steps/epoch "
           f"x {cfg.optim.epochs} epochs on {cfg.parallel.num_workers} workers, ZeRO-{cfg.parallel.zero_stage}",
+          flush=True)
+    ema = f"; validated and exported: EMA of the weights, decay {cfg.optim.ema_decay}" if cfg.optim.ema_decay else ""
+    print(f"[minconv] train_loss / val_loss: {weights.description}{ema}; train_mse / val_mse: plain normalised MSE",
           flush=True)
     p = cfg.parallel
     resources = {"CPU": p.cpus_per_worker, **({"GPU": p.gpus_per_worker} if p.use_gpu else {})}
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={
-            "config": cfg.to_dict(), "url": url, "stats": asdict(stats), "steps_per_epoch": steps_per_epoch,
+            "config": cfg.to_dict(), "url": url, "stats": asdict(stats), "loss_weights": asdict(weights),
+            "steps_per_epoch": steps_per_epoch,
             "val_batches": val_batches, "mlflow_uri": uri, "mlflow_run_id": run_id, "resume_from": resume_from,
             "callbacks": list(callbacks),
         },
