@@ -204,6 +204,9 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
             final = step in (last_step, cfg.run.stop_after_steps)
             if final or step % cfg.checkpoint.val_every == 0:
                 summary = meter.summary()  # never checkpoint weights that a non-finite loss has touched
+                # every validation reads the same first windows, in a resumed or restarted run too (an
+                # in-process dataset otherwise goes on from where the last validation's islice stopped)
+                val_ds.load_state_dict({**val_ds.state_dict(), "position": 0})
                 val_loss, val_mse, (truth, forecast) = validate(engine, val_loader, loop_config["val_batches"],
                                                                 d.teacher_steps, device, time, loss)
                 progress.log_validation(step, val_loss, val_mse)
