@@ -147,6 +147,8 @@ def test_the_runs_latitudes_reach_the_loss_on_its_coarsened_grid(tiny_store, tin
                                     r"'proportional'\]; or expected a mapping"),
     ("loss.lead_weights=[1, 2]", r"^loss.lead_weights: got \[1.0, 2.0\], expected 5 weights, one per lead"),
     ("loss.lead_weights=[0, 0, 0, 0, 0]", r"^loss.lead_weights: .* expected at least one weight > 0$"),
+    ("optim.ema_decay=1", r"^optim.ema_decay: got 1.0, expected < 1$"),
+    ("optim.ema_decay=-0.5", r"^optim.ema_decay: got -0.5, expected >= 0$"),
 ])
 def test_bad_weights_are_refused_naming_the_key(override, match):
     with pytest.raises(ConfigError, match=match):

@@ -1,5 +1,7 @@
 """Training under Ray Train + DeepSpeed on 2 CPU workers (gloo): ZeRO stages, fault tolerance, resume,
 NaN handling, MLflow and the errors raised before any worker starts. One local Ray session for the module.
+The tiny runs train the area-weighted loss (their grid has latitudes) and keep an EMA of the weights, so every
+check of exactness covers both.
 """
 from __future__ import annotations
 
@@ -89,19 +91,40 @@ def tiny(store: str, workdir: Path, name: str, *overrides: str):
         "model.hidden_size=4", "model.layers=2", "optim.epochs=2", f"optim.steps_per_epoch={STEPS // 2}", "optim.lr=5e-3",
         "optim.warmup_steps=1", "checkpoint.val_every=2", "checkpoint.val_batches=1", "tracking.log_every=1",
         f"tracking.uri=sqlite:///{workdir}/mlflow.db", "tracking.registered_model=tiny", f"run.name={name}",
-        f"run.storage_path={workdir}/runs", "parallel.max_failures=1", *overrides,
+        f"run.storage_path={workdir}/runs", "parallel.max_failures=1", "optim.ema_decay=0.5", *overrides,
     ])
 
 
-def losses(result) -> list[float]:
-    history = mlflow.tracking.MlflowClient(result.mlflow_uri).get_metric_history(result.mlflow_run_id, "train_loss")
+def by_step(result, key: str = "train_loss") -> dict[int, float]:
+    history = mlflow.tracking.MlflowClient(result.mlflow_uri).get_metric_history(result.mlflow_run_id, key)
     steps = [m.step for m in history]
     assert len(steps) == len(set(steps)), "a step logged twice (a restarted worker must not log its replay again)"
-    return [m.value for m in sorted(history, key=lambda m: m.step)]
+    return {m.step: m.value for m in sorted(history, key=lambda m: m.step)}
+
+
+def losses(result) -> list[float]:
+    return list(by_step(result).values())
 
 
 def weights(result) -> dict[str, torch.Tensor]:
+    """The exported model's weights: the EMA of the weights in the tiny runs."""
     return load_model_file(f"{result.checkpoint}/model.pt").state_dict()
+
+
+def raw_weights(result) -> dict[str, torch.Tensor]:
+    """The weights training goes on with: DeepSpeed's module state (fp32 on CPU: the masters themselves)."""
+    return torch.load(f"{result.checkpoint}/ds/mp_rank_00_model_states.pt", weights_only=False)["module"]
+
+
+def assert_same_weights(result, reference) -> None:
+    """Bit-equal exported (EMA) and raw weights, and each rank's saved EMA."""
+    for load in (weights, raw_weights):
+        for key, value in load(reference).items():
+            torch.testing.assert_close(load(result)[key], value, rtol=0, atol=0, msg=f"{load.__name__} {key}")
+    for rank in range(2):
+        ema, expected = (torch.load(f"{r.checkpoint}/ema_rank{rank}.pt", weights_only=True)
+                         for r in (result, reference))
+        assert expected and all(torch.equal(ema[key], value) for key, value in expected.items()), rank
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +133,17 @@ def reference(store, workdir, ray_session):
     return fit(tiny(store, workdir, "zero0"))
 
 
+@pytest.fixture(scope="module")
+def zero2(store, workdir, ray_session):
+    """An uninterrupted ZeRO-2 run (its EMA sharded over the ranks): the baseline for its resume."""
+    return fit(tiny(store, workdir, "zero2", "parallel.zero_stage=2"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_stage_decreases_loss(stage, store, workdir, reference):
-    result = fit(tiny(store, workdir, f"zero{stage}", f"parallel.zero_stage={stage}"))
+def test_zero_stage_decreases_loss(stage, store, workdir, reference, request):
+    result = (request.getfixturevalue("zero2") if stage == 2 else
+              fit(tiny(store, workdir, f"zero{stage}", f"parallel.zero_stage={stage}")))
     got = losses(result)
     assert len(got) == STEPS and got[-1] < got[0]
     if stage == 3:  # ZeRO-3 partitions parameters but must compute the same thing as ZeRO-0
@@ -128,22 +158,30 @@ def test_worker_killed_mid_epoch_recovers_exactly(store, workdir, reference, tmp
     result = fit(tiny(store, workdir, "killed"), callbacks=[KillLastWorker(3, marker)])
     assert marker.exists(), "the hook did not kill a worker"
     assert losses(result)[-1] == losses(reference)[-1]
-    for key, value in weights(reference).items():
-        torch.testing.assert_close(weights(result)[key], value, rtol=0, atol=0)
+    assert_same_weights(result, reference)
 
 
 @pytest.mark.slow
-def test_resume_continues_a_stopped_run_exactly(store, workdir, reference):
-    first = fit(tiny(store, workdir, "stopped", "run.stop_after_steps=3"))
+@pytest.mark.timeout(1200)  # three runs (the baseline's included) on a busy machine
+@pytest.mark.parametrize("stage", [0, 2])
+def test_resume_continues_a_stopped_run_exactly(stage, store, workdir, request):
+    """Stopped after 3 of 6 steps, then --resume: the losses, the raw weights and their EMA (validation's loss,
+    model.pt, each rank's part) are those of the uninterrupted run, at ZeRO-0 (EMA whole on each rank) and ZeRO-2
+    (EMA sharded)."""
+    whole = request.getfixturevalue("reference" if stage == 0 else "zero2")
+    name, zero = f"stopped{stage}", f"parallel.zero_stage={stage}"
+    first = fit(tiny(store, workdir, name, zero, "run.stop_after_steps=3"))
     assert latest(first.run_dir)[1]["global_step"] == 3
-    resumed = fit(tiny(store, workdir, "ignored"), resume="stopped")
+    resumed = fit(tiny(store, workdir, "ignored", zero), resume=name)
     assert resumed.run_dir == first.run_dir and resumed.mlflow_run_id == first.mlflow_run_id
     assert latest(resumed.run_dir)[1]["global_step"] == STEPS
-    assert losses(resumed) == losses(reference)
-    for key, value in weights(reference).items():
-        torch.testing.assert_close(weights(resumed)[key], value, rtol=0, atol=0)
+    assert losses(resumed) == losses(whole)
+    validated = by_step(whole, "val_loss")  # the stopped run also validated where it stopped
+    assert {step: v for step, v in by_step(resumed, "val_loss").items() if step in validated} == validated
+    assert_same_weights(resumed, whole)
+    assert any(not torch.equal(weights(whole)[k], v) for k, v in raw_weights(whole).items())  # model.pt: the EMA
     with pytest.raises(ConfigError, match="already has checkpoints"):
-        fit(tiny(store, workdir, "stopped"))
+        fit(tiny(store, workdir, name, zero))
 
 
 @pytest.mark.parametrize("change, match", [

@@ -59,10 +59,10 @@ def collective_devices(monkeypatch):
     return seen
 
 
-def engine_for(stage: int, precision: str, lr: float = 1e-2):
+def engine_for(stage: int, precision: str, lr: float = 1e-2, *overrides: str):
     cfg = load_config(overrides=["data.batch_size=2", f"parallel.zero_stage={stage}",
                                  f"parallel.precision={precision}", f"optim.lr={lr}", "optim.warmup_steps=0",
-                                 "optim.grad_clip=0"])
+                                 "optim.grad_clip=0", *overrides])
     torch.manual_seed(0)
     model = build_model("minconvgru", ["z"], 4, 2, padding="circular", grid=(8, 8))
     model.normalizer.set_stats([0.5], [2.0])

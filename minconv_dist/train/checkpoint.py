@@ -6,7 +6,9 @@ Ray merges the ranks' uploads into one `checkpoint_*` directory of the run):
     ds/...               DeepSpeed engine: module, optimizer shards, LR scheduler   (all ranks)
     latest               DeepSpeed's tag pointer                                    (rank 0)
     rng_rank{r}.pt       python / numpy / torch RNG states of rank r                 (rank r)
-    model.pt             the model file: spec + fp32 master weights, normaliser    (rank 0)
+    ema_rank{r}.pt       rank r's part of the EMA of the weights, plain tensors     (rank r, with optim.ema_decay)
+    model.pt             the model file: spec + fp32 master weights (their EMA with  (rank 0)
+                         optim.ema_decay), normaliser
                          included (minconv_dist.models.model_file: loads without DeepSpeed)
     config.yaml          the run's config, without storage_options (credentials)    (rank 0)
     position.json        epoch, step in epoch, global step, world size, MLflow run   (rank 0, written last)
@@ -19,7 +21,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import numpy as np
@@ -28,6 +30,9 @@ import yaml
 
 from minconv_dist.data.store import redact_config
 from minconv_dist.models import save_model_file
+
+if TYPE_CHECKING:
+    from minconv_dist.train.ema import WeightEMA
 
 TAG = "ds"
 POSITION = "position.json"
@@ -65,8 +70,9 @@ def _zero0_masters(optimizer: Any) -> dict[int, torch.Tensor]:
     return {id(p): master for group, masters in zip(low, high) for p, master in zip(group, masters)}
 
 
-def master_weights(engine: Any) -> dict[str, torch.Tensor] | None:
-    """The weights the optimizer updates, in fp32, as a full CPU state dict on rank 0 (None elsewhere).
+def master_weights(engine: Any, ema: WeightEMA | None = None) -> dict[str, torch.Tensor] | None:
+    """The weights the optimizer updates, in fp32, as a full CPU state dict on rank 0 (None elsewhere); with
+    `ema`, their EMA instead (an EMA run's exported model).
 
     Under bf16 the module holds bf16 copies; the fp32 masters live in the optimizer, partitioned across
     ranks under ZeRO. `safe_get_full_fp32_param` (DeepSpeed's API for this) gathers a ZeRO-1/2/3 master;
@@ -77,8 +83,9 @@ def master_weights(engine: Any) -> dict[str, torch.Tensor] | None:
 
     zero0 = _zero0_masters(engine.optimizer)
     state, keep = {}, engine.global_rank == 0
-    for name, param in engine.module.named_parameters():
-        master = safe_get_full_fp32_param(param)  # collective under ZeRO
+    averages = None if ema is None else ema.full()  # collective when the EMA is sharded
+    for i, (name, param) in enumerate(engine.module.named_parameters()):
+        master = averages[i] if averages is not None else safe_get_full_fp32_param(param)  # collective under ZeRO
         if keep:
             state[name] = (zero0.get(id(param), param) if master is None else master).detach().float().cpu()
     if not keep:
@@ -89,20 +96,23 @@ def master_weights(engine: Any) -> dict[str, torch.Tensor] | None:
 
 
 def save(engine: Any, directory: str | Path, *, rank: int, world_size: int, position: dict[str, Any],
-         config: dict[str, Any]) -> None:
+         config: dict[str, Any], ema: WeightEMA | None = None) -> None:
     """Write this rank's part of a checkpoint into a local `directory` (collective: all ranks call it)."""
     directory = Path(directory)
     engine.save_checkpoint(str(directory), tag=TAG)
-    weights = master_weights(engine)
+    weights = master_weights(engine, ema)
     torch.save(_rng_state(), directory / f"rng_rank{rank}.pt")
+    if ema is not None:
+        torch.save(ema.state_dict(), directory / f"ema_rank{rank}.pt")
     if rank == 0:
         save_model_file(directory / "model.pt", engine.module, state_dict=weights)
         (directory / "config.yaml").write_text(yaml.safe_dump(redact_config(config), sort_keys=False))
         (directory / POSITION).write_text(json.dumps({**position, "world_size": world_size}))
 
 
-def restore(engine: Any, directory: str | Path, *, rank: int) -> dict[str, Any]:
-    """Load engine, optimizer, scheduler and this rank's RNG states; return the saved position."""
+def restore(engine: Any, directory: str | Path, *, rank: int, ema: WeightEMA | None = None) -> dict[str, Any]:
+    """Load engine, optimizer, scheduler, this rank's RNG states and its part of the `ema`; return the saved
+    position."""
     directory = Path(directory)
     position = json.loads((directory / POSITION).read_text())
     if position["world_size"] != engine.world_size:
@@ -114,6 +124,8 @@ def restore(engine: Any, directory: str | Path, *, rank: int) -> dict[str, Any]:
     if load_path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint under {directory}/{TAG}")
     _set_rng_state(torch.load(directory / f"rng_rank{rank}.pt", weights_only=False))
+    if ema is not None:
+        ema.load_state_dict(torch.load(directory / f"ema_rank{rank}.pt", weights_only=True))
     return position
 
 

@@ -30,6 +30,7 @@ class Bounds:
     ge: float | None = None
     gt: float | None = None
     le: float | None = None
+    lt: float | None = None
     length: int | None = None
     min_length: int | None = None
 
@@ -41,7 +42,7 @@ class Bounds:
         if self.min_length is not None:
             _check(key, len(value) >= self.min_length, value, f"a list of at least {self.min_length} values")
         for bound, ok, text in ((self.ge, lambda b: value >= b, ">="), (self.gt, lambda b: value > b, ">"),
-                                (self.le, lambda b: value <= b, "<=")):
+                                (self.le, lambda b: value <= b, "<="), (self.lt, lambda b: value < b, "<")):
             if bound is not None:
                 _check(key, ok(bound), value, f"{text} {bound:g}")
 
@@ -134,6 +135,9 @@ class OptimConfig:
     grad_accum: AtLeast1 = 1
     # >0: the closed loop grows linearly from 1 step to T - k over these many epochs
     curriculum_epochs: Annotated[int, Bounds(ge=0)] = 0
+    # EMA of the weights, decay per optimizer step (docs/training.md, "EMA of the weights"): validation and the
+    # exported model use it, training goes on with the raw weights. null or 0: off; anemoi-training uses 0.999.
+    ema_decay: Annotated[float, Bounds(ge=0, lt=1)] | None = None
 
 
 @dataclass

@@ -6,6 +6,7 @@ x[:, 1:T+1] by mean squared error over all frames, channels and grid points, in 
 normaliser, weighted per latitude row, channel and lead as `loss.*` says (`train/losses.py`; uniform weights:
 the paper's plain MSE, which is logged beside it as train_mse / val_mse). With `parallel.sequence_parallel` =
 S > 1 each rank holds one time block of the window and its share of that loss (`train/time_parallel.py`).
+With `optim.ema_decay`, validation and the checkpoints' model.pt use the EMA of the weights (`train/ema.py`).
 
 A step queues its work on the device and returns: losses stay on the device (`LossMeter`), and the host
 reads them only on log, validation and epoch-end steps, where the ranks reduce them in one collective.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from contextlib import nullcontext
 from itertools import islice
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,6 +32,7 @@ from minconv_dist.data import NormStats
 from minconv_dist.train import checkpoint
 from minconv_dist.train.config import TrainConfig, build_config
 from minconv_dist.train.datasets import build_network, window_dataset
+from minconv_dist.train.ema import WeightEMA
 from minconv_dist.train.engine import build_engine
 from minconv_dist.train.losses import PLAIN_MSE, LossWeights, WeightedMSE
 from minconv_dist.train.meter import LossMeter
@@ -73,12 +76,14 @@ def normalized_mse(engine: Any, x: Tensor, teacher_steps: int, input_noise: floa
 
 
 def train_step(engine: Any, x: Tensor, teacher_steps: int, input_noise: float, time: TimeSplit | None = None,
-               loss: WeightedMSE | None = None) -> tuple[Tensor, Tensor]:
-    """One forward, backward and optimizer step on x: [B, T+1, C, H, W] (or this rank's block of it, `time`);
-    returns the (weighted) loss and the plain MSE, on the device."""
+               loss: WeightedMSE | None = None, ema: WeightEMA | None = None) -> tuple[Tensor, Tensor]:
+    """One forward, backward and optimizer step on x: [B, T+1, C, H, W] (or this rank's block of it, `time`),
+    then the `ema` update; returns the (weighted) loss and the plain MSE, on the device."""
     value, mse, _ = normalized_mse(engine, x, teacher_steps, input_noise, time, loss)
     engine.backward(value)
     engine.step()
+    if ema is not None:
+        ema.step()
     return value.detach(), mse
 
 
@@ -138,14 +143,15 @@ class Progress:
             print(f"[minconv] step {step}/{self.last_step} val_loss {val_loss:.5f}", flush=True)
 
 
-def restore(engine: Any, meter: LossMeter, resume_from: str | None, rank: int) -> dict[str, int]:
+def restore(engine: Any, meter: LossMeter, resume_from: str | None, rank: int, ema: WeightEMA | None
+            ) -> dict[str, int]:
     """The position to continue from: Ray's checkpoint after a worker restart, else `--resume`'s, else the start."""
     position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
     resume = ray.train.get_checkpoint() or (ray.train.Checkpoint(resume_from) if resume_from else None)
     if resume is None:
         return position
     with resume.as_directory() as directory:
-        saved = checkpoint.restore(engine, directory, rank=rank)
+        saved = checkpoint.restore(engine, directory, rank=rank, ema=ema)
     if rank == 0:  # the epoch's loss sum so far is global: one rank carries it
         meter.load(saved.get("epoch_loss_total", 0.0), saved.get("epoch_loss_count", 0.0))
         print(f"[minconv] resumed at epoch {saved['epoch']} step {saved['global_step']}", flush=True)
@@ -177,8 +183,9 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     last_step = cfg.optim.epochs * steps_per_epoch
     engine = build_engine(cfg, build_network(cfg, stats, train_ds.grid), last_step, bf16)
     loss = WeightedMSE(LossWeights(**loop_config["loss_weights"]), d.sequence_length, device)
+    ema = WeightEMA(engine, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
     meter, mse_meter = LossMeter(device), LossMeter(device)  # the loss as trained, and the plain MSE beside it
-    position = restore(engine, meter, loop_config.get("resume_from"), rank)
+    position = restore(engine, meter, loop_config.get("resume_from"), rank, ema)
     logger = MetricLogger(loop_config["mlflow_uri"], loop_config["mlflow_run_id"]) if rank == 0 else None
     progress = Progress(logger, d.batch_size * world // S, last_step, position["global_step"])
     while position["epoch"] < cfg.optim.epochs:
@@ -190,7 +197,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
             step = position["global_step"] + 1
             for callback in callbacks:
                 callback(engine, step, rank)
-            value, mse = train_step(engine, x.to(device, non_blocking=True), k, d.input_noise, time, loss)
+            value, mse = train_step(engine, x.to(device, non_blocking=True), k, d.input_noise, time, loss, ema)
             meter.update(value, step)
             mse_meter.update(mse, step)
             position["step_in_epoch"], position["global_step"] = position["step_in_epoch"] + 1, step
@@ -207,14 +214,15 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
                 # every validation reads the same first windows, in a resumed or restarted run too (an
                 # in-process dataset otherwise goes on from where the last validation's islice stopped)
                 val_ds.load_state_dict({**val_ds.state_dict(), "position": 0})
-                val_loss, val_mse, (truth, forecast) = validate(engine, val_loader, loop_config["val_batches"],
-                                                                d.teacher_steps, device, time, loss)
+                with ema.applied() if ema is not None else nullcontext():  # validate the EMA weights
+                    val_loss, val_mse, (truth, forecast) = validate(engine, val_loader, loop_config["val_batches"],
+                                                                    d.teacher_steps, device, time, loss)
                 progress.log_validation(step, val_loss, val_mse)
                 if logger is not None and cfg.tracking.plot:
                     logger.plot_forecast(truth[:, 0].cpu(), forecast[:, 0].cpu(), step, stats.channels[0])
                 saved = {**position, "finished": bool(step == last_step), "epoch_loss_total": summary["epoch_total"],
                          "epoch_loss_count": summary["epoch_count"], "mlflow_run_id": loop_config["mlflow_run_id"]}
-                report(engine, rank, world, saved, cfg, {
+                report(engine, rank, world, saved, cfg, ema, {
                     "epoch": position["epoch"], "step": step, "train_loss": summary["last"],
                     "train_mse": mse_meter.summary()["last"], "val_loss": val_loss, "val_mse": val_mse,
                     "final": int(final)})
@@ -223,12 +231,13 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
                 return
 
 
-def report(engine: Any, rank: int, world: int, position: dict[str, Any], cfg: TrainConfig,
+def report(engine: Any, rank: int, world: int, position: dict[str, Any], cfg: TrainConfig, ema: WeightEMA | None,
            metrics: dict[str, float]) -> None:
     """Write this rank's part of a checkpoint into a fresh local folder and report it to Ray (collective)."""
     local = Path(tempfile.mkdtemp(prefix="minconv-ckpt-"))
     try:
-        checkpoint.save(engine, local, rank=rank, world_size=world, position=position, config=cfg.to_dict())
+        checkpoint.save(engine, local, rank=rank, world_size=world, position=position, config=cfg.to_dict(),
+                        ema=ema)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(local)))
     finally:
         shutil.rmtree(local, ignore_errors=True)
