@@ -70,3 +70,31 @@ def tiny_sample_store(tmp_path_factory) -> str:
                coords={"sample": np.arange(10), "time": np.arange(12.0), "y": np.arange(8) / 8, "x": np.arange(8) / 8},
                ).to_zarr(path, encoding={"vorticity": {"chunks": (4, 5, 8, 8)}}, zarr_format=3, consolidated=False)
     return path
+
+
+def add_static_fields(path: str, lat: str = "latitude", lon: str = "longitude") -> None:
+    """Write WeatherBench2's two static variables, dims (lat, lon) only, into the synthetic store at `path`:
+    `land_sea_mask` (1 on a "continent" north of 17°S) and `geopotential_at_surface` (a smooth ridge on it, m²/s²);
+    neither is symmetric in latitude, so a flipped latitude shows."""
+    import numpy as np
+    import xarray as xr
+
+    from minconv_dist.data import open_store
+    from minconv_dist.data.store import set_attrs
+
+    grid = open_store(path)
+    phi, lam = np.meshgrid(np.deg2rad(grid[lat].values), np.deg2rad(grid[lon].values), indexing="ij")
+    mask = ((phi > -0.3) & (phi < 1.1) & (np.sin(lam) > 0.3)).astype(np.float32)
+    orography = (9.81 * 3000 * mask * np.cos(phi) ** 2 * np.sin(lam) ** 2).astype(np.float32)
+    xr.Dataset({"land_sea_mask": ((lat, lon), mask), "geopotential_at_surface": ((lat, lon), orography)}).to_zarr(
+        path, mode="a", zarr_format=3, consolidated=False)
+    set_attrs(path, None)  # re-consolidate, so readers of the consolidated metadata see the new variables
+
+
+@pytest.fixture(scope="session")
+def tiny_static_store(tmp_path_factory) -> str:
+    """`tiny_wb2_store`'s layout with WeatherBench2's static `land_sea_mask` and `geopotential_at_surface`."""
+    path = str(tmp_path_factory.mktemp("stores") / "tiny_static.zarr")
+    write_synthetic_era5(path, **TINY, layout="weatherbench2")
+    add_static_fields(path)
+    return path

@@ -1,4 +1,4 @@
-"""The latitude rows of a run's grid and their cell areas: one definition for the training loss and the
+"""Which grids have latitudes, and their rows' cell areas: one definition for the training loss and the
 evaluation (both layers sit above data/, so neither imports the other for it)."""
 from __future__ import annotations
 
@@ -6,9 +6,6 @@ from typing import TypeVar
 
 import numpy as np
 import xarray as xr
-
-from minconv_dist.data.selection import coarsen
-from minconv_dist.data.store import DimNames, open_store
 
 A = TypeVar("A", xr.DataArray, np.ndarray)
 
@@ -42,13 +39,3 @@ def is_latitude(coord: xr.DataArray) -> bool:
     attrs = coord.attrs
     return (attrs.get("units") in LATITUDE_UNITS or attrs.get("standard_name") == "latitude"
             or str(coord.name).lower() in LATITUDE_NAMES)
-
-
-def grid_latitudes(url: str, dims: DimNames, factor: int, storage_options: dict | None = None) -> np.ndarray | None:
-    """The latitude (degrees) of each row of the run's grid, block-averaged by `coarsen` as the windows and
-    the forecasts are, in the store's order; None when `dims.lat` is not a latitude (a Navier–Stokes `y`)."""
-    ds = open_store(url, storage_options)
-    if dims.lat not in ds.coords or not is_latitude(ds[dims.lat]):
-        return None
-    rows = xr.zeros_like(ds[dims.lat], dtype=float) + xr.zeros_like(ds[dims.lon], dtype=float)  # [lat, lon]
-    return coarsen(rows.transpose(dims.lat, dims.lon), factor, dims.lat, dims.lon, url)[dims.lat].values

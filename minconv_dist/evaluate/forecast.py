@@ -10,6 +10,9 @@ Two ways to give the model its state at each init time:
 - context (any cell): warm up on the `context` frames ending at init time, per init, in batches;
 - warm-up pass (Min cells): one pass over the record from `warmup` frames before the first init time, in
   consecutive parallel scans between init times with the state carried (`Network.warm_states`).
+
+Either way the store is read up to the init time only. A model with forcings gets them computed from the valid
+times (init time + lead) and the data's grid (`data/forcings.py`); its static fields are in its weights.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import torch
 import xarray as xr
 
 from minconv_dist.data import DimNames, open_store, select_channels
+from minconv_dist.data.forcings import check_times, compute_forcings
 from minconv_dist.data.selection import coarsen as coarsen_grid
 from minconv_dist.data.store import COMPLETE_ATTR, redact, set_attrs, zarr_store
 from minconv_dist.evaluate.layout import LAT, LEAD, LON, TIME, to_weatherbench2, with_cf_attrs
@@ -54,8 +58,13 @@ def check_inputs(model: torch.nn.Module, data: xr.DataArray, init_time: np.ndarr
     if model.grid is not None and tuple(model.grid) != grid:
         raise ValueError(f"the model was built for grid {tuple(model.grid)} (LayerNorm over [H, W]), the data "
                          f"is {grid}; coarsen the data to match")
+    if model.static is not None and tuple(model.static.values.shape[-2:]) != grid:
+        raise ValueError(f"the model's static fields {model.static.channels} lie on grid "
+                         f"{tuple(model.static.values.shape[-2:])}, the data is {grid}; coarsen the data to match")
     times = data["time"].values
     time_step(times)
+    if model.forcings:
+        check_times(times, "the data")
     idx = np.searchsorted(times, init_time)
     bad = (idx >= times.size) | (times[np.minimum(idx, times.size - 1)] != init_time)
     if bad.any():
@@ -90,24 +99,39 @@ def _frames(data: xr.DataArray, rows: np.ndarray, device: str | torch.device) ->
     return torch.from_numpy(x.values.astype(np.float32)).to(device)
 
 
+def _forcings(model: torch.nn.Module, data: xr.DataArray, valid: np.ndarray, device: str | torch.device
+              ) -> torch.Tensor | None:
+    """The model's forcings at valid times `valid` [b, t] on data's grid, [b, t, F, H, W] (None without forcings):
+    computed from the times, whether or not the store has those frames."""
+    if not model.forcings:
+        return None
+    f = compute_forcings(model.forcings, valid.ravel(), data["lat"].values, data["lon"].values)
+    return torch.from_numpy(f.reshape(*valid.shape, *f.shape[1:])).to(device)
+
+
 def context_forecasts(model: torch.nn.Module, data: xr.DataArray, idx: np.ndarray, *, context: int, steps: int,
                       batch_size: int, device: str | torch.device) -> Iterator[tuple[int, torch.Tensor]]:
     """(first init's position, forecasts [b, steps, C, H, W]) per batch: each warmed up on its own context."""
     window = np.arange(-context + 1, 1)
+    times, step = data["time"].values, time_step(data["time"].values)
     for i in range(0, idx.size, batch_size):
+        rows = idx[i:i + batch_size, None]
+        valid = times[rows] + step * np.arange(-context + 1, steps)  # the context's frames, then the closed loop's
         with torch.no_grad():
-            y, _ = model.rollout(_frames(data, idx[i:i + batch_size, None] + window, device), steps)
+            y, _ = model.rollout(_frames(data, rows + window, device), steps,
+                                 forcings=_forcings(model, data, valid, device))
         yield i, y
 
 
 @torch.no_grad()
-def _forecast_from(model: torch.nn.Module, warm: list, steps: int) -> torch.Tensor:
-    """Forecasts [b, steps, C, H, W] from b (state, first prediction) pairs of `Network.warm_states`."""
+def _forecast_from(model: torch.nn.Module, warm: list, steps: int, forcings: torch.Tensor | None) -> torch.Tensor:
+    """Forecasts [b, steps, C, H, W] from b (state, first prediction) pairs of `Network.warm_states`; forcings:
+    those of lead times 1 .. steps - 1, the frames the closed loop reads ([b, steps - 1, F, H, W] or None)."""
     state = [torch.cat(layer, dim=0) for layer in zip(*(s for s, _ in warm))]
     first = torch.cat([y for _, y in warm], dim=0)[:, None]
     if steps == 1:
         return first
-    return torch.cat([first, model.rollout(first, steps - 1, state)[0]], dim=1)
+    return torch.cat([first, model.rollout(first, steps - 1, state, forcings=forcings)[0]], dim=1)
 
 
 def warm_forecasts(model: torch.nn.Module, data: xr.DataArray, idx: np.ndarray, *, start: int, steps: int,
@@ -117,15 +141,18 @@ def warm_forecasts(model: torch.nn.Module, data: xr.DataArray, idx: np.ndarray, 
     start..idx[-1], read `chunk` frames at a time with the state carried (memory: one chunk of frames, and the
     states of the init times in it until a batch of them is rolled out)."""
     pending, done, state = [], 0, None
+    times, step = data["time"].values, time_step(data["time"].values)
     for c0 in range(start, int(idx[-1]) + 1, chunk):
         c1 = min(c0 + chunk, int(idx[-1]) + 1)
         ends = idx[(idx >= c0) & (idx < c1)] - c0
         with torch.no_grad():
-            warm, state = model.warm_states(_frames(data, np.arange(c0, c1)[None], device), ends, state)
+            warm, state = model.warm_states(_frames(data, np.arange(c0, c1)[None], device), ends, state,
+                                            forcings=_forcings(model, data, times[None, c0:c1], device))
         pending += warm
         while len(pending) >= batch_size or (pending and c1 > idx[-1]):
             batch, pending = pending[:batch_size], pending[batch_size:]
-            yield done, _forecast_from(model, batch, steps)
+            valid = times[idx[done:done + len(batch)], None] + step * np.arange(1, steps)
+            yield done, _forecast_from(model, batch, steps, _forcings(model, data, valid, device))
             done += len(batch)
 
 

@@ -45,7 +45,7 @@ def main(description: str, preset: Path | None = None, argv: list[str] | None = 
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key; repeatable")
     parser.add_argument("--resume", metavar="RUN", help="continue run RUN (a name under run.storage_path, or "
-                                                        "its directory) from its latest complete checkpoint")
+                                                        "its directory) from its newest verified checkpoint")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (else: one line)")
     for flag, (key, text) in SHORTCUTS.items():
         parser.add_argument(flag, dest=key, metavar="VALUE", help=f"{text} (= --set {key}=VALUE)")

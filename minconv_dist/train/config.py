@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 
 from minconv_dist.data import DimNames, parse_channels
+from minconv_dist.data.forcings import FORCINGS
 from minconv_dist.data.windows import NAN_POLICIES
 from minconv_dist.models import ARCHS, NORMS, PADDINGS, SEQUENTIAL_ARCHS
 from minconv_dist.train.losses import channel_factors
@@ -100,10 +101,20 @@ class DataConfig:
     # Per channel, in data.channels order: [low, high], where its values can physically lie (store units), or
     # null for the default (minconv_dist.data.DEFAULT_BOUNDS; none: only finiteness). Checked before training.
     bounds: list[Annotated[list[float], Pair] | None] | None = None
+    # Inputs the model reads but does not predict (docs/data.md, "Forcings and static fields"). Forcings: computed
+    # from each frame's valid time and the grid, e.g. [local_solar_time, day_of_year, toa_insolation,
+    # cos_latitude, longitude]. Static: variables without a time dim (e.g. [geopotential_at_surface,
+    # land_sea_mask]) of data.static_url (null: data.url), coarsened like the data.
+    forcings: list[str] = field(default_factory=list)
+    static: list[str] = field(default_factory=list)
+    static_url: str | None = None
 
     def __post_init__(self) -> None:
         _check("data.teacher_steps", self.teacher_steps <= self.sequence_length, self.teacher_steps,
                f"in [1, data.sequence_length={self.sequence_length}]")
+        _check("data.forcings", set(self.forcings) <= set(FORCINGS) and len(set(self.forcings)) == len(self.forcings),
+               self.forcings, f"distinct names from {list(FORCINGS)}")
+        _check("data.static", len(set(self.static)) == len(self.static), self.static, "distinct variable names")
         if self.bounds is not None:
             _check("data.bounds", len(self.bounds) == len(self.channels) and all(
                 b is None or b[0] < b[1] for b in self.bounds), self.bounds,
@@ -192,7 +203,7 @@ class TrackingConfig:
 
 @dataclass
 class RunConfig:
-    name: str | None = None  # None: "<arch>-<timestamp>"
+    name: str | None = None  # None: "<arch>-<YYYYmmdd-HHMMSS>-<6 hex>" (train/runs.py)
     storage_path: str = "runs"  # local dir (made absolute) or s3:// / gs:// URI shared by all nodes
     seed: int = 0
     stop_after_steps: AtLeast1 | None = None  # stop early (as if interrupted), checkpointed; --resume continues
