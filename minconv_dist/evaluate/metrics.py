@@ -24,29 +24,12 @@ from typing import Any, Callable, TypeVar
 import numpy as np
 import xarray as xr
 
+from minconv_dist.data.grid import cell_area_weights
 from minconv_dist.evaluate.layout import LAT, LEAD, LON, TIME
 
 X = TypeVar("X", xr.DataArray, xr.Dataset)
 
 SPACE = (LAT, LON)
-
-
-def cell_area_weights(latitude: xr.DataArray) -> xr.DataArray:
-    """Relative area of each latitude row's cells, normalised to mean 1 (WeatherBench2's weights).
-
-    Source: weatherbench2 `weatherbench2/metrics.py`, `get_lat_weights` / `_cell_area_from_latitude`. Cell
-    edges lie halfway between rows and at ±90°, so a row at a pole gets a half-cell; a row's weight is
-    `sin(upper edge) - sin(lower edge)`. Latitude may ascend or descend; the weights follow its order.
-    """
-    degrees = np.asarray(latitude, dtype=float)
-    order = np.argsort(degrees)
-    rows = np.deg2rad(degrees[order])
-    if (np.diff(rows) <= 0).any() or (np.abs(degrees) > 90).any():
-        raise ValueError(f"latitudes must be distinct and within [-90, 90]; got {degrees.tolist()}")
-    edges = np.concatenate([[-np.pi / 2], (rows[:-1] + rows[1:]) / 2, [np.pi / 2]])
-    area = np.empty_like(rows)
-    area[order] = np.diff(np.sin(edges))
-    return latitude.copy(data=area / area.mean())
 
 
 def cos_latitude_weights(latitude: xr.DataArray) -> xr.DataArray:

@@ -88,12 +88,14 @@ def _artifact_root(uri: str) -> str | None:
     return None
 
 
-def open_run(uri: str, experiment: str, run_name: str, config: dict[str, Any]) -> str:
-    """Create the run with the config as params and as config.yaml, credentials removed. Returns the run id."""
+def open_run(uri: str, experiment: str, run_name: str, config: dict[str, Any],
+             tags: dict[str, str] | None = None) -> str:
+    """Create the run with the config as params and as config.yaml, credentials removed, and `tags` (e.g. which
+    loss weighting `train_loss` has). Returns the run id."""
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=_artifact_root(uri))
-    run = client.create_run(exp_id, run_name=run_name, tags={"minconv.arch": config["model"]["arch"]})
+    run = client.create_run(exp_id, run_name=run_name, tags={"minconv.arch": config["model"]["arch"], **(tags or {})})
     try:
         safe = redact_config(config)
         params = {key: str(value) for key, value in flatten(safe).items()}

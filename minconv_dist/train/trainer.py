@@ -22,6 +22,7 @@ from ray.train.torch import TorchTrainer
 from minconv_dist.data import (DataError, NormStats, channel_bounds, check_stats, compute_stats, default_store,
                                open_store, parse_channels, store_dims)
 from minconv_dist.data.forcings import check_times
+from minconv_dist.data.grid import is_latitude
 from minconv_dist.data.static import read_static
 from minconv_dist.data.store import is_local, redact
 from minconv_dist.train import checkpoint, runs, sync, tracking
@@ -29,6 +30,7 @@ from minconv_dist.train.config import ConfigError, TrainConfig
 from minconv_dist.train.datasets import split_of, window_dataset
 from minconv_dist.train.local_ray import ignore_sigint
 from minconv_dist.train.loop import StepCallback, worker_loop
+from minconv_dist.train.losses import LossWeights, loss_weights
 from minconv_dist.train.meter import NonFiniteLossError
 from minconv_dist.train.resume import check_plan, check_unfinished, run_dir, saved_plan
 from minconv_dist.train.spool import Spool, spool_dir
@@ -80,10 +82,12 @@ def _config_errors(key: str, io_key: str = "data.url") -> Iterator[None]:
         raise ConfigError(f"{key}: {err}") from err
 
 
-def _check_data(cfg: TrainConfig, url: str) -> tuple[NormStats, tuple[int, int], int, int, np.ndarray | None]:
+def _check_data(cfg: TrainConfig, url: str
+                ) -> tuple[NormStats, tuple[int, int], int, int, np.ndarray | None, LossWeights]:
     """Open the store, compute (or load) the stats, size the epoch, read each split's first batch and the static
-    fields, all checked (docs/data.md, "Checks"), so that bad data fail here, before any worker starts. Sets
-    data.dims to the store's spelling of latitude/longitude (`store_dims`), which the workers then use."""
+    fields, and weigh the loss on the run's grid, all checked (docs/data.md, "Checks"), so that bad data fail
+    here, before any worker starts. Sets data.dims to the store's spelling of latitude/longitude (`store_dims`),
+    which the workers then use."""
     d = cfg.data
     # a sample store is split by data.<split>_samples, a single series by data.<split>_range
     key = {split: f"data.{split}_{'samples' if d.dims.sample else 'range'}" for split in ("train", "val")}
@@ -127,7 +131,12 @@ def _check_data(cfg: TrainConfig, url: str) -> tuple[NormStats, tuple[int, int],
             static = read_static(static_url, d.static, latitude=ds.latitudes, longitude=ds.longitudes, dims=d.dims,
                                  coarsen=d.coarsen,
                                  storage_options=None if is_local(static_url) else d.storage_options or None)
-    return stats, ds.grid, steps, val_batches, static
+    latitude = ds.latitudes if d.dims.lat in store.coords and is_latitude(store[d.dims.lat]) else None
+    try:
+        weights = loss_weights(cfg, latitude, repr(redact(url)))
+    except ValueError as err:  # names its loss.* key
+        raise ConfigError(str(err)) from err
+    return stats, ds.grid, steps, val_batches, static, weights
 
 
 def _check_durable(cfg: TrainConfig) -> None:
@@ -228,7 +237,7 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, callbacks: list[StepCall
         storage = directory.rsplit("/", 1)[0]
         runs.check_free(directory, name)
     url = cfg.data.url or default_store()
-    stats, grid, steps_per_epoch, val_batches, static = _check_data(cfg, url)
+    stats, grid, steps_per_epoch, val_batches, static, weights = _check_data(cfg, url)
 
     started_ray = not ray.is_initialized()
     if started_ray:  # a Ray of its own (not one another user started here), unless RAY_ADDRESS names one; its
@@ -240,11 +249,11 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, callbacks: list[StepCall
         runs.claim(directory, name)
 
     uri = tracking.resolve_uri(cfg.tracking.uri)
-    run_id = position.get("mlflow_run_id") or _open_run(cfg, uri, name)
+    run_id = position.get("mlflow_run_id") or _open_run(cfg, uri, name, weights)
     run = _Run(name, directory, storage, Spool(spool_dir(directory), uri, run_id))
     try:
-        return _train(cfg, run, resume_from, position, url, stats, static, grid, steps_per_epoch, val_batches,
-                      callbacks)
+        return _train(cfg, run, resume_from, position, url, stats, static, weights, grid, steps_per_epoch,
+                      val_batches, callbacks)
     except KeyboardInterrupt as err:  # at any moment from here: the run ends KILLED, never RUNNING
         raise _interrupted(cfg, run, started_ray) from err
 
@@ -260,12 +269,14 @@ class _Run:
     ending: dict[str, Any] | None = None
 
 
-def _open_run(cfg: TrainConfig, uri: str, name: str) -> str:
-    """Create the MLflow run, retrying with backoff for tracking.wait_s; a new run needs the server once."""
-    t = cfg.tracking
+def _open_run(cfg: TrainConfig, uri: str, name: str, weights: LossWeights) -> str:
+    """Create the MLflow run, tagged with the loss's weighting, retrying with backoff for tracking.wait_s; a new
+    run needs the server once."""
+    t, tags = cfg.tracking, {"minconv.loss": weights.description}
     try:
         with tracking.http_limits(t.timeout_s):
-            return tracking.with_backoff(lambda: tracking.open_run(uri, t.experiment, name, cfg.to_dict()), t.wait_s)
+            return tracking.with_backoff(lambda: tracking.open_run(uri, t.experiment, name, cfg.to_dict(), tags),
+                                         t.wait_s)
     except Exception as err:  # noqa: BLE001 - a server that does not answer raises many kinds
         raise ConfigError(f"tracking.uri: MLflow at {redact(uri)} did not answer for tracking.wait_s={t.wait_s:g} s "
                           f"({tracking.one_line(err)}); a new run is created there before training starts: start "
@@ -273,8 +284,8 @@ def _open_run(cfg: TrainConfig, uri: str, name: str) -> str:
 
 
 def _train(cfg: TrainConfig, run: _Run, resume_from: str | None, position: dict[str, Any], url: str,
-           stats: NormStats, static: np.ndarray | None, grid: tuple[int, int], steps_per_epoch: int,
-           val_batches: int, callbacks: list[StepCallback]) -> FitResult:
+           stats: NormStats, static: np.ndarray | None, weights: LossWeights, grid: tuple[int, int],
+           steps_per_epoch: int, val_batches: int, callbacks: list[StepCallback]) -> FitResult:
     """Train in the existing MLflow run, then end it: log and register the model, set the status (`sync`)."""
     name, directory, spool = run.name, run.directory, run.spool
     uri, run_id, t = spool.uri, spool.server_run_id, cfg.tracking
@@ -284,14 +295,18 @@ def _train(cfg: TrainConfig, run: _Run, resume_from: str | None, position: dict[
     print(f"[minconv] run {name}: {directory}; MLflow {redact(uri)} run {run_id}; {steps_per_epoch} steps/epoch "
           f"x {cfg.optim.epochs} epochs on {cfg.parallel.num_workers} workers, ZeRO-{cfg.parallel.zero_stage}",
           flush=True)
+    ema = f"; validated and exported: EMA of the weights, decay {cfg.optim.ema_decay}" if cfg.optim.ema_decay else ""
+    print(f"[minconv] train_loss / val_loss: {weights.description}{ema}; train_mse / val_mse: plain normalised MSE",
+          flush=True)
     p = cfg.parallel
     resources = {"CPU": p.cpus_per_worker, **({"GPU": p.gpus_per_worker} if p.use_gpu else {})}
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={
             "config": cfg.to_dict(), "url": url, "stats": asdict(stats), "static": static,
-            "steps_per_epoch": steps_per_epoch, "val_batches": val_batches, "mlflow_uri": uri,
-            "mlflow_run_id": run_id, "resume_from": resume_from, "run_dir": directory, "callbacks": list(callbacks),
+            "loss_weights": asdict(weights), "steps_per_epoch": steps_per_epoch, "val_batches": val_batches,
+            "mlflow_uri": uri, "mlflow_run_id": run_id, "resume_from": resume_from, "run_dir": directory,
+            "callbacks": list(callbacks),
         },
         scaling_config=ray.train.ScalingConfig(num_workers=p.num_workers, use_gpu=p.use_gpu,
                                                resources_per_worker=resources),
