@@ -183,7 +183,7 @@ def test_default_data_config_reads_the_embedded_stores_layout(tiny_wb2_store, ti
              "data.sequence_length=6", "data.teacher_steps=4", "data.stride=6", "data.batch_size=2"]
     cfg = load_config(overrides=[f"data.url={tiny_wb2_store}", *small])
     assert cfg.data.channels == ["geopotential@500", "temperature@850"] and cfg.data.dims == DimNames()
-    stats, grid, _, _, _ = _check_data(cfg, tiny_wb2_store)
+    stats, grid, *_ = _check_data(cfg, tiny_wb2_store)
     assert stats.channels == ["geopotential@500", "temperature@850"] and grid == (16, 32)
     assert cfg.data.dims == DimNames(lat="latitude", lon="longitude")
     assert cfg.to_dict()["data"]["dims"]["lat"] == "latitude"  # what the workers are given
