@@ -281,7 +281,7 @@ def main() -> None:
     warmup, steps = (2, 5) if args.quick or not gpu else (5, 30)
     common = {"sizes": sizes, "wide": wide, "warmup": warmup, "steps": steps, "loader_workers": 4 if gpu else 1}
     device = torch.cuda.get_device_name(0) if gpu else f"CPU ({cpus} cores, gloo)"
-    ray.init(include_dashboard=False, num_cpus=cpus)
+    ray.init(address="local", include_dashboard=False, num_cpus=cpus)
     print(f"# GPU stack: `{' '.join(sys.argv)}`, {device} x {n}, torch {torch.__version__}, "
           f"{datetime.date.today().isoformat()}\n", flush=True)
 
