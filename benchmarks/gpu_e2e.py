@@ -3,8 +3,10 @@
   `ray job submit -- python jobs/train_era5.py --gpu true` at ZeRO 0, 2 and 3 in bf16 (each SUCCEEDED with a
   registered model version); forecast and evaluate from that `models:/` URI; `--resume` of a stopped run and a
   worker killed mid-epoch (each compared with the uninterrupted ZeRO-2 run); and `model.chunk_size` training
-  at T = 8760 through the job itself. The small runs train the area-weighted loss and keep an EMA of the
-  weights (validated and registered), so the recovery checks cover the EMA too.
+  at T = 8760 through the job itself. The small runs train the area-weighted loss on the embedded store's two
+  prognostic variables with every forcing and its two static fields as inputs, and keep an EMA of the weights
+  (validated and registered), so training, registration, forecast, evaluation and the recovery checks cover
+  them all.
 
     python benchmarks/gpu_e2e.py --gpus 1 2        # on the GPU machine (see benchmarks/gpu_e2e.sh)
     python benchmarks/gpu_e2e.py --cpu             # the same steps on 2 gloo CPU workers, small (smoke test)
@@ -54,12 +56,12 @@ class Session:
     def __init__(self, head, gpus: int, workers: int, work: Path):
         self.head, self.gpus, self.workers, self.work = head, gpus, workers, work
         self.mlflow = f"sqlite:///{work}/mlflow.db"
-        self.model = f"e2e-{gpus}gpu"
+        self.registered = f"e2e-{gpus}gpu"
 
     def settings(self, name: str, *extra: str) -> list[str]:
         gpu = self.gpus > 0
         return [f"parallel.num_workers={self.workers}", f"parallel.use_gpu={str(gpu).lower()}",
-                "parallel.precision=bf16", f"tracking.uri={self.mlflow}", f"tracking.registered_model={self.model}",
+                "parallel.precision=bf16", f"tracking.uri={self.mlflow}", f"tracking.registered_model={self.registered}",
                 f"run.storage_path={self.work}/runs", f"run.name={name}", *extra]
 
     def submit(self, sets: list[str], resume: str | None = None, wait: bool = True) -> tuple[str, str, float]:
@@ -137,11 +139,11 @@ def run_training(s: Session, small: list[str], cpu: bool) -> None:
     fc, ev = s.work / "forecast.zarr", s.work / "eval"
     device = "cpu" if cpu else "cuda"
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "jobs/forecast.py", "--model", f"models:/{s.model}/{version}",
+    out = subprocess.run([sys.executable, "jobs/forecast.py", "--model", f"models:/{s.registered}/{version}",
                           "--out", str(fc), "--coarsen", "2", "--init-start", "2016-02-01", "--init-end",
                           "2016-02-10", "--steps", "12", "--device", device, "--overwrite"],
                          cwd=ROOT, env=env, capture_output=True, text=True)
-    row(n, f"forecast from `models:/{s.model}/{version}`", out.returncode == 0,
+    row(n, f"forecast from `models:/{s.registered}/{version}`", out.returncode == 0,
         f"{time.perf_counter() - start:.0f} s; {(out.stdout or out.stderr).strip().splitlines()[-1][:120]}")
     out = subprocess.run([sys.executable, "jobs/evaluate.py", "--forecast", str(fc), "--out", str(ev)],
                          cwd=ROOT, env=env, capture_output=True, text=True)
@@ -156,7 +158,7 @@ def train(s: Session, small: list[str], stage: int) -> None:
     version = s.version(name) if status == "SUCCEEDED" else None
     ok = status == "SUCCEEDED" and version is not None
     row(s.gpus or s.workers, f"train ZeRO-{stage} bf16 (`ray job submit`)", ok,
-        f"{status}, {sec:.0f} s, model `models:/{s.model}/{version}`, val_loss {s.metric(name, 'val_loss')}")
+        f"{status}, {sec:.0f} s, model `models:/{s.registered}/{version}`, val_loss {s.metric(name, 'val_loss')}")
 
 
 def run_recovery(s: Session, small: list[str]) -> None:
@@ -232,7 +234,9 @@ def main() -> None:
     small = ["model.hidden_size=32", "model.layers=2", "data.sequence_length=12", "data.teacher_steps=8", "data.stride=12",
              "data.batch_size=2", "optim.epochs=3", "optim.steps_per_epoch=30", "checkpoint.val_every=15",
              "checkpoint.val_batches=2", "tracking.log_every=5",
-             "optim.ema_decay=0.9"]  # an EMA horizon of ~10 of the 90 steps (0.999 would hardly leave the init)
+             "optim.ema_decay=0.9",  # an EMA horizon of ~10 of the 90 steps (0.999 would hardly leave the init)
+             "data.forcings=[local_solar_time, day_of_year, toa_insolation, cos_latitude, longitude]",
+             "data.static=[geopotential_at_surface, land_sea_mask]"]
     T, chunk = (240, 48) if args.cpu else (8760, 730)
     long = [f"data.url={store}", "data.channels=[z]", "data.coarsen=1",
             "data.train_range=[2013-01-01, 2014-06-30]", "data.val_range=[2015-01-01, 2016-12-31]", f"data.sequence_length={T}", f"data.teacher_steps={T}",
