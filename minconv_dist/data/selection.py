@@ -76,10 +76,11 @@ def coarsen(data: xr.DataArray, factor: int, lat: str, lon: str, url: str) -> xr
 
 
 def select_split(url_or_ds: str | xr.Dataset, channels: str | list, dims: DimNames, time_range: tuple | None,
-                 sample_range: tuple[int, int] | None, storage_options: dict | None = None) -> xr.DataArray:
+                 sample_range: tuple[int, int] | None, storage_options: dict | None = None,
+                 reader: str = "auto") -> xr.DataArray:
     """Lazy (dask) `[[sample,] time, channel, lat, lon]` of a split: its period and (for sample stores) its
     samples. Opened from a URL, its reads name the chunk that fails (`chunks.read`)."""
-    ds = open_store(url_or_ds, storage_options, dask=False) if isinstance(url_or_ds, str) else url_or_ds
+    ds = open_store(url_or_ds, storage_options, dask=False, reader=reader) if isinstance(url_or_ds, str) else url_or_ds
     url = url_or_ds if isinstance(url_or_ds, str) else "the dataset"
     samples = sample_slice(ds.sizes[dims.sample] if dims.sample else 1, sample_range, url, dims.sample)
     specs = parse_channels(channels)

@@ -86,7 +86,7 @@ def _check_data(cfg: TrainConfig, url: str) -> tuple[NormStats, tuple[int, int],
     key = {split: f"data.{split}_{'samples' if d.dims.sample else 'range'}" for split in ("train", "val")}
     bounds = channel_bounds(d.channels, d.bounds)
     with _config_errors("data.url"):
-        store = open_store(url, d.storage_options or None)
+        store = open_store(url, d.storage_options or None, reader=d.reader)
     if d.forcings:
         with _config_errors("data.forcings"):
             check_times(store[d.dims.time].values, repr(redact(url)))
@@ -95,7 +95,7 @@ def _check_data(cfg: TrainConfig, url: str) -> tuple[NormStats, tuple[int, int],
         stats = (NormStats.load(d.stats_path, d.storage_options or None) if d.stats_path else
                  compute_stats(url, d.channels, d.dims, **split_of(cfg, "train"), progress=False,
                                storage_options=d.storage_options or None, bounds=bounds,
-                               allow_nan=d.nan_policy != "raise"))
+                               allow_nan=d.nan_policy != "raise", reader=d.reader))
         channels = [str(s) for s in parse_channels(d.channels)]
         if stats.channels != channels:
             raise ConfigError(f"data.stats_path: statistics for channels {stats.channels}, data.channels are "
@@ -122,7 +122,8 @@ def _check_data(cfg: TrainConfig, url: str) -> tuple[NormStats, tuple[int, int],
         with _config_errors("data.static", "data.static_url" if d.static_url else "data.url"):
             static = read_static(static_url, d.static, latitude=ds.latitudes, longitude=ds.longitudes, dims=d.dims,
                                  coarsen=d.coarsen,
-                                 storage_options=None if is_local(static_url) else d.storage_options or None)
+                                 storage_options=None if is_local(static_url) else d.storage_options or None,
+                                 reader=d.reader)
     return stats, ds.grid, steps, val_batches, static
 
 
