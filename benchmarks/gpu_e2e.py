@@ -232,8 +232,8 @@ def main() -> None:
              "data.batch_size=2", "optim.epochs=3", "optim.steps_per_epoch=30", "checkpoint.val_every=15",
              "checkpoint.val_batches=2", "tracking.log_every=5"]
     T, chunk = (240, 48) if args.cpu else (8760, 730)
-    long = [f"data.url={store}", "data.coarsen=1", "data.train_range=[2013-01-01, 2014-06-30]",
-            "data.val_range=[2015-01-01, 2016-12-31]", f"data.sequence_length={T}", f"data.teacher_steps={T}",
+    long = [f"data.url={store}", "data.channels=[z]", "data.coarsen=1",
+            "data.train_range=[2013-01-01, 2014-06-30]", "data.val_range=[2015-01-01, 2016-12-31]", f"data.sequence_length={T}", f"data.teacher_steps={T}",
             "data.stride=24", "data.batch_size=1", f"model.chunk_size={chunk}", "optim.epochs=1",
             "optim.steps_per_epoch=3", "checkpoint.val_batches=1", "tracking.log_every=1"]
     for gpus in [0] if args.cpu else args.gpus:

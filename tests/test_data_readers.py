@@ -1,6 +1,7 @@
 """The readers of `store.READERS`: the fast-io extra's (zarrs's codec pipeline, obstore's S3 client) read every
-slice bit-equal to zarr-python's, name a corrupt chunk, fail in bounded time on an endpoint that never answers,
-survive forked loader workers, and are refused (or left for zarr-python) where they cannot serve."""
+slice bit-equal to zarr-python's, name a corrupt chunk, leave a missing one to be named, read the static fields,
+fail in bounded time on an endpoint that never answers, survive forked loader workers, and are refused (or left
+for zarr-python) where they cannot serve."""
 
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ from torch.utils.data import DataLoader
 from zarr.core.array import AsyncArray
 from zarr.storage import StorePath
 
-from minconv_dist.data import DataError, DimNames, WindowDataset, open_store, parse_channels, write_synthetic_era5
+from minconv_dist.data import (DataError, DimNames, WindowDataset, compute_stats, open_store, parse_channels,
+                               write_synthetic_era5)
 from minconv_dist.data import store as store_module
 from minconv_dist.data.chunks import Source, read
+from minconv_dist.data.static import read_static
 from minconv_dist.data.store import fast_io_missing, reading, resolve_reader, s3_client, zarr_store
 from minconv_dist.train.config import ConfigError, load_config
-from tests.test_data_store import silent_endpoint  # noqa: F401  (a fixture)
 
 needs_fast_io = pytest.mark.skipif(fast_io_missing() is not None, reason=f"fast-io extra: {fast_io_missing()}")
 NS = DimNames(lat="y", lon="x", sample="sample")
@@ -81,6 +83,8 @@ def test_which_reader_auto_picks():
         resolve_reader("s3://b/x.zarr", {**S3_KEYS, "profile": "p"}, "zarrs")
     with pytest.raises(ConfigError, match=r"data.reader: storage_options\['profile'\]"):
         load_config(None, ["data.url=s3://b/x.zarr", "data.reader=obstore", "data.storage_options.profile=p"])
+    with pytest.raises(ConfigError, match=r"data.reader: storage_options\['profile'\] .* 's3://b/static.zarr'"):
+        load_config(None, ["data.static_url=s3://b/static.zarr", "data.reader=zarrs", "data.storage_options.profile=p"])
 
 
 def test_s3_options_map_to_obstore_with_the_remote_defaults():
@@ -197,3 +201,57 @@ def test_loader_workers_forked_after_zarrs_started_read_the_same_windows(tiny_st
     # one batch per worker (each takes a contiguous half of the windows), so the batches come in time order
     loader = DataLoader(ds, batch_size=-(-len(ds) // 2), num_workers=2, timeout=60, multiprocessing_context="fork")
     assert torch.equal(torch.cat(list(loader)), in_process)
+
+
+def readers_used(monkeypatch) -> list[str]:
+    """The readers `open_store` resolves to from now on, one per store opened."""
+    seen, real = [], store_module.reading
+    monkeypatch.setattr(store_module, "reading", lambda reader="zarr": seen.append(reader) or real(reader))
+    return seen
+
+
+EVERY_READER = ["zarr", pytest.param("zarrs", marks=needs_fast_io), pytest.param("obstore", marks=needs_fast_io)]
+
+
+@pytest.mark.parametrize("reader", EVERY_READER)
+def test_a_missing_chunk_is_named_by_every_reader(reader, tiny_store, tmp_path, s3_process, monkeypatch):
+    """A deleted chunk reads as its fill value (NaN) whatever the reader; `chunks.check_present` names it, with
+    its period, in the windows and in the statistics, locally and on S3."""
+    path = str(tmp_path / "missing.zarr")
+    shutil.copytree(tiny_store, path)
+    os.remove(os.path.join(path, "z", "c", "10", "0", "0"))
+    urls = [(path, None), (s3_copy(path, f"missing-{reader}.zarr", s3_process), s3_process)]
+    checked, seen = [], readers_used(monkeypatch)
+    for url, options in urls:
+        if resolve_reader(url, options, reader) != reader:
+            continue  # obstore on a local store is zarr-python's own read
+        seen.clear()
+        for read_all in (
+                lambda: list(WindowDataset(url, "z", 5, shuffle=False, storage_options=options, reader=reader)),
+                lambda: compute_stats(url, "z", progress=False, storage_options=options, allow_nan=False,
+                                      reader=reader)):
+            with pytest.raises(DataError, match=rf"^chunk 'z/c/10/0/0' of variable 'z' \(time 2015-01-03T12:00:00 "
+                                                rf"to 2015-01-03T17:00:00\) is missing from '{url}' \(zarr reads it as "
+                                                "NaN"):
+                read_all()
+        assert seen == [reader, reader], seen  # the windows' store and the statistics'
+        checked.append(url)
+    assert len(checked) == (1 if reader == "obstore" else 2), checked
+
+
+@needs_fast_io
+def test_static_fields_are_read_by_the_reader_asked_for(tiny_static_store, s3_process, monkeypatch):
+    """`read_static` (data.static, from data.static_url or data.url) opens its store with the reader asked for and
+    reads the same fields as zarr-python, locally and on S3."""
+    dims, names = DimNames(lat="latitude", lon="longitude"), ["land_sea_mask", "geopotential_at_surface"]
+    grid = open_store(tiny_static_store, reader="zarr")
+    kwargs = {"latitude": grid["latitude"].values, "longitude": grid["longitude"].values, "dims": dims}
+    want = read_static(tiny_static_store, names, reader="zarr", **kwargs)
+    assert want.shape == (2, 32, 64) and want.std(axis=(1, 2)).min() > 0
+    url = s3_copy(tiny_static_store, "static.zarr", s3_process)
+    seen = readers_used(monkeypatch)
+    for where, options, reader in ((tiny_static_store, None, "zarrs"), (url, s3_process, "zarrs"),
+                                   (url, s3_process, "obstore")):
+        np.testing.assert_array_equal(read_static(where, names, storage_options=options, reader=reader, **kwargs),
+                                      want, err_msg=f"{where} {reader}")
+    assert seen == ["zarrs", "zarrs", "obstore"]

@@ -147,7 +147,7 @@ def test_ray_job_with_two_time_ranks_trains_as_one_worker(tiny_store, tmp_path):
 
     def job(name: str, *overrides: str):
         cfg = load_config(overrides=[
-            f"data.url={tiny_store}", "data.train_range=[2015-01-01, 2015-01-07]",
+            f"data.url={tiny_store}", "data.channels=[z]", "data.train_range=[2015-01-01, 2015-01-07]",
             "data.val_range=[2015-01-08, 2015-01-10]", "data.sequence_length=6", "data.teacher_steps=4",
             "data.stride=6", "data.batch_size=2", "model.hidden_size=4", "model.layers=2", "model.chunk_size=1",
             "optim.epochs=1", "optim.steps_per_epoch=3", "optim.warmup_steps=1", "optim.lr=5e-3",

@@ -47,7 +47,24 @@ class Bounds:
                 _check(key, ok(bound), value, f"{text} {bound:g}")
 
 
+@dataclass(frozen=True)
+class Matches:
+    """The form a string field must have, attached to its type: `Annotated[str, Matches(regex, text)]`."""
+
+    regex: str
+    text: str  # what the regex allows, in words, for the error
+
+    def check(self, key: str, value: Any) -> None:
+        if value is not None:
+            _check(key, re.fullmatch(self.regex, value), value, self.text)
+
+
 AtLeast1 = Annotated[int, Bounds(ge=1)]
+# A run name becomes a directory and URL path (run.storage_path/<name>), a Ray metric tag (Ray encodes tags as
+# ASCII: "my run ü" failed in Ray's controller with UnicodeEncodeError) and part of printed commands.
+RunName = Annotated[str, Matches(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", "1-100 ASCII letters, digits, '.', '_' or '-', "
+                                 "starting with a letter or digit (it names a directory, a URL path and a Ray "
+                                 "metric tag, which must be ASCII), e.g. 'my-run-u'")]
 NonNegative = Annotated[float, Bounds(ge=0)]
 Pair = Bounds(length=2)
 Arch = Literal[tuple(sorted(ARCHS))]
@@ -75,8 +92,12 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     url: str | None = None  # None: the embedded synthetic ERA5-like store (minconv_dist.data.default_store)
-    channels: Annotated[list[str], Bounds(min_length=1)] = field(default_factory=lambda: ["z"])
-    dims: DimNames = field(default_factory=DimNames)  # the store's dimension names; dims.sample for trajectories
+    # The defaults fit the embedded store: its prognostic variables, in the WeatherBench2 layout.
+    channels: Annotated[list[str], Bounds(min_length=1)] = field(
+        default_factory=lambda: ["geopotential@500", "temperature@850"])
+    # The store's dimension names; dims.sample for trajectories. lat/lon may be spelled either way: a store with
+    # latitude/longitude (WeatherBench2) instead of lat/lon (WeatherBench v1), or the reverse, is read as it is.
+    dims: DimNames = field(default_factory=DimNames)
     storage_options: dict[str, Any] = field(default_factory=dict)
     # How chunks are fetched and decoded (docs/data.md, "Readers"): auto (the fast-io extra's readers where it
     # is installed and they apply, else zarr-python), zarr, zarrs, or obstore (zarr-python's pipeline, s3:// by
@@ -119,7 +140,8 @@ class DataConfig:
                self.forcings, f"distinct names from {list(FORCINGS)}")
         _check("data.static", len(set(self.static)) == len(self.static), self.static, "distinct variable names")
         try:  # a fast reader asked for without the fast-io extra, or with storage_options obstore cannot take
-            resolve_reader(self.url or "", self.storage_options or None, self.reader)
+            for url in (self.url, self.static_url):  # the static fields' store is read by data.reader too
+                resolve_reader(url or "", self.storage_options or None, self.reader)
         except ValueError as err:
             raise ConfigError(f"data.reader: {err}") from err
         if self.bounds is not None:
@@ -189,7 +211,7 @@ class TrackingConfig:
 
 @dataclass
 class RunConfig:
-    name: str | None = None  # None: "<arch>-<timestamp>"
+    name: RunName | None = None  # None: "<arch>-<YYYYmmdd-HHMMSS>-<6 hex>" (train/runs.py)
     storage_path: str = "runs"  # local dir (made absolute) or s3:// / gs:// URI shared by all nodes
     seed: int = 0
     stop_after_steps: AtLeast1 | None = None  # stop early (as if interrupted), checkpointed; --resume continues

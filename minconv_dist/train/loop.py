@@ -13,11 +13,10 @@ reads them only on log, validation and epoch-end steps, where the ranks reduce t
 """
 from __future__ import annotations
 
-import shutil
 import tempfile
 import time
 from itertools import islice
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 import psutil
@@ -143,14 +142,19 @@ class Progress:
             print(f"[minconv] step {step}/{self.last_step} val_loss {val_loss:.5f}", flush=True)
 
 
-def restore(engine: Any, meter: LossMeter, resume_from: str | None, rank: int) -> dict[str, int]:
-    """The position to continue from: Ray's checkpoint after a worker restart, else `--resume`'s, else the start."""
+def restore(engine: Any, meter: LossMeter, resume_from: str | None, run_dir: str, rank: int,
+            device: torch.device) -> dict[str, int]:
+    """The position to continue from: Ray's checkpoint after a worker restart, else `--resume`'s, else the start.
+    Rank 0 verifies it (falling back to the newest verified one) and every rank restores that one."""
     position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
-    resume = ray.train.get_checkpoint() or (ray.train.Checkpoint(resume_from) if resume_from else None)
-    if resume is None:
+    given = ray.train.get_checkpoint()
+    candidate = f"{run_dir}/{PurePosixPath(given.path).name}" if given else resume_from
+    if candidate is None:
         return position
-    with resume.as_directory() as directory:
-        saved = checkpoint.restore(engine, directory, rank=rank)
+    chosen = [checkpoint.usable(candidate, run_dir) if rank == 0 else None]
+    dist.broadcast_object_list(chosen, src=0, device=device)
+    with ray.train.Checkpoint(chosen[0]).as_directory() as directory:
+        saved = checkpoint.restore(engine, directory, rank=rank, label=PurePosixPath(chosen[0]).name)
     if rank == 0:  # the epoch's loss sum so far is global: one rank carries it
         meter.load(saved.get("epoch_loss_total", 0.0), saved.get("epoch_loss_count", 0.0))
         print(f"[minconv] resumed at epoch {saved['epoch']} step {saved['global_step']}", flush=True)
@@ -159,7 +163,7 @@ def restore(engine: Any, meter: LossMeter, resume_from: str | None, rank: int) -
 
 def worker_loop(loop_config: dict[str, Any]) -> None:
     """Train per `loop_config` = {config, url, stats, static, steps_per_epoch, val_batches, mlflow_uri,
-    mlflow_run_id, resume_from, callbacks}; report a checkpoint at every validation and at the end."""
+    mlflow_run_id, resume_from, run_dir, callbacks}; report a checkpoint at every validation and at the end."""
     cfg, stats = build_config(loop_config["config"]), NormStats(**loop_config["stats"])
     callbacks: list[StepCallback] = loop_config.get("callbacks") or []
     ctx = ray.train.get_context()
@@ -182,7 +186,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     last_step = cfg.optim.epochs * steps_per_epoch
     engine = build_engine(cfg, build_network(cfg, stats, train_ds.grid, loop_config.get("static")), last_step, bf16)
     meter = LossMeter(device)
-    position = restore(engine, meter, loop_config.get("resume_from"), rank)
+    position = restore(engine, meter, loop_config.get("resume_from"), loop_config["run_dir"], rank, device)
     logger = MetricLogger(loop_config["mlflow_uri"], loop_config["mlflow_run_id"]) if rank == 0 else None
     progress = Progress(logger, d.batch_size * world // S, last_step, position["global_step"])
     while position["epoch"] < cfg.optim.epochs:
@@ -215,18 +219,19 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
                          "epoch_loss_count": summary["epoch_count"], "mlflow_run_id": loop_config["mlflow_run_id"]}
                 report(engine, rank, world, saved, cfg, {"epoch": position["epoch"], "step": step,
                                                          "train_loss": summary["last"], "val_loss": val_loss,
-                                                         "final": int(final)})
+                                                         "final": int(final)}, loop_config["run_dir"])
                 progress.restart_clock(step)
             if final:
                 return
 
 
 def report(engine: Any, rank: int, world: int, position: dict[str, Any], cfg: TrainConfig,
-           metrics: dict[str, float]) -> None:
-    """Write this rank's part of a checkpoint into a fresh local folder and report it to Ray (collective)."""
-    local = Path(tempfile.mkdtemp(prefix="minconv-ckpt-"))
+           metrics: dict[str, float], run_dir: str) -> None:
+    """Write this rank's part of a checkpoint into a fresh local folder and report it to Ray (collective). A write
+    or upload that fails (a full disk) is a `StorageError`, which ends the run without Ray's retries."""
     try:
-        checkpoint.save(engine, local, rank=rank, world_size=world, position=position, config=cfg.to_dict())
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(local)))
-    finally:
-        shutil.rmtree(local, ignore_errors=True)
+        with tempfile.TemporaryDirectory(prefix="minconv-ckpt-", ignore_cleanup_errors=True) as local:
+            checkpoint.save(engine, Path(local), rank=rank, world_size=world, position=position, config=cfg.to_dict())
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local))
+    except OSError as err:
+        raise checkpoint.write_failure(err, run_dir, position["global_step"]) from err

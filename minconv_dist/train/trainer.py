@@ -7,7 +7,6 @@ import os
 import queue
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -21,12 +20,12 @@ import torch
 from ray.train.torch import TorchTrainer
 
 from minconv_dist.data import (DataError, NormStats, channel_bounds, check_stats, compute_stats, default_store,
-                               open_store, parse_channels)
+                               open_store, parse_channels, store_dims)
 from minconv_dist.data.forcings import check_times
 from minconv_dist.data.static import read_static
 from minconv_dist.data.store import is_local, redact
 from minconv_dist.models import load_model_file
-from minconv_dist.train import checkpoint, tracking
+from minconv_dist.train import checkpoint, runs, tracking
 from minconv_dist.train.config import ConfigError, TrainConfig
 from minconv_dist.train.datasets import split_of, window_dataset
 from minconv_dist.train.loop import StepCallback, worker_loop
@@ -53,7 +52,7 @@ def resume_command(directory: str) -> str:
 class FitResult:
     run_name: str
     run_dir: str
-    checkpoint: str  # the last complete checkpoint
+    checkpoint: str  # the last verified checkpoint
     metrics: dict[str, Any]
     mlflow_uri: str
     mlflow_run_id: str
@@ -80,13 +79,15 @@ def _config_errors(key: str, io_key: str = "data.url") -> Iterator[None]:
 
 def _check_data(cfg: TrainConfig, url: str) -> tuple[NormStats, tuple[int, int], int, int, np.ndarray | None]:
     """Open the store, compute (or load) the stats, size the epoch, read each split's first batch and the static
-    fields, all checked (docs/data.md, "Checks"), so that bad data fail here, before any worker starts."""
+    fields, all checked (docs/data.md, "Checks"), so that bad data fail here, before any worker starts. Sets
+    data.dims to the store's spelling of latitude/longitude (`store_dims`), which the workers then use."""
     d = cfg.data
     # a sample store is split by data.<split>_samples, a single series by data.<split>_range
     key = {split: f"data.{split}_{'samples' if d.dims.sample else 'range'}" for split in ("train", "val")}
     bounds = channel_bounds(d.channels, d.bounds)
     with _config_errors("data.url"):
         store = open_store(url, d.storage_options or None, reader=d.reader)
+        d.dims = store_dims(store, d.dims)  # `lat` or `latitude`, as the store spells it; the workers use it
     if d.forcings:
         with _config_errors("data.forcings"):
             check_times(store[d.dims.time].values, repr(redact(url)))
@@ -173,8 +174,9 @@ def _fit_beside_main_thread(trainer: TorchTrainer) -> ray.train.Result:
     return result
 
 
-# Failures that repeat exactly on a retry from the last checkpoint: bad data, a diverging loss.
-NOT_RETRIED = (DataError, NonFiniteLossError)
+# Failures that repeat exactly on a retry from the last checkpoint: bad data, a diverging loss, a checkpoint that
+# cannot be written (a full disk) or read (altered files).
+NOT_RETRIED = (DataError, NonFiniteLossError, checkpoint.StorageError, checkpoint.CheckpointError)
 
 
 class _StopOnDeterministicError(ray.train.UserCallback):
@@ -202,23 +204,27 @@ def _worker_cause(err: ray.train.TrainingFailedError) -> BaseException:
 
 def fit(cfg: TrainConfig, *, resume: str | None = None, callbacks: list[StepCallback] = ()) -> FitResult:
     """Train per `cfg`. `resume`: a run name under run.storage_path (or a run directory) to continue from its
-    latest complete checkpoint; `cfg` must then keep the run's saved plan (`resume_config` builds such a
+    newest verified checkpoint; `cfg` must then keep the run's saved plan (`resume_config` builds such a
     config). `callbacks` run on every worker before each step (picklable)."""
     _check_durable(cfg)
     resume_from, position = None, {}
-    if resume:
+    if resume:  # the newest verified checkpoint, all of it data only: checked before Ray or MLflow is touched
         directory = run_dir(resume, cfg.run.storage_path)
-        resume_from, position, saved = saved_plan(directory)
+        resume_from, position, saved, skipped = saved_plan(directory)
+        for line in skipped:
+            print(f"[minconv] --resume {resume}: {line}", flush=True)
         check_plan(saved, cfg, resume)
         check_unfinished(saved, position, cfg, resume)
+        try:
+            checkpoint.probe(resume_from)
+        except checkpoint.CheckpointError as err:
+            raise ConfigError(f"--resume {resume}: {err}") from None
         storage, name = directory.rsplit("/", 1)
     else:
-        name = cfg.run.name or f"{cfg.model.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name = cfg.run.name or runs.default_name(cfg.model.arch)
         directory = run_dir(name, cfg.run.storage_path)
         storage = directory.rsplit("/", 1)[0]
-        if checkpoint.latest(directory) is not None:
-            raise ConfigError(f"run.name: run {name!r} already has checkpoints in {directory}; "
-                              f"continue it with --resume {name} or choose another run.name")
+        runs.check_free(directory, name)
     url = cfg.data.url or default_store()
     stats, grid, steps_per_epoch, val_batches, static = _check_data(cfg, url)
 
@@ -226,6 +232,8 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, callbacks: list[StepCall
     if started_ray:
         ray.init(log_to_driver=True)
     _check_resources(cfg)
+    if not resume:
+        runs.claim(directory, name)
 
     uri = tracking.resolve_uri(cfg.tracking.uri)
     run_id = position.get("mlflow_run_id") or tracking.open_run(uri, cfg.tracking.experiment, name, cfg.to_dict())
@@ -240,7 +248,7 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, callbacks: list[StepCall
             "config": cfg.to_dict(), "url": url, "stats": asdict(stats), "static": static,
             "steps_per_epoch": steps_per_epoch,
             "val_batches": val_batches, "mlflow_uri": uri, "mlflow_run_id": run_id, "resume_from": resume_from,
-            "callbacks": list(callbacks),
+            "run_dir": directory, "callbacks": list(callbacks),
         },
         scaling_config=ray.train.ScalingConfig(num_workers=p.num_workers, use_gpu=p.use_gpu,
                                                resources_per_worker=resources),
@@ -273,7 +281,7 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, callbacks: list[StepCall
                    f"continue with: {resume_command(directory)}") from err
     last = checkpoint.latest(directory)
     if last is None:
-        raise TrainingError(f"run {name} finished without a complete checkpoint in {directory}")
+        raise TrainingError(f"run {name} finished without a verified checkpoint in {directory}")
     with ray.train.Checkpoint(last[0]).as_directory() as local:
         model = load_model_file(Path(local) / "model.pt")
     example = torch.cat([model.normalizer.denormalize(torch.zeros(1, cfg.data.sequence_length, model.in_channels, *grid)),
