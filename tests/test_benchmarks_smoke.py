@@ -2,16 +2,21 @@
 from __future__ import annotations
 
 from benchmarks import baselines, loader, scan_cpu, time_parallel, train_step
+from minconv_dist.data.store import fast_io_missing
 
 
 def test_loader_benchmark_runs_and_prints_its_table(capsys):
     loader.main(["--days", "3", "--window", "6", "--sample", "5", "--s3-days", "1", "--grid", "16", "32"])
     out = capsys.readouterr().out
     assert "hourly 16x32 float32 stores" in out
-    rows = [line for line in out.splitlines() if line.startswith("| local") or line.startswith("| moto")]
-    assert len(rows) == 4, out  # local and moto S3, time chunks of 1 and 24
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| local") or line.startswith("| moto")]
+    # local and moto S3, time chunks of 1 and 24, a row per reader that reads the store its own way
+    readers = {"local": ["zarr", "zarrs"], "moto S3": ["zarr", "zarrs", "obstore"]} if fast_io_missing() is None \
+        else {"local": ["zarr"], "moto S3": ["zarr"]}
+    assert [(row[1].split(",")[0].strip(), row[2].strip()) for row in rows] == [
+        (store, reader) for _ in range(2) for store in ("local", "moto S3") for reader in readers[store]], out
     for row in rows:
-        blocks_alone, amplification = float(row.split("|")[5]), float(row.split("|")[8])
+        blocks_alone, amplification = float(row[7]), float(row[11])
         assert blocks_alone > 0 and 1.0 <= amplification <= 1.5, row
 
 

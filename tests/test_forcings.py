@@ -217,7 +217,7 @@ def test_a_forecast_with_forcings_reads_no_frame_past_its_init_time(frame_store,
     valid times (computed, not read); with the forcings an hour late it would differ."""
     keys: list[str] = []
     real = store_module.zarr_store
-    monkeypatch.setattr(store_module, "zarr_store", lambda url, so=None: RecordingStore(
+    monkeypatch.setattr(store_module, "zarr_store", lambda url, so=None, reader="zarr": RecordingStore(
         zarr.storage.LocalStore(real(url, so)), keys))
     data = open_channels(frame_store, "geopotential@500", dims=WB2, coarsen=2)
     lat, lon, all_times = data["lat"].values, data["lon"].values, data["time"].values

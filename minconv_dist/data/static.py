@@ -14,12 +14,13 @@ from minconv_dist.data.store import DimNames, open_store, redact
 
 
 def read_static(url: str, names: Sequence[str], *, latitude: np.ndarray, longitude: np.ndarray,
-                dims: DimNames = DimNames(), coarsen: int = 1, storage_options: dict | None = None) -> np.ndarray:
+                dims: DimNames = DimNames(), coarsen: int = 1, storage_options: dict | None = None,
+                reader: str = "auto") -> np.ndarray:
     """Variables `names` of the store at `url`, each with dims (lat, lon) only, block-averaged by `coarsen` and
     put on the data's grid (`latitude` [H], `longitude` [W], after coarsening; a latitude running the other way
     is flipped): float32 [S, H, W]. A variable that is missing, has a time dim (or any dim but lat and lon), holds
     NaN or lies on another grid is a ValueError naming it and the store."""
-    ds = open_store(url, storage_options, dask=False)
+    ds = open_store(url, storage_options, dask=False, reader=reader)
     where = repr(redact(url))
     fields = []
     for name in names:

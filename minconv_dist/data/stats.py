@@ -67,14 +67,16 @@ class NormStats:
 def compute_stats(url_or_ds: str | xr.Dataset, channels: str | list, dims: DimNames = DimNames(),
                   time_range: tuple | None = None, storage_options: dict | None = None,
                   progress: bool = True, sample_range: tuple[int, int] | None = None,
-                  bounds: Sequence[Range | None] | None = None, allow_nan: bool = True) -> NormStats:
+                  bounds: Sequence[Range | None] | None = None, allow_nan: bool = True,
+                  reader: str = "auto") -> NormStats:
     """Mean and (population) std per channel over (sample,) time, lat and lon, in float64, in one dask pass
     that also checks every frame (`checks.check_frames`: finite, NaN only if `allow_nan`, inside `bounds`,
     default `channel_bounds(channels)`); NaN are left out of the statistics.
 
     `sample_range=(start, stop)` restricts a sample store to its training trajectories, as `time_range` does
     the training period of a single series."""
-    da = select_split(url_or_ds, channels, dims, time_range, sample_range, storage_options, allow_nan=allow_nan)
+    da = select_split(url_or_ds, channels, dims, time_range, sample_range, storage_options, allow_nan=allow_nan,
+                      reader=reader)
     data = da.data if dims.sample else da.data[None]  # [sample, time, channel, lat, lon]
     data = data.rechunk({3: -1, 4: -1})  # whole frames per task
     sums = dask.array.map_blocks(frame_sums, data, drop_axis=4, chunks=data.chunks[:3] + ((5,),), dtype=np.float64)

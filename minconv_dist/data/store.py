@@ -3,17 +3,21 @@
 One function opens every store so that dimension layout, error messages and the "incomplete" marker
 are handled in one place. Credentials travel only in `storage_options` and are never put in messages.
 Remote stores get connect and read timeouts and retries by default (`remote_options`), so an endpoint
-that never answers fails in bounded time instead of hanging a job.
+that never answers fails in bounded time instead of hanging a job. A store is read by one of `READERS`:
+zarr-python alone, or with the `fast-io` extra the zarrs package's compiled codec pipeline and obstore's S3
+client (docs/data.md, "Readers").
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import os
 import re
 import warnings
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +46,22 @@ REMOTE_DEFAULTS["gcs"] = REMOTE_DEFAULTS["gs"]
 READ_BATCH_CHUNKS = 64
 # The longest a store may take to answer the first request before `open_store` gives up on it.
 REACH_TIMEOUT_S = 60.0
+# How a store's chunks are fetched and decoded. "zarr": zarr-python's codec pipeline, remote stores through
+# fsspec (today's path, always there). With the fast-io extra, "zarrs": the zarrs package's codec pipeline, which
+# fetches and decodes a read's chunks in Rust threads (local paths; s3:// through obstore, as zarrs reads no
+# fsspec store), and "obstore": zarr-python's pipeline over obstore's S3 client. "auto": zarrs for local stores,
+# obstore for s3:// where storage_options say enough (resolve_reader), else zarr: the fastest of each in
+# docs/benchmarks.md (issue 25, item 3).
+READERS = ("auto", "zarr", "zarrs", "obstore")
+FAST_IO = "pip install 'minconv_dist[fast-io]'"
+# The process whose zarrs or obstore threads started: neither survives a fork, so a process forked after them
+# (a DataLoader worker) would hang on its first read; it reads with zarr-python instead.
+_fast_io_pid: int | None = None
+S3_PROTOCOLS = ("s3", "s3a")
+# s3fs options -> obstore's S3 config keys; botocore's config_kwargs -> its client and retry options (s3_client)
+_S3_KEYS = {"key": "access_key_id", "secret": "secret_access_key", "token": "session_token",
+            "anon": "skip_signature", "requester_pays": "request_payer", "endpoint_url": "endpoint",
+            "region_name": "region"}
 
 
 class DataError(ValueError):
@@ -115,6 +135,10 @@ def local_path(url: str) -> str:
     return url[len("file://"):] if url.startswith("file://") else url
 
 
+def _protocol(url: str) -> str:
+    return url.split("://", 1)[0] if "://" in url else "file"
+
+
 def _merged(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
     """A copy of `defaults` with `given` on top, nested dicts merged key by key (a deep copy: botocore rewrites
     the `retries` dict it is given)."""
@@ -127,8 +151,7 @@ def _merged(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
 
 def remote_options(url: str, storage_options: dict | None = None) -> dict[str, Any]:
     """The fsspec options for `url`: `REMOTE_DEFAULTS` of its protocol under the user's `storage_options`."""
-    protocol = url.split("://", 1)[0] if "://" in url else "file"
-    return _merged(REMOTE_DEFAULTS.get(protocol, {}), storage_options or {})
+    return _merged(REMOTE_DEFAULTS.get(_protocol(url), {}), storage_options or {})
 
 
 def filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -136,12 +159,96 @@ def filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.Ab
     return fsspec.core.url_to_fs(url, **remote_options(url, storage_options))
 
 
-def zarr_store(url: str, storage_options: dict | None = None) -> Any:
-    """What zarr and xarray accept for `url`: a path for local stores (zarr refuses storage_options there)."""
+def zarr_store(url: str, storage_options: dict | None = None, reader: str = "zarr") -> Any:
+    """What zarr and xarray accept for `url`: a path for local stores (zarr refuses storage_options there), an
+    obstore store (read only) for s3:// read by `reader` "zarrs" or "obstore", else an fsspec store."""
     if is_local(url):
         return local_path(url)
+    if reader != "zarr" and _protocol(url) in S3_PROTOCOLS:
+        from obstore.store import S3Store
+
+        _started_fast_io()
+        return zarr.storage.ObjectStore(S3Store(**s3_client(url, storage_options)), read_only=True)
     return zarr.storage.FsspecStore.from_url(url, storage_options=remote_options(url, storage_options),
                                              read_only=False)
+
+
+def s3_client(url: str, storage_options: dict | None = None) -> dict[str, Any]:
+    """obstore `S3Store` arguments that do what `remote_options(url, storage_options)` asks of s3fs: the bucket
+    and prefix of `url`; key, secret, token, anon, requester_pays, endpoint_url (also in client_kwargs, with
+    region_name); botocore's connect_timeout, read_timeout and retries.max_attempts (config_kwargs) as obstore's
+    connect_timeout, timeout (of a whole request) and max_retries. Without key or anon, obstore finds
+    credentials in the environment (AWS_* variables, web identity, container and instance roles), not in ~/.aws
+    profiles. Raises ValueError naming an option that has no obstore equivalent."""
+    bucket, _, prefix = url.split("://", 1)[1].partition("/")
+    config: dict[str, Any] = {}
+    client: dict[str, Any] = {}
+    retry: dict[str, Any] = {}
+    for key, value in remote_options(url, storage_options).items():
+        if key in _S3_KEYS and key != "region_name":
+            config[_S3_KEYS[key]] = value
+        elif key == "client_kwargs" and set(value) <= {"endpoint_url", "region_name"}:
+            config.update({_S3_KEYS[k]: v for k, v in value.items()})
+        elif key == "config_kwargs" and set(value) <= {"connect_timeout", "read_timeout", "retries"} and set(
+                value.get("retries", {})) <= {"mode", "max_attempts"}:
+            # read_timeout bounds each whole request: zarrs's copy of the client knows no per-read timeout
+            client.update({k: timedelta(seconds=value[b]) for k, b in (("connect_timeout", "connect_timeout"),
+                                                                         ("timeout", "read_timeout")) if b in value})
+            if "max_attempts" in value.get("retries", {}):  # botocore counts the first attempt, obstore does not
+                retry["max_retries"] = max(0, value["retries"]["max_attempts"] - 1)
+        else:
+            raise ValueError(f"storage_options[{key!r}] has no obstore equivalent; read {redact(url)!r} with "
+                             "reader 'zarr' (s3fs)")
+    if str(config.get("endpoint", "")).startswith("http://"):
+        client["allow_http"] = True
+    return {"bucket": bucket, "prefix": prefix.rstrip("/") or None, "config": config, "client_options": client,
+            "retry_config": retry}
+
+
+def fast_io_missing() -> str | None:
+    """Why the zarrs and obstore readers cannot run here (a package of the fast-io extra is missing), or None."""
+    missing = [name for name in ("zarrs", "obstore") if importlib.util.find_spec(name) is None]
+    return f"{' and '.join(missing)} not installed ({FAST_IO})" if missing else None
+
+
+def _started_fast_io() -> None:
+    global _fast_io_pid
+    _fast_io_pid = _fast_io_pid or os.getpid()
+
+
+def resolve_reader(url: str, storage_options: dict | None = None, reader: str = "auto") -> str:
+    """The reader ("zarr", "zarrs" or "obstore") that reads `url` when `reader` is asked for. Where the fast-io extra
+    is installed, "auto" gives "zarrs" for local paths and "obstore" for s3:// when storage_options give the
+    credentials (key or anon) and where to go (endpoint_url or region_name) and have an obstore equivalent
+    (`s3_client`), so that a store s3fs finds by an AWS profile or a bucket's region lookup stays with s3fs.
+    "obstore" applies to s3:// only. Other URLs (memory://, gs://), and a process forked after zarrs or obstore
+    started, read with "zarr". A fast reader asked for explicitly without the extra, or with options obstore
+    cannot take, is a ValueError."""
+    if reader not in READERS:
+        raise ValueError(f"reader={reader!r}: expected one of {READERS}")
+    missing = fast_io_missing() if reader != "zarr" else None
+    if reader == "zarr" or (missing and reader == "auto"):
+        return "zarr"
+    if missing:
+        raise ValueError(f"reader={reader!r}: {missing}")
+    if _fast_io_pid not in (None, os.getpid()):
+        return "zarr"
+    if _protocol(url) in S3_PROTOCOLS:
+        options = storage_options or {}
+        if reader == "auto":
+            kwargs = options.get("client_kwargs", {})
+            credentials = "key" in options or options.get("anon") is True
+            located = "endpoint_url" in options or "endpoint_url" in kwargs or "region_name" in kwargs
+            if not (credentials and located):
+                return "zarr"
+            try:
+                s3_client(url, storage_options)
+            except ValueError:
+                return "zarr"
+            return "obstore"
+        s3_client(url, storage_options)
+        return reader
+    return "zarrs" if is_local(url) and reader != "obstore" else "zarr"
 
 
 def _unreachable(url: str, err: BaseException, what: str = "zarr store") -> OSError:
@@ -183,29 +290,39 @@ def exists(url: str, storage_options: dict | None = None, *, what: str = "output
     return _ask(url, storage_options, "exists", what, REACH_TIMEOUT_S if timeout is None else timeout)
 
 
-def reading() -> contextlib.AbstractContextManager:
-    """zarr's settings for arrays opened inside it to be read (each array keeps them): `READ_BATCH_CHUNKS`."""
-    return zarr.config.set({"codec_pipeline.batch_size": READ_BATCH_CHUNKS})
+def reading(reader: str = "zarr") -> contextlib.AbstractContextManager:
+    """zarr's settings for arrays opened inside it to be read by `reader` (a resolved one, `resolve_reader`; each
+    array keeps them): `READ_BATCH_CHUNKS` for zarr-python's pipeline; for "zarrs" its pipeline, checking
+    checksums whatever zarr's config says (a corrupt chunk must fail, `checksummed`)."""
+    if reader != "zarrs":
+        return zarr.config.set({"codec_pipeline.batch_size": READ_BATCH_CHUNKS})
+    _started_fast_io()
+    return zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline",
+                            "codec_pipeline.validate_checksums": True})
 
 
 def open_store(url: str, storage_options: dict | None = None, *, dask: bool = True,
-               timeout: float = REACH_TIMEOUT_S) -> xr.Dataset:
+               timeout: float = REACH_TIMEOUT_S, reader: str = "auto") -> xr.Dataset:
     """Open a zarr (v2 or v3, consolidated or not) store lazily.
 
     By default every variable is a dask array chunked as on disk. `dask=False` gives xarray's lazy
     (non-dask) arrays, which the window loader uses so that one slice becomes one concurrent zarr read.
+    `reader` is one of `READERS` (`resolve_reader` says which one reads `url`).
     Raises FileNotFoundError for a missing store, OSError for one that cannot be reached (after the
     retries of `remote_options`, and at the latest after `timeout` seconds) and DataError for a store a
     generator left incomplete.
     """
     if is_local(url) and storage_options:
         raise ValueError(f"storage_options given for local store {url!r}; they only apply to remote URLs")
+    reader = resolve_reader(url, storage_options, reader)
     _check_reachable(url, storage_options, timeout)
     try:
-        with warnings.catch_warnings(), reading():
-            # consolidated=None falls back to plain metadata with a RuntimeWarning; both are fine here.
+        with warnings.catch_warnings(), reading(reader):
+            # consolidated=None falls back to plain metadata with a RuntimeWarning; both are fine here, and so is
+            # zarrs's note that its copy of an obstore store keeps a connection pool of its own.
             warnings.simplefilter("ignore", RuntimeWarning)
-            ds = xr.open_zarr(zarr_store(url, storage_options), consolidated=None, chunks={} if dask else None)
+            ds = xr.open_zarr(zarr_store(url, storage_options, reader), consolidated=None,
+                              chunks={} if dask else None)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"no zarr store at {redact(url)!r}") from err
     except (OSError, TimeoutError) as err:  # includes botocore/aiohttp connection errors wrapped by fsspec

@@ -129,6 +129,10 @@ class WindowDataset(torch.utils.data.IterableDataset):
 
     forcings: channel names of `data/forcings.py` (e.g. `["toa_insolation"]`); with any, each item is a pair
     `(window, forcings [T, F, H, W] of its frames' valid times on the coarsened grid)`, both float32.
+
+    reader: how blocks are fetched and decoded, one of `store.READERS` (default "auto": with the fast-io extra, zarrs
+    for local stores and obstore for s3://; `store.resolve_reader`). Loader workers forked after either started
+    read with zarr-python: their threads do not survive a fork.
     """
 
     def __init__(self, url: str, channels: str | list, window: int, *, stride: int = 1,
@@ -138,7 +142,7 @@ class WindowDataset(torch.utils.data.IterableDataset):
                  fill_values: Sequence[float] | None = None, shuffle_buffer: int = 1024, batch_size: int = 1,
                  max_read_amplification: float = 1.05, prefetch: int = 2,
                  bounds: Sequence[Range | None] | None = None, frames: tuple[int, int] | None = None,
-                 forcings: Sequence[str] = ()) -> None:
+                 forcings: Sequence[str] = (), reader: str = "auto") -> None:
         super().__init__()
         if nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy={nan_policy!r}: expected one of {NAN_POLICIES}")
@@ -151,7 +155,7 @@ class WindowDataset(torch.utils.data.IterableDataset):
         self.frames = (0, window) if frames is None else (int(frames[0]), int(frames[1]))
         if not 0 <= self.frames[0] < self.frames[1] <= window:
             raise ValueError(f"frames={frames}: expected [first, stop) with 0 <= first < stop <= window={window}")
-        self.url, self.storage_options, self.dims = url, storage_options, dims
+        self.url, self.storage_options, self.dims, self.reader = url, storage_options, dims, reader
         self.specs: list[ChannelSpec] = parse_channels(channels)
         self.channels = [str(s) for s in self.specs]
         if (nan_policy == "fill") != (fill_values is not None) or (
@@ -210,7 +214,7 @@ class WindowDataset(torch.utils.data.IterableDataset):
         per process (opening took ~9 ms per local epoch, a round trip per remote one); a forked or unpickled copy
         opens its own, as a remote store's connections survive neither."""
         if self._opened is None or self._opened[0] != os.getpid():
-            store = open_store(self.url, self.storage_options, dask=False)
+            store = open_store(self.url, self.storage_options, dask=False, reader=self.reader)
             self._opened = (os.getpid(), channel_layers(store, self.specs, self.dims))
         return self._opened[1]
 

@@ -15,6 +15,7 @@ import yaml
 
 from minconv_dist.data import DimNames, parse_channels
 from minconv_dist.data.forcings import FORCINGS
+from minconv_dist.data.store import READERS, resolve_reader
 from minconv_dist.data.windows import NAN_POLICIES
 from minconv_dist.models import ARCHS, NORMS, PADDINGS, SEQUENTIAL_ARCHS
 from minconv_dist.train.losses import channel_factors
@@ -100,6 +101,10 @@ class DataConfig:
     # latitude/longitude (WeatherBench2) instead of lat/lon (WeatherBench v1), or the reverse, is read as it is.
     dims: DimNames = field(default_factory=DimNames)
     storage_options: dict[str, Any] = field(default_factory=dict)
+    # How chunks are fetched and decoded (docs/data.md, "Readers"): auto (the fast-io extra's readers where it
+    # is installed and they apply, else zarr-python), zarr, zarrs, or obstore (zarr-python's pipeline, s3:// by
+    # obstore).
+    reader: Literal[READERS] = "auto"
     stats_path: str | None = None  # NormStats JSON; None: computed over the training split before training
     # Defaults fit the synthetic store (2015-2016); the paper uses 1979-2014 / 2015-2016 (configs/era5_weatherbench.yaml).
     # [start, end], both inclusive; null: the whole time axis (sample stores, whose time is within each trajectory).
@@ -136,6 +141,11 @@ class DataConfig:
         _check("data.forcings", set(self.forcings) <= set(FORCINGS) and len(set(self.forcings)) == len(self.forcings),
                self.forcings, f"distinct names from {list(FORCINGS)}")
         _check("data.static", len(set(self.static)) == len(self.static), self.static, "distinct variable names")
+        try:  # a fast reader asked for without the fast-io extra, or with storage_options obstore cannot take
+            for url in (self.url, self.static_url):  # the static fields' store is read by data.reader too
+                resolve_reader(url or "", self.storage_options or None, self.reader)
+        except ValueError as err:
+            raise ConfigError(f"data.reader: {err}") from err
         if self.bounds is not None:
             _check("data.bounds", len(self.bounds) == len(self.channels) and all(
                 b is None or b[0] < b[1] for b in self.bounds), self.bounds,

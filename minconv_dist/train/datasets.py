@@ -32,7 +32,7 @@ def window_dataset(cfg: TrainConfig, url: str, stats: NormStats, split: str, *, 
         nan_policy=d.nan_policy, fill_values=stats.mean if d.nan_policy == "fill" else None,
         max_read_amplification=d.max_read_amplification,
         bounds=channel_bounds(d.channels, d.bounds),  # every block a worker reads is range-checked too
-        frames=frames, forcings=forcing_channels(d.forcings),
+        frames=frames, forcings=forcing_channels(d.forcings), reader=d.reader,
     )
 
 

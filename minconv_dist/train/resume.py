@@ -15,7 +15,7 @@ from minconv_dist.train import checkpoint
 from minconv_dist.train.config import ConfigError, TrainConfig, build_config, explicit_values, flatten
 
 # Keys (or sections, ending in ".") a resume may change.
-MAY_CHANGE = ("tracking.", "data.storage_options", "data.bounds", "run.name", "run.storage_path",
+MAY_CHANGE = ("tracking.", "data.storage_options", "data.reader", "data.bounds", "run.name", "run.storage_path",
               "run.stop_after_steps", "parallel.max_failures", "parallel.allow_autoscale", "checkpoint.keep",
               "optim.epochs")
 

@@ -93,7 +93,7 @@ def _check_data(cfg: TrainConfig, url: str
     key = {split: f"data.{split}_{'samples' if d.dims.sample else 'range'}" for split in ("train", "val")}
     bounds = channel_bounds(d.channels, d.bounds)
     with _config_errors("data.url"):
-        store = open_store(url, d.storage_options or None)
+        store = open_store(url, d.storage_options or None, reader=d.reader)
         d.dims = store_dims(store, d.dims)  # `lat` or `latitude`, as the store spells it; the workers use it
     if d.forcings:
         with _config_errors("data.forcings"):
@@ -103,7 +103,7 @@ def _check_data(cfg: TrainConfig, url: str
         stats = (NormStats.load(d.stats_path, d.storage_options or None) if d.stats_path else
                  compute_stats(url, d.channels, d.dims, **split_of(cfg, "train"), progress=False,
                                storage_options=d.storage_options or None, bounds=bounds,
-                               allow_nan=d.nan_policy != "raise"))
+                               allow_nan=d.nan_policy != "raise", reader=d.reader))
         channels = [str(s) for s in parse_channels(d.channels)]
         if stats.channels != channels:
             raise ConfigError(f"data.stats_path: statistics for channels {stats.channels}, data.channels are "
@@ -130,7 +130,8 @@ def _check_data(cfg: TrainConfig, url: str
         with _config_errors("data.static", "data.static_url" if d.static_url else "data.url"):
             static = read_static(static_url, d.static, latitude=ds.latitudes, longitude=ds.longitudes, dims=d.dims,
                                  coarsen=d.coarsen,
-                                 storage_options=None if is_local(static_url) else d.storage_options or None)
+                                 storage_options=None if is_local(static_url) else d.storage_options or None,
+                                 reader=d.reader)
     latitude = ds.latitudes if d.dims.lat in store.coords and is_latitude(store[d.dims.lat]) else None
     try:
         weights = loss_weights(cfg, latitude, repr(redact(url)))
