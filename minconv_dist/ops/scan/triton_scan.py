@@ -34,12 +34,15 @@ PLAIN = 0  # KIND of the plain scan: x = a, y = b, one block per row
 _PLAIN = tl.constexpr(PLAIN)
 _GRU = tl.constexpr(GATES["gru"].kernel)
 _LSTM = tl.constexpr(GATES["lstm"].kernel)
-# (BT, BD, num_warps): the tiles that won somewhere in benchmarks/scan_tiles.py's sweep on an H100 (plain and
-# fused, fp32 and bf16, walks of 64 to 8192 steps; docs/benchmarks.md); the autotuner picks among them per D.
-_FWD_CONFIGS = [triton.Config({"BT": bt, "BD": bd}, num_warps=w) for bt, bd, w in [
-    (8, 512, 4), (16, 256, 2), (4, 1024, 8), (8, 1024, 4), (16, 512, 2), (4, 512, 2), (4, 1024, 4)]]
-_CONFIGS = [triton.Config({"BT": bt, "BD": bd}, num_warps=w) for bt, bd, w in [
-    (4, 1024, 8), (4, 512, 4), (4, 256, 2), (4, 1024, 4), (4, 512, 2), (8, 256, 2), (8, 1024, 8), (8, 512, 4)]]
+# (BT, BD, num_warps): tiles that won somewhere in benchmarks/scan_tiles.py's sweep on an H100 (plain and fused,
+# fp32 and bf16, walks of 64 to 8192 steps; docs/benchmarks.md); the autotuner picks among them per D. One BT per
+# kernel: a tile of BT steps is scanned as a tree, so the bits depend on BT (and on nothing else of the config:
+# benchmarks/scan_determinism.py on an H200). With one BT, whatever config a new process's autotuning picks, a
+# run restarted from a checkpoint (a killed worker, --resume) redoes the same arithmetic, bit for bit.
+_FWD_BT, _BWD_BT = 8, 4
+_FWD_CONFIGS = [triton.Config({"BT": _FWD_BT, "BD": bd}, num_warps=w) for bd, w in [(512, 4), (1024, 4), (256, 2)]]
+_CONFIGS = [triton.Config({"BT": _BWD_BT, "BD": bd}, num_warps=w) for bd, w in [
+    (1024, 8), (512, 4), (256, 2), (1024, 4), (512, 2)]]
 _MIN_CHUNK = 64  # time steps per chunk when time is split
 
 
