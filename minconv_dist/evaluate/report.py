@@ -6,8 +6,8 @@ import pandas as pd
 import xarray as xr
 
 from minconv_dist.evaluate.baselines import climatology_forecast, persistence
-from minconv_dist.evaluate.layout import LAT, LEAD, LON, TIME, label, weatherbench2_key
-from minconv_dist.evaluate.metrics import align_truth, score
+from minconv_dist.evaluate.layout import LAT, LEAD, LON, REALIZATION, TIME, label, weatherbench2_key
+from minconv_dist.evaluate.metrics import ENSEMBLE_METRICS, METRICS, align_truth, score
 
 BASELINES = ("persistence", "climatology")
 
@@ -40,6 +40,10 @@ def evaluate_forecasts(
     that climatology at each valid time, and skips ACC without one; "weatherbench" (WeatherBench v1
     `compute_weighted_acc`) the truth's mean over all verified valid times. Inputs are checked (variables,
     grid, valid times) before anything is computed.
+
+    Ensembles (a `realization` dim): when any forecast is one, every source gets the definition's
+    `ENSEMBLE_METRICS` too (a deterministic source as a 1-member ensemble); the coord `members` says each
+    source's ensemble size.
     """
     truths = {name: align_truth(fc, truth) for name, fc in forecasts.items()}  # raises on any mismatch
     first = next(iter(forecasts.values()))
@@ -55,9 +59,12 @@ def evaluate_forecasts(
         acc_ref = truth[names].sel(time=np.unique((first[TIME] + leads).values)).mean("time")
     else:
         acc_ref = sources.get("climatology")
-    parts = [score(src.load(), truths[name].load(), acc_ref, definition) for name, src in sources.items()]
+    members = [src.sizes.get(REALIZATION, 1) for src in sources.values()]
+    ensemble = any(REALIZATION in src.dims for src in sources.values())
+    metrics = (*METRICS[definition], *ENSEMBLE_METRICS[definition]) if ensemble else None
+    parts = [score(src.load(), truths[name].load(), acc_ref, definition, metrics) for name, src in sources.items()]
     out = xr.concat(parts, dim="source", coords="minimal", compat="override", join="outer")
-    out = out.assign_coords(source=list(sources))
+    out = out.assign_coords(source=list(sources), members=("source", members))
     out.attrs["definition"] = definition
     return out
 
@@ -81,8 +88,10 @@ def summary_leads(leads: np.ndarray, hours: tuple[int, ...] = (24, 72, 120, 240)
     return wanted or sorted({leads[0], leads[len(leads) // 2], leads[-1]})
 
 
-def summary(skill: xr.Dataset, metrics: tuple[str, ...] = ("weighted_rmse", "acc")) -> pd.DataFrame:
-    """Main metrics at a few leads: one row per (variable, source), one column per (metric, lead)."""
+def summary(skill: xr.Dataset, metrics: tuple[str, ...] = ("weighted_rmse", "acc", "crps", "spread_skill_ratio")
+            ) -> pd.DataFrame:
+    """Main metrics at a few leads (those of `metrics` the skill has): one row per (variable, source), one
+    column per (metric, lead)."""
     leads = summary_leads(skill[LEAD].values)
     metrics = tuple(m for m in metrics if m in skill["metric"].values)
     rows = {}
