@@ -17,12 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 
 from minconv_dist.data import DimNames, NormStats, default_store
 from minconv_dist.data.store import redact, redact_config
 from minconv_dist.errors import run_job
 from minconv_dist.evaluate import init_times, load_model, open_channels, write_forecast
 from minconv_dist.evaluate.ensemble import write_ensemble_forecast
+from minconv_dist.evaluate.outputs import check_target
+from minconv_dist.job_args import dims_arg, job_parser
 
 
 def warmup_arg(value: str) -> int | str:
@@ -35,18 +38,20 @@ def warmup_arg(value: str) -> int | str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = job_parser(__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, nargs="+",
                    help="checkpoint file, models:/name/version, runs:/id/path or official:PATH; several: an "
                         "ensemble, --members / K members from each (same channels and grid)")
     p.add_argument("--arch", help="architecture, for official checkpoints")
     p.add_argument("--padding", default="zeros", help="padding, for official checkpoints")
-    p.add_argument("--tanh-encoder", action="store_true", help="for official checkpoints")
+    p.add_argument("--tanh-encoder", action="store_true", help="tanh on the encoder, for official checkpoints")
     p.add_argument("--stats", help="NormStats JSON, for official checkpoints (others carry their statistics)")
     p.add_argument("--data", help="zarr store of initial conditions (default: the embedded synthetic store)")
     p.add_argument("--storage-options", type=json.loads, default=None, help="JSON for fsspec")
     p.add_argument("--channels", help="channel specs, e.g. 'z' (default: those the model was trained on)")
-    p.add_argument("--dims", type=json.loads, default={}, help='store dim names, e.g. {"lat": "latitude", "lon": "longitude"}')
+    p.add_argument("--dims", type=dims_arg, default=DimNames(),
+                   help='store dim names (DimNames fields), e.g. {"lat": "latitude", "lon": "longitude"}; default: '
+                        "time, level, lat, lon")
     p.add_argument("--coarsen", type=int, default=1, help="block-average the grid by this factor (as in training)")
     p.add_argument("--init-start", help="first init time (default: the data's first)")
     p.add_argument("--init-end", help="last init time (default: the data's last)")
@@ -67,24 +72,29 @@ def parser() -> argparse.ArgumentParser:
                                                        "(seed, k, t) alone, so any member is reproducible")
     p.add_argument("--batch-size", type=int, default=8,
                    help="init times per rollout batch (bounds memory); for an ensemble, (init time, member) pairs")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device of the rollouts, e.g. cuda")
     p.add_argument("--out", required=True, help="forecast zarr store: local path or fsspec URL (s3://, gs://, memory://)")
     p.add_argument("--out-storage-options", type=json.loads, default=None, help="JSON for fsspec (--out)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
+    p.add_argument("--allow-nan", action="store_true",
+                   help="write the (NaN) forecasts of init times whose inputs hold NaN, listed in the store's "
+                        "nan_inputs attr, instead of refusing them")
     return p
 
 
 def main(argv: list[str] | None = None) -> str:
     args = parser().parse_args(argv)
+    check_target(args.out, args.out_storage_options, args.overwrite)  # before the long part
     stats = NormStats.load(args.stats) if args.stats else None
     models = [load_model(uri, arch=args.arch, padding=args.padding, tanh_encoder=args.tanh_encoder, stats=stats)
               for uri in args.model]
     model = models[0]
     url = args.data or default_store()
-    data = open_channels(url, args.channels or model.normalizer.channels, dims=DimNames(**args.dims),
+    data = open_channels(url, args.channels or model.normalizer.channels, dims=args.dims,
                          coarsen=args.coarsen, storage_options=args.storage_options)
     inits = init_times(data["time"].values, args.init_start, args.init_end, args.init_every)
     config = {k: v for k, v in vars(args).items() if not k.endswith("storage_options")}  # credentials
+    config["dims"] = asdict(args.dims)  # what jobs/evaluate.py reads back as the data_source's layout
     one = len(models) == 1
     attrs = {"model_uri": args.model[0] if one else args.model, "model_spec": model.spec if one else
              [m.spec for m in models], "data_source": redact(url), "coarsen": args.coarsen,
@@ -92,7 +102,7 @@ def main(argv: list[str] | None = None) -> str:
              "created_by": "jobs/forecast.py"}
     run = dict(context=args.context, steps=args.steps, out=args.out, warmup=args.warmup,
                warmup_chunk=args.warmup_chunk, batch_size=args.batch_size, attrs=attrs, device=args.device,
-               overwrite=args.overwrite, storage_options=args.out_storage_options)
+               overwrite=args.overwrite, storage_options=args.out_storage_options, allow_nan=args.allow_nan)
     if one and args.members is None:
         if args.perturbation_std:
             raise ValueError("--perturbation-std perturbs the members of an ensemble: give --members N")

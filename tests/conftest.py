@@ -1,5 +1,6 @@
-"""Shared fixtures: a moto S3 server on 127.0.0.1 and a tiny synthetic store. Every Ray the tests start
-runs in Ray's single-machine mode (set here, before anything imports Ray): it listens on 127.0.0.1 only."""
+"""Shared fixtures: a moto S3 server on 127.0.0.1, an endpoint that never answers, and a tiny synthetic store.
+Every Ray the tests start runs in Ray's single-machine mode (set here, before anything imports Ray): it
+listens on 127.0.0.1 only."""
 
 from __future__ import annotations
 
@@ -50,9 +51,19 @@ def tiny_store(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_wb2_store(tmp_path_factory) -> str:
-    """WeatherBench2 layout: level dim, latitude/longitude names, latitude descending."""
+    """WeatherBench2 layout: level dim, latitude/longitude names (south to north), static fields."""
     path = str(tmp_path_factory.mktemp("stores") / "tiny_wb2.zarr")
     write_synthetic_era5(path, **TINY, layout="weatherbench2")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_north_to_south_store(tiny_wb2_store, tmp_path_factory) -> str:
+    """`tiny_wb2_store` with latitude running north to south, as ERA5's own files and ARCO-ERA5 order it."""
+    from minconv_dist.data import open_store
+
+    path = str(tmp_path_factory.mktemp("stores") / "tiny_n2s.zarr")
+    open_store(tiny_wb2_store).isel(latitude=slice(None, None, -1)).to_zarr(path, zarr_format=3, consolidated=False)
     return path
 
 
@@ -70,3 +81,56 @@ def tiny_sample_store(tmp_path_factory) -> str:
                coords={"sample": np.arange(10), "time": np.arange(12.0), "y": np.arange(8) / 8, "x": np.arange(8) / 8},
                ).to_zarr(path, encoding={"vorticity": {"chunks": (4, 5, 8, 8)}}, zarr_format=3, consolidated=False)
     return path
+
+
+def add_static_fields(path: str, lat: str = "latitude", lon: str = "longitude") -> None:
+    """Write WeatherBench2's two static variables, dims (lat, lon) only, into the synthetic store at `path`:
+    `land_sea_mask` (1 on a "continent" north of 17°S) and `geopotential_at_surface` (a smooth ridge on it, m²/s²);
+    neither is symmetric in latitude, so a flipped latitude shows."""
+    import numpy as np
+    import xarray as xr
+
+    from minconv_dist.data import open_store
+    from minconv_dist.data.store import set_attrs
+
+    grid = open_store(path)
+    phi, lam = np.meshgrid(np.deg2rad(grid[lat].values), np.deg2rad(grid[lon].values), indexing="ij")
+    mask = ((phi > -0.3) & (phi < 1.1) & (np.sin(lam) > 0.3)).astype(np.float32)
+    orography = (9.81 * 3000 * mask * np.cos(phi) ** 2 * np.sin(lam) ** 2).astype(np.float32)
+    xr.Dataset({"land_sea_mask": ((lat, lon), mask), "geopotential_at_surface": ((lat, lon), orography)}).to_zarr(
+        path, mode="a", zarr_format=3, consolidated=False)
+    set_attrs(path, None)  # re-consolidate, so readers of the consolidated metadata see the new variables
+
+
+@pytest.fixture(scope="session")
+def tiny_static_store(tmp_path_factory) -> str:
+    """`tiny_wb2_store`'s layout with WeatherBench2's static `land_sea_mask` and `geopotential_at_surface`."""
+    path = str(tmp_path_factory.mktemp("stores") / "tiny_static.zarr")
+    write_synthetic_era5(path, **TINY, layout="weatherbench2")
+    add_static_fields(path)
+    return path
+
+
+@pytest.fixture
+def silent_endpoint():
+    """A TCP server on 127.0.0.1 that accepts connections and never answers; its URL. Closed by the test."""
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+
+    def serve() -> None:
+        while True:
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:  # closed by the test
+                return
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    server.close()
+    thread.join(5)
+    for conn in accepted:
+        conn.close()

@@ -1,12 +1,14 @@
 """The Earth2Studio adapter: the protocol's checks (tests/earth2studio_protocol.py), a 24-step forecast through its
-iterator equal to the model's own rollout, Earth2Studio variable names, bad coordinates refused; and, when
-earth2studio is installed (the optional extra), the same run through earth2studio's own workflow."""
+iterator equal to the model's own rollout (also for a model with forcings, computed for each valid time),
+Earth2Studio variable names, bad coordinates refused; and, when earth2studio is installed (the optional extra),
+the same run through earth2studio's own workflow."""
 from collections import OrderedDict
 
 import numpy as np
 import pytest
 import torch
 
+from minconv_dist.data.forcings import FORCINGS, compute_forcings, forcing_channels
 from minconv_dist.evaluate import load_model, open_channels
 from minconv_dist.evaluate.earth2studio_adapter import Earth2StudioPrognostic, earth2studio_name
 from minconv_dist.models import build_model, save_model_file
@@ -64,6 +66,41 @@ def test_the_protocol_and_a_24_step_forecast_through_the_iterator(case, model_ur
     tol = 1e-9 * 3349.0
     torch.testing.assert_close(got, expected, rtol=0, atol=tol)
     assert (expected[:, 1:] - expected[:, :-1]).abs().amax(dim=(2, 3, 4)).min() > 1e5 * tol  # one step off fails
+
+
+def test_a_model_with_forcings_reads_those_of_each_valid_time(tiny_wb2_store):
+    """The forcings of each frame's valid time (the `time` coord plus its `lead_time`; an ensemble dim in front
+    folded into the batch): the protocol holds, and in float64 the 24-step iterator is the model's rollout with
+    the forcings of the history's and the closed loop's valid times; an hour late they move it far more."""
+    data = open_channels(tiny_wb2_store, "geopotential@500", coarsen=2)
+    torch.manual_seed(0)
+    model = build_model("minconvgru", ["geopotential@500"], 4, 2, padding="cylinder", norm="layer", grid=(16, 32),
+                        forcings=forcing_channels(list(FORCINGS)))
+    model.normalizer.set_stats([54107.863], [3349.0322])
+    with torch.no_grad():
+        model.encoder[0].weight.mul_(3)  # forcings that weigh (as tests/test_forcings.py has them)
+    lat, lon, hour = data["lat"].values, data["lon"].values, np.timedelta64(1, "h")
+    adapter = Earth2StudioPrognostic(model, lat, lon, hour, HISTORY)
+    init = data["time"].values[[30, 100]]
+    rows = np.searchsorted(data["time"].values, init)[:, None] + np.arange(-HISTORY + 1, 1)
+    x, coords = fetch_like(data.values[rows].astype(np.float32), init, adapter)
+    check_prognostic(adapter, x, coords, steps=2)
+
+    double = Earth2StudioPrognostic(model.double(), lat, lon, hour, HISTORY)
+    steps = double.create_iterator(x.double(), coords)
+    got = torch.cat([next(steps)[0] for _ in range(STEPS + 1)][1:], dim=1)
+    valid = init[:, None] + hour * np.arange(-HISTORY + 1, STEPS)  # the history, then the closed loop's frames
+    expected = {}
+    for late in (0, 1):
+        f = compute_forcings(model.forcings, (valid + late * hour).ravel(), lat, lon)
+        with torch.no_grad():
+            expected[late], _ = model.rollout(x.double(), STEPS, forcings=torch.from_numpy(f).reshape(
+                *valid.shape, *f.shape[1:]))
+    tol = 1e-9 * 3349.0
+    torch.testing.assert_close(got, expected[0], rtol=0, atol=tol)
+    assert (got - expected[1]).abs().max() > 1e5 * tol
+    with pytest.raises(KeyError, match="time not found"):
+        adapter(x[0], OrderedDict((k, v) for k, v in coords.items() if k != "time"))
 
 
 def test_bad_coordinates_are_refused(case):

@@ -1,7 +1,10 @@
 """Ensemble forecasts and their evaluation end to end on the tiny synthetic store: the layout, member noise as
 documented (reproducible from the seed alone, whatever the batching), stacked models, batches bounded by
---batch-size, a published WeatherBench2 ensemble scored beside ours, and the bad inputs (one line, exit 2)."""
+--batch-size, members of a model with forcings and static fields, NaN inputs refused and NaN scored as the
+deterministic path does, a published WeatherBench2 ensemble scored beside ours, and the bad inputs (one line,
+exit 2)."""
 import json
+import os
 
 import numpy as np
 import pandas as pd
@@ -12,10 +15,16 @@ import xarray as xr
 from jobs import evaluate as evaluate_job
 from jobs import forecast as forecast_job
 
+from minconv_dist.data import DimNames, write_synthetic_era5
+from minconv_dist.data.forcings import FORCINGS, compute_forcings, forcing_channels
+from minconv_dist.data.static import read_static
 from minconv_dist.errors import run_job
-from minconv_dist.evaluate import load_model, open_channels
+from minconv_dist.evaluate import as_fields, crps, load_model, open_channels
 from minconv_dist.evaluate.ensemble import member_noise
+from minconv_dist.evaluate.layout import from_weatherbench2
+from minconv_dist.evaluate.metrics import align_truth
 from minconv_dist.models import Network, build_model, save_model_file
+from tests.conftest import TINY
 
 MEAN, STD = 54107.863, 3349.0322
 INIT = ["--coarsen", "2", "--init-start", "2015-01-03", "--init-end", "2015-01-06", "--init-every", "24h"]
@@ -35,8 +44,8 @@ def models(tmp_path_factory):
     return [model_file(folder / f"m{seed}.pt", seed) for seed in (0, 1)]
 
 
-def forecast(tiny_store, out, *args):
-    forecast_job.main(["--data", tiny_store, *INIT, "--out", str(out), *args])
+def forecast(store, out, *args):
+    forecast_job.main(["--data", store, *INIT, "--out", str(out), *args])
     return xr.open_zarr(out)
 
 
@@ -61,8 +70,7 @@ def test_members_8_forecast_then_evaluate_beside_a_deterministic_one(tiny_store,
     assert list(skill["members"].values) == [8, 1, 1]
     assert {"crps", "spread_skill_ratio", "ensemble_mean_rmse"} <= set(skill["metric"].values)
     # the job's numbers are the metric functions' on the stores
-    from minconv_dist.evaluate import as_fields, crps, spread_skill_ratio
-    from minconv_dist.evaluate.metrics import align_truth
+    from minconv_dist.evaluate import spread_skill_ratio
     fc = ens.sel(level=500, drop=True).rename(geopotential="z").load()
     truth = align_truth(fc, as_fields(open_channels(tiny_store, "z", coarsen=2)).load())
     np.testing.assert_allclose(skill["z"].sel(source="ens", metric="crps"), crps(fc, truth)["z"], rtol=1e-6)
@@ -86,7 +94,7 @@ def test_member_noise_is_the_documented_draw_whatever_the_batching(tiny_store, m
     members do not depend on it."""
     batches = []
 
-    def persistence(self, context, steps, state=None):
+    def persistence(self, context, steps, state=None, forcings=None):
         batches.append(context.shape[0])
         return context[:, -1:].expand(-1, steps, -1, -1, -1).clone(), state
 
@@ -135,6 +143,108 @@ def test_warm_state_members_and_stacked_models(tiny_store, models, tmp_path):
         alone = forecast(tiny_store, tmp_path / f"d{j}.zarr", "--model", uri, "--context", "6", "--steps", "3")
         np.testing.assert_allclose(stacked["geopotential"].isel(realization=j).values,
                                    alone["geopotential"].values, rtol=1e-6)
+
+
+TWO = ["geopotential@500", "temperature@850"]  # the multi-variable store's default channels
+STATIC = ["land_sea_mask", "geopotential_at_surface"]
+HOUR = np.timedelta64(1, "h")
+
+
+@pytest.fixture(scope="module")
+def forcing_model(tiny_wb2_store, tmp_path_factory):
+    """A model of TWO that reads every forcing and both static fields of the tiny multi-variable store, its
+    encoder scaled up so that they weigh (as tests/test_forcings.py does)."""
+    data = open_channels(tiny_wb2_store, TWO, coarsen=2)
+    torch.manual_seed(0)
+    model = build_model("minconvgru", TWO, 4, 2, padding="cylinder", norm="layer", grid=(16, 32),
+                        forcings=forcing_channels(list(FORCINGS)), static=STATIC)
+    model.normalizer.set_stats(data.mean(("time", "lat", "lon")).values, data.std(("time", "lat", "lon")).values)
+    model.static.set_fields(torch.from_numpy(read_static(
+        tiny_wb2_store, STATIC, latitude=data["lat"].values, longitude=data["lon"].values,
+        dims=DimNames(lat="latitude", lon="longitude"), coarsen=2)))
+    with torch.no_grad():
+        model.encoder[0].weight.mul_(3)
+    path = tmp_path_factory.mktemp("forcing_model") / "model.pt"
+    save_model_file(path, model)
+    return str(path)
+
+
+@pytest.mark.parametrize("warmup", [None, "all"])
+def test_members_of_a_model_with_forcings_read_those_of_their_valid_times(tiny_wb2_store, forcing_model, tmp_path,
+                                                                          warmup):
+    """A member without noise is the deterministic forecast (whose forcings tests/test_forcings.py checks against
+    each valid time's), on both channels, for --context and --warmup; the forcings weigh: with them an hour
+    late the forecast moves by far more than the tolerance; with noise the members spread."""
+    state = ["--context", "6"] if warmup is None else ["--warmup", warmup]
+    run = ["--model", forcing_model, *state, "--steps", "4"]
+    det = forecast(tiny_wb2_store, tmp_path / "det.zarr", *run)
+    one = forecast(tiny_wb2_store, tmp_path / "one.zarr", *run, "--members", "1")
+    for var in ("geopotential", "temperature"):  # fp32 rounding apart (see test_warm_state_members...)
+        np.testing.assert_allclose(one[var].isel(realization=0).values, det[var].values, rtol=1e-6)
+    if warmup is None:
+        model, data = load_model(forcing_model), open_channels(tiny_wb2_store, TWO, coarsen=2)
+        i = int(np.searchsorted(data["time"].values, det["time"].values[0]))
+        valid = data["time"].values[i - 5] + HOUR * np.arange(6 + 4 - 1)  # the context, then the closed loop's
+        late = compute_forcings(model.forcings, valid + HOUR, data["lat"].values, data["lon"].values)
+        with torch.no_grad():
+            y = model.rollout(torch.from_numpy(data.isel(time=slice(i - 5, i + 1)).values)[None], 4,
+                              forcings=torch.from_numpy(late)[None])[0]
+        moved = np.abs(det["geopotential"].isel(time=0).sel(level=500).values - y[0, :, 0].numpy()).max()
+        assert moved > 1e-3 * STD, moved  # 1e-6 of ~5e4 is the tolerance above
+    noisy = forecast(tiny_wb2_store, tmp_path / "noisy.zarr", *run, "--members", "2", "--perturbation-std", "0.1")
+    assert float(noisy["temperature"].sel(level=850).isel(prediction_timedelta=0).std("realization").min()) > 0
+
+
+@pytest.fixture(scope="module")
+def nan_store(tmp_path_factory):
+    """The tiny multi-variable store with one NaN in geopotential at 500 hPa at 2015-01-04T00, the 2nd init time
+    of INIT (and in the context of no other)."""
+    import zarr
+
+    path = str(tmp_path_factory.mktemp("nan") / "nan.zarr")
+    write_synthetic_era5(path, **TINY, layout="weatherbench2")
+    zarr.open_array(os.path.join(path, "geopotential"), mode="r+")[72, 0, 5, 7] = np.nan  # 72 h after the start
+    return path
+
+
+def test_ensembles_refuse_nan_inputs_and_their_nan_is_scored_as_the_deterministic_path_scores_it(
+        nan_store, forcing_model, tmp_path, capsys):
+    """As a deterministic forecast: refused in one line naming the init time and channel, written with
+    --allow-nan (every member NaN, listed in nan_inputs); evaluated, the NaN fraction counts every member, the
+    probabilistic scores and rank histograms are NaN, and --drop-nan-inits scores (rank histograms too) the other
+    init times alone."""
+    run = ["--model", forcing_model, "--context", "6", "--steps", "3", "--members", "2", "--perturbation-std", "0.1"]
+    fc = tmp_path / "fc.zarr"
+    capsys.readouterr()
+    assert run_job(forecast_job.main, ["--data", nan_store, *INIT, *run, "--out", str(fc)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 1 of 4 init times read NaN (channel geopotential@500: 2015-01-04T00:00:00): "
+                          "their forecasts would be NaN") and len(err.splitlines()) == 1, err
+    assert not fc.exists()
+    ens = forecast(nan_store, fc, *run, "--allow-nan")
+    assert json.loads(ens.attrs["nan_inputs"]) == {"geopotential@500": ["2015-01-04T00:00:00"]}
+    finite = np.isfinite(ens["temperature"].sel(level=850).values).reshape(4, -1)  # both members, every value
+    assert finite[[0, 2, 3]].all() and not finite[1].any()
+
+    score = ["--forecast", str(fc), "--definition", "weatherbench2", "--rank-leads", "3", "--map-leads", "1"]
+    skill = evaluate_job.main([*score, "--out", str(tmp_path / "all")])
+    model = skill["temperature@850"].sel(source="model")
+    np.testing.assert_array_equal(model.sel(metric="nan_fraction"), 0.25)
+    assert np.isnan(model.sel(metric=["crps", "spread_skill_ratio", "ensemble_mean_rmse"])).all()
+    ranks = pd.read_csv(tmp_path / "all" / "rank_histogram.csv")
+    assert len(ranks) == 2 * 3 and ranks["frequency"].isna().all()  # channels x ranks: NaN, listed
+    dropped = evaluate_job.main([*score, "--drop-nan-inits", "--out", str(tmp_path / "dropped")])
+    assert dropped.attrs["nan_inits_dropped"] == 1
+    assert dropped.attrs["nan_inits_dropped_times"] == ["2015-01-04T00:00:00"]
+    clean = from_weatherbench2(ens, TWO).isel(time=[0, 2, 3]).load()
+    expected = crps(clean, align_truth(clean, as_fields(open_channels(nan_store, TWO, coarsen=2)).load()))
+    for channel in TWO:
+        got = dropped[channel].sel(source="model", metric="crps")
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, expected[channel], rtol=1e-6)
+    ranks = pd.read_csv(tmp_path / "dropped" / "rank_histogram.csv")
+    np.testing.assert_allclose(ranks.groupby(["channel", "lead_time_h"])["frequency"].sum(), 1.0)
+    assert len(ranks) == 2 * 3  # channels x ranks, none NaN
 
 
 def published_ensemble(tiny_store, path, members=5, noise=30.0):

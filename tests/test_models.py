@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from minconv_dist.models import ARCHS, DEFAULT_H0, MinConvCell, build_model, pad
+from minconv_dist.models import ARCHS, DEFAULT_H0, MinConvCell, build_model, check_weights, pad
 
 MIN_KINDS = ["gru", "lstm", "explstm"]
 
@@ -294,3 +294,26 @@ def test_grid_layer_norm_equals_layer_norm_over_the_grid():
     for a, b in zip(grads_ours, grads_ref):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_weight_check_scales_each_parameter_and_wants_buffers_exact():
+    """The recovery checks' comparison: a tolerance scaled to the largest value of the state dict (the
+    normaliser's mean, 54100) would pass both perturbations below; per parameter, with exact buffers, each fails."""
+    want = build_model("minconvgru", ["z"], 4, 2, grid=(4, 8))
+    want.normalizer.set_stats([54100.0], [3300.0])
+    got = build_model("minconvgru", ["z"], 4, 2, grid=(4, 8))
+    got.load_state_dict(want.state_dict())
+    diffs = check_weights(got, want)  # equal: passes at 0
+    assert {d.kind for d in diffs} == {"parameter", "buffer"} and all(d.max_abs == 0 for d in diffs)
+    old_allowance = 2 * max(v.abs().max().item() for v in want.state_dict().values()) * 2.0**-8
+    assert old_allowance > 400
+    with torch.no_grad():
+        got.encoder[0].weight[0, 0] += 1e-3 * want.encoder[0].weight.abs().max()
+    with pytest.raises(AssertionError, match=r"parameter encoder.0.weight differs by .*, 0.001 of its scale"):
+        check_weights(got, want, rel_tol=1e-4)
+    check_weights(got, want, rel_tol=2e-3)  # within its own scale's allowance
+    got.load_state_dict(want.state_dict())
+    with torch.no_grad():
+        got.normalizer.mean += 1.0  # 2e-5 of the mean: tiny, but a buffer is copied, never trained
+    with pytest.raises(AssertionError, match="buffer normalizer.mean differs by 1"):
+        check_weights(got, want, rel_tol=1e-2)

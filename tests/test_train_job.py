@@ -37,7 +37,8 @@ def local_cluster():
 def test_ray_job_submit_train_era5_succeeds(local_cluster, tmp_path):
     address, env, head = local_cluster
     store = str(tmp_path / "era5.zarr")
-    write_synthetic_era5(store, start="2015-01-01", end="2015-03-01", nlat=16, nlon=32)
+    # the default data.channels (geopotential@500, temperature@850) and dims (lat read as latitude) fit this layout
+    write_synthetic_era5(store, start="2015-01-01", end="2015-03-01", nlat=16, nlon=32, layout="weatherbench2")
     job_id = f"minconv-test-{uuid.uuid4().hex[:8]}"
     settings = [
         f"data.url={store}", "data.train_range=[2015-01-01, 2015-01-31]", "data.val_range=[2015-02-01, 2015-02-28]",
@@ -66,7 +67,7 @@ def test_ctrl_c_ends_the_run_as_killed_cleans_up_and_prints_the_resume_command(t
     write_synthetic_era5(store, start="2015-01-01", end="2015-03-01", nlat=16, nlon=32)
     ray_tmp = tempfile.mkdtemp(prefix="mci", dir="/tmp")  # this job's Ray session lives here only
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    settings = [f"data.url={store}", "data.train_range=[2015-01-01, 2015-01-31]",
+    settings = [f"data.url={store}", "data.channels=[z]", "data.train_range=[2015-01-01, 2015-01-31]",
                 "data.val_range=[2015-02-01, 2015-02-28]", "model.hidden_size=4", "model.layers=1",
                 "optim.epochs=50", "tracking.log_every=1", f"tracking.uri={uri}", f"run.storage_path={tmp_path}/runs",
                 "run.name=interrupted"]

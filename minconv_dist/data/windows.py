@@ -21,6 +21,9 @@ trajectories: window `i` is start `i mod n` of sample `i // n` (`n` windows per 
 crosses two trajectories, and a block is (whole sample chunks) x (a run of time chunks). Everything
 above then applies unchanged to the window indices.
 
+Forcings (`forcings=[channel names]`, `data/forcings.py`): computed per read run from its frames' valid times
+and the coarsened grid, cut into windows the way the data are, and yielded beside them: `(window, forcings)`.
+
 Resume: `position` counts the windows the rank has consumed this epoch. A DataLoader with `W` workers
 and `batch_size` `B` takes whole batches round-robin from the workers (in order); from `position`,
 `W` and `B`, each worker works out how many of its own windows were consumed and skips them, and
@@ -42,14 +45,16 @@ import xarray as xr
 
 from minconv_dist.data.channels import ChannelSpec, channel_layers, parse_channels
 from minconv_dist.data.checks import Frames, Range, check_frames, frame_sums
-from minconv_dist.data.chunks import Source, bad_chunk, read
+from minconv_dist.data.chunks import Source, read
+from minconv_dist.data.forcings import check_times, compute_forcings
 from minconv_dist.data.selection import coarsen as coarsen_grid
 from minconv_dist.data.selection import coarse_grid, sample_slice, time_slice
 from minconv_dist.data.store import DimNames, open_store, redact
 
 NAN_POLICIES = ("raise", "fill", "skip")
 BlockRead = tuple[int, int, list[tuple[int, int]]]  # samples [first, last) and runs of frames [start, stop)
-Block = tuple[list[torch.Tensor], list[bool] | None]  # its windows and which hold NaN (None: none does)
+Window = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # [T, C, H, W], or that and its forcings [T, F, H, W]
+Block = tuple[list[Window], list[bool] | None]  # its windows and which hold NaN (None: none does)
 
 
 def buffer_shuffle(seq: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -119,7 +124,11 @@ class WindowDataset(torch.utils.data.IterableDataset):
     nan_policy: "raise" (default), "skip" the windows holding NaN, or "fill" them with `fill_values`
     (one per channel, e.g. the training means). Infinite values always raise, and so do values outside
     `bounds` (per channel `(low, high)` or None; see `checks.py`) when given. Every such error, and a chunk
-    that does not decode, is a `DataError` naming the channel, the time and the store.
+    that does not decode, is a `DataError` naming the channel, the time and the store; so is a chunk missing
+    from the store (`chunks.check_present`), unless it reads as NaN and the policy is "fill" or "skip".
+
+    forcings: channel names of `data/forcings.py` (e.g. `["toa_insolation"]`); with any, each item is a pair
+    `(window, forcings [T, F, H, W] of its frames' valid times on the coarsened grid)`, both float32.
     """
 
     def __init__(self, url: str, channels: str | list, window: int, *, stride: int = 1,
@@ -128,7 +137,8 @@ class WindowDataset(torch.utils.data.IterableDataset):
                  seed: int = 0, rank: int = 0, world_size: int = 1, nan_policy: str = "raise",
                  fill_values: Sequence[float] | None = None, shuffle_buffer: int = 1024, batch_size: int = 1,
                  max_read_amplification: float = 1.05, prefetch: int = 2,
-                 bounds: Sequence[Range | None] | None = None, frames: tuple[int, int] | None = None) -> None:
+                 bounds: Sequence[Range | None] | None = None, frames: tuple[int, int] | None = None,
+                 forcings: Sequence[str] = ()) -> None:
         super().__init__()
         if nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy={nan_policy!r}: expected one of {NAN_POLICIES}")
@@ -153,7 +163,8 @@ class WindowDataset(torch.utils.data.IterableDataset):
         self.shuffle, self.seed, self.nan_policy = shuffle, seed, nan_policy
         self.shuffle_buffer, self.batch_size, self.prefetch = shuffle_buffer, batch_size, prefetch
         self.rank, self.world_size, self.bounds = rank, world_size, bounds
-        self._sources = [Source(url, spec, dims, storage_options) for spec in self.specs]
+        self._sources = [Source(url, spec, dims, storage_options, allow_nan=nan_policy != "raise")
+                         for spec in self.specs]
         self._opened: tuple[int, list[xr.DataArray]] | None = None  # (process id, `_layers`)
 
         layers = self._layers()
@@ -177,6 +188,11 @@ class WindowDataset(torch.utils.data.IterableDataset):
         self.times = all_times[starts]
         self.samples = first[dims.sample].values[samples] if dims.sample else None
         self.grid = coarse_grid(first.sizes[dims.lat], first.sizes[dims.lon], coarsen, url)
+        self.latitudes, self.longitudes = (first[d].coarsen({d: coarsen}).mean().values if d in first.coords else
+                                           np.arange(first.sizes[d] // coarsen, dtype=np.float64)
+                                           for d in (dims.lat, dims.lon))
+        self.forcings = list(forcings)
+        self._valid_times = check_times(all_times, repr(redact(url))) if self.forcings else None
 
         chunk = self._chunk(layers, dims.time)
         extra = math.ceil((window - 1) / chunk) if window > 1 else 0
@@ -336,8 +352,14 @@ class WindowDataset(torch.utils.data.IterableDataset):
         nan: list[np.ndarray] = []
         for t_first, t_last in runs:
             x = self._read(layers, s_first, s_last, t_first, t_last)
-            for series in x.unfold(1, length, 1).movedim(-1, 2):  # [windows, length, C, H, W]
-                windows += series.unbind(0)
+            cut = [series.unbind(0) for series in x.unfold(1, length, 1).movedim(-1, 2)]  # per sample [length, C, H, W]
+            if self.forcings:  # the same for every sample: one array per run, its windows views of it
+                f = torch.from_numpy(compute_forcings(self.forcings, self._valid_times[t_first:t_last],
+                                                      self.latitudes, self.longitudes))
+                f_cut = f.unfold(0, length, 1).movedim(-1, 1).unbind(0)
+                cut = [list(zip(series, f_cut)) for series in cut]
+            for series in cut:
+                windows += series
             if self.nan_policy == "skip":
                 nan.append(windows_with_nan(x, length))
         flags = np.concatenate(nan) if nan else np.zeros(0, bool)
@@ -365,20 +387,12 @@ class WindowDataset(torch.utils.data.IterableDataset):
         return torch.from_numpy(x)
 
     def _check(self, x: np.ndarray, layer: xr.DataArray, where: dict[str, slice]) -> None:
-        """`checks.check_frames` on a block; NaN where a chunk is absent from the store name that chunk."""
+        """`checks.check_frames` on a block (a missing chunk was named by the read, `chunks.check_present`)."""
         times = layer[self.dims.time].values[where[self.dims.time]]
         samples = layer[self.dims.sample].values[where[self.dims.sample]] if self.dims.sample else None
         bounds = self.bounds or [None] * len(self.specs)
-
-        def explain(row: int, channel: int) -> str:
-            frame = {self.dims.time: where[self.dims.time].start + row % len(times)}
-            if self.dims.sample:
-                frame[self.dims.sample] = where[self.dims.sample].start + row // len(times)
-            found = bad_chunk(self._sources[channel], {dim: slice(i, i + 1) for dim, i in frame.items()})
-            return f"; chunk {found[0]!r} {found[1]}" if found else ""
-
         check_frames(Frames.of_sums(frame_sums(x), times, samples), self.specs, bounds, self.url,
-                     allow_nan=self.nan_policy != "raise", explain=explain)
+                     allow_nan=self.nan_policy != "raise")
 
     def check_first(self, n: int, bounds: Sequence[Range | None]) -> None:
         """Read the first `n` windows this rank trains on (their block only, no prefetch) checked against

@@ -16,7 +16,9 @@ The protocol, as earth2studio 0.19 defines it (`earth2studio/models/px/base.py` 
   one step per `next`. The recurrent state is carried between steps, so a step costs one closed-loop step, not
   a warm-up over the history;
 - `to(device)`: moves the network, returns the adapter.
-Inputs and outputs are in physical units (the network normalises itself).
+Inputs and outputs are in physical units (the network normalises itself). A model with forcings gets them
+computed for each frame's valid time, the `time` coord plus its `lead_time` (`data/forcings.py`), as a forecast
+of this package does; its static fields are in its weights.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 
 from minconv_dist.data import DimNames, default_store
+from minconv_dist.data.forcings import compute_forcings
 from minconv_dist.evaluate.forecast import open_channels, time_step
 from minconv_dist.evaluate.layout import weatherbench2_key
 from minconv_dist.evaluate.model_uri import load_model
@@ -120,10 +123,28 @@ class Earth2StudioPrognostic:
                              f"{ {k: len(v) for k, v in coords.items()} }")
         return x.reshape(-1, *x.shape[-4:])
 
+    def _forcings(self, coords: CoordSystem, lead: np.ndarray, device: torch.device) -> torch.Tensor | None:
+        """The model's forcings [B, len(lead), F, H, W] at valid times `time` + `lead` of every item of the
+        folded batch (None without forcings); refuses coords without a `time` dim before the domain."""
+        if not self.model.forcings:
+            return None
+        leading = list(coords)[:-len(DOMAIN)]
+        if "time" not in leading:
+            raise KeyError(f"Required dimension time not found in input coordinates {list(coords)}: this model "
+                           f"reads forcings {self.model.forcings} computed from each frame's valid time")
+        at = leading.index("time")
+        init = np.asarray(coords["time"], dtype="datetime64[ns]").reshape([-1 if i == at else 1
+                                                                           for i in range(len(leading))])
+        init = np.broadcast_to(init, [len(coords[d]) for d in leading]).reshape(-1)
+        valid = init[:, None] + np.asarray(lead, dtype="timedelta64[ns]")[None, :]
+        f = compute_forcings(self.model.forcings, valid.ravel(), self._input["lat"], self._input["lon"])
+        return torch.from_numpy(f.reshape(*valid.shape, *f.shape[1:])).to(device)
+
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, coords: CoordSystem) -> tuple[torch.Tensor, CoordSystem]:
         out = self.output_coords(coords)
-        y, _ = self.model.rollout(self._flat(x, coords), 1)
+        forcings = self._forcings(coords, coords["lead_time"], x.device)
+        y, _ = self.model.rollout(self._flat(x, coords), 1, forcings=forcings)
         return y.to(x.dtype).reshape(*x.shape[:-4], *y.shape[1:]), out
 
     def create_iterator(self, x: torch.Tensor, coords: CoordSystem) -> Iterator[tuple[torch.Tensor, CoordSystem]]:
@@ -132,13 +153,16 @@ class Earth2StudioPrognostic:
         initial["lead_time"] = np.asarray(coords["lead_time"])[-1:]
         yield x[..., -1:, :, :, :], initial
         with torch.no_grad():
-            y, state = self.model.rollout(self._flat(x, coords), 1)
+            y, state = self.model.rollout(self._flat(x, coords), 1,
+                                          forcings=self._forcings(coords, coords["lead_time"], x.device))
         while True:
             yield y.to(x.dtype).reshape(*x.shape[:-4], *y.shape[1:]), out
+            read = out["lead_time"]  # the valid time of the frame read next: the one just yielded
             out = CoordSystem(out)
             out["lead_time"] = out["lead_time"] + self.time_step
-            with torch.no_grad():
-                y, state = self.model.rollout(y.to(x.dtype), 1, state)  # continues the trajectory exactly
+            with torch.no_grad():  # continues the trajectory exactly
+                y, state = self.model.rollout(y.to(x.dtype), 1, state,
+                                              forcings=self._forcings(coords, read, x.device))
 
     def to(self, device: Any) -> "Earth2StudioPrognostic":
         self.model.to(device)

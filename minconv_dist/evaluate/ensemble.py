@@ -13,6 +13,9 @@ from initial-condition perturbations, several models, or both.
   order, so member k is the same whatever the batch size, device, other members or init times.
 - Memory: a rollout runs at most `batch_size` (init time, member) pairs: `batch_size // M` init times with
   all M members of a model, or one init time and a divisor of M members when `batch_size < M`.
+- As `write_forecast`: each member reads the store up to its init time only, a model with forcings gets them
+  computed for the valid times of its frames (the context's, the warm-up pass's, the closed loop's) and its
+  static fields are in its weights; init times whose inputs hold NaN are refused unless `allow_nan`.
 """
 from __future__ import annotations
 
@@ -24,8 +27,10 @@ import torch
 import xarray as xr
 
 from minconv_dist.data.store import COMPLETE_ATTR, set_attrs, zarr_store
-from minconv_dist.evaluate.forecast import _frames, check_inputs, forecast_template, time_step, warmup_start
+from minconv_dist.evaluate.forecast import (_forcings, _frames, check_inputs, forecast_template, time_step,
+                                           warmup_start)
 from minconv_dist.evaluate.layout import LAT, LEAD, LON, REALIZATION, TIME, to_weatherbench2, with_cf_attrs
+from minconv_dist.evaluate.nan_inputs import check_nan_inits
 from minconv_dist.evaluate.outputs import staged
 
 Block = tuple[slice, slice]  # (init times, members of one model)
@@ -83,8 +88,8 @@ def _states_before(model: torch.nn.Module, data: xr.DataArray, idx: np.ndarray, 
                    device: str | torch.device) -> Iterator[list | None]:
     """Per init time, in order: the state after frame idx - 1 of one pass over the frames from `start`, read
     `chunk` frames at a time with the state carried (None when the init frame is the pass's first: the cells'
-    default state)."""
-    ends = idx - 1
+    default state). A model's forcings are those of the frames' valid times."""
+    ends, times = idx - 1, data["time"].values
     if ends[0] < start:
         yield None
     state = None
@@ -92,7 +97,8 @@ def _states_before(model: torch.nn.Module, data: xr.DataArray, idx: np.ndarray, 
         c1 = min(c0 + chunk, int(ends[-1]) + 1)
         inside = ends[(ends >= c0) & (ends < c1)] - c0
         with torch.no_grad():
-            warm, state = model.warm_states(_frames(data, np.arange(c0, c1)[None], device), inside, state)
+            warm, state = model.warm_states(_frames(data, np.arange(c0, c1)[None], device), inside, state,
+                                            forcings=_forcings(model, data, times[None, c0:c1], device))
         yield from (s for s, _ in warm)
 
 
@@ -123,9 +129,11 @@ def member_forecasts(model: torch.nn.Module, data: xr.DataArray, idx: np.ndarray
     """((init positions, member positions within the model), forecasts [b, m, steps, C, H, W]) per rollout.
 
     One model's members `first_member ..`: each init warms up on its `context` frames, or (`warmup_from`: the
-    first frame of one pass over the record, Min cells) from the pass's state before its init frame.
+    first frame of one pass over the record, Min cells) from the pass's state before its init frame. A model
+    with forcings reads those of each frame's valid time, the closed loop's future ones computed (the same for
+    every member of an init time).
     """
-    times = data["time"].values
+    times, step = data["time"].values, time_step(data["time"].values)
     states = None if warmup_from is None else _states_before(model, data, idx, start=warmup_from,
                                                             chunk=warmup_chunk, device=device)
     held: tuple[slice, Any] = (slice(0, 0), None)  # the states of the init times of the block being run
@@ -140,8 +148,12 @@ def member_forecasts(model: torch.nn.Module, data: xr.DataArray, idx: np.ndarray
         frames, state = _perturbed(model, frames, None if states is None else held[1], times[idx[inits]],
                                    range(first_member + members.start, first_member + members.stop),
                                    perturbation_std, seed, "frames" if states is None else "state")
+        valid = times[idx[inits], None] + step * np.arange(window[0], steps)  # the frames read, then the loop's
+        forcings = _forcings(model, data, valid, device)
+        if forcings is not None:
+            forcings = forcings.repeat_interleave(members.stop - members.start, dim=0)  # member fastest, as frames
         with torch.no_grad():
-            y, _ = model.rollout(frames, steps, state)
+            y, _ = model.rollout(frames, steps, state, forcings=forcings)
         yield (inits, members), y.view(inits.stop - inits.start, members.stop - members.start, *y.shape[1:])
 
 
@@ -171,12 +183,14 @@ def write_ensemble_forecast(
     device: str | torch.device = "cpu",
     overwrite: bool = False,
     storage_options: dict | None = None,
+    allow_nan: bool = False,
     uris: Sequence[str] | None = None,
 ) -> str:
     """`members` forecasts per init time from `models` (see the module's docstring), written all or nothing
     to `out` as `write_forecast` writes one, with dims (time, realization, prediction_timedelta, [level,]
     latitude, longitude). `uris` name the models in errors. Root attrs record the members, models,
-    perturbation and seed."""
+    perturbation and seed. NaN inputs are refused, or with `allow_nan` written and listed, as `write_forecast`
+    does."""
     per_model = check_ensemble(models, members, perturbation_std, uris)
     if batch_size < 1:
         raise ValueError(f"--batch-size {batch_size}: expected >= 1 (init time, member) pairs")
@@ -184,6 +198,7 @@ def write_ensemble_forecast(
     for model in models:
         idx = check_inputs(model, data, init_time, context if warmup is None else 1, steps)
     start = None if warmup is None else min(warmup_start(model, idx, warmup) for model in models)
+    nan_attrs = check_nan_inits(data, idx, context, start, allow_nan)
     channels = [str(c) for c in data["channel"].values]
     lead = time_step(data["time"].values) * np.arange(1, steps + 1)
     first, width = next(blocks(init_time.size, per_model, batch_size))
@@ -199,6 +214,7 @@ def write_ensemble_forecast(
         "member_noise": "numpy default_rng(SeedSequence([seed, member, init time in ns as uint64])).standard_normal"
                         ", per context frame or per layer in order (minconv_dist.evaluate.ensemble)",
         COMPLETE_ATTR: False}.items()}
+    template.attrs.update(nan_attrs)
     with staged(out, storage_options, overwrite) as target:
         store = zarr_store(target, storage_options)
         template.to_zarr(store, mode="w", compute=False, consolidated=False, zarr_format=2)

@@ -10,6 +10,9 @@ Two ways to give the model its state at each init time:
 - context (any cell): warm up on the `context` frames ending at init time, per init, in batches;
 - warm-up pass (Min cells): one pass over the record from `warmup` frames before the first init time, in
   consecutive parallel scans between init times with the state carried (`Network.warm_states`).
+
+Either way the store is read up to the init time only. A model with forcings gets them computed from the valid
+times (init time + lead) and the data's grid (`data/forcings.py`); its static fields are in its weights.
 """
 from __future__ import annotations
 
@@ -21,10 +24,12 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from minconv_dist.data import DimNames, open_store, select_channels
+from minconv_dist.data import DimNames, open_store, select_channels, store_dims
+from minconv_dist.data.forcings import check_times, compute_forcings
 from minconv_dist.data.selection import coarsen as coarsen_grid
 from minconv_dist.data.store import COMPLETE_ATTR, redact, set_attrs, zarr_store
 from minconv_dist.evaluate.layout import LAT, LEAD, LON, TIME, to_weatherbench2, with_cf_attrs
+from minconv_dist.evaluate.nan_inputs import check_nan_inits
 from minconv_dist.evaluate.outputs import staged
 from minconv_dist.models import MinConvCell
 
@@ -54,8 +59,13 @@ def check_inputs(model: torch.nn.Module, data: xr.DataArray, init_time: np.ndarr
     if model.grid is not None and tuple(model.grid) != grid:
         raise ValueError(f"the model was built for grid {tuple(model.grid)} (LayerNorm over [H, W]), the data "
                          f"is {grid}; coarsen the data to match")
+    if model.static is not None and tuple(model.static.values.shape[-2:]) != grid:
+        raise ValueError(f"the model's static fields {model.static.channels} lie on grid "
+                         f"{tuple(model.static.values.shape[-2:])}, the data is {grid}; coarsen the data to match")
     times = data["time"].values
     time_step(times)
+    if model.forcings:
+        check_times(times, "the data")
     idx = np.searchsorted(times, init_time)
     bad = (idx >= times.size) | (times[np.minimum(idx, times.size - 1)] != init_time)
     if bad.any():
@@ -90,24 +100,39 @@ def _frames(data: xr.DataArray, rows: np.ndarray, device: str | torch.device) ->
     return torch.from_numpy(x.values.astype(np.float32)).to(device)
 
 
+def _forcings(model: torch.nn.Module, data: xr.DataArray, valid: np.ndarray, device: str | torch.device
+              ) -> torch.Tensor | None:
+    """The model's forcings at valid times `valid` [b, t] on data's grid, [b, t, F, H, W] (None without forcings):
+    computed from the times, whether or not the store has those frames."""
+    if not model.forcings:
+        return None
+    f = compute_forcings(model.forcings, valid.ravel(), data["lat"].values, data["lon"].values)
+    return torch.from_numpy(f.reshape(*valid.shape, *f.shape[1:])).to(device)
+
+
 def context_forecasts(model: torch.nn.Module, data: xr.DataArray, idx: np.ndarray, *, context: int, steps: int,
                       batch_size: int, device: str | torch.device) -> Iterator[tuple[int, torch.Tensor]]:
     """(first init's position, forecasts [b, steps, C, H, W]) per batch: each warmed up on its own context."""
     window = np.arange(-context + 1, 1)
+    times, step = data["time"].values, time_step(data["time"].values)
     for i in range(0, idx.size, batch_size):
+        rows = idx[i:i + batch_size, None]
+        valid = times[rows] + step * np.arange(-context + 1, steps)  # the context's frames, then the closed loop's
         with torch.no_grad():
-            y, _ = model.rollout(_frames(data, idx[i:i + batch_size, None] + window, device), steps)
+            y, _ = model.rollout(_frames(data, rows + window, device), steps,
+                                 forcings=_forcings(model, data, valid, device))
         yield i, y
 
 
 @torch.no_grad()
-def _forecast_from(model: torch.nn.Module, warm: list, steps: int) -> torch.Tensor:
-    """Forecasts [b, steps, C, H, W] from b (state, first prediction) pairs of `Network.warm_states`."""
+def _forecast_from(model: torch.nn.Module, warm: list, steps: int, forcings: torch.Tensor | None) -> torch.Tensor:
+    """Forecasts [b, steps, C, H, W] from b (state, first prediction) pairs of `Network.warm_states`; forcings:
+    those of lead times 1 .. steps - 1, the frames the closed loop reads ([b, steps - 1, F, H, W] or None)."""
     state = [torch.cat(layer, dim=0) for layer in zip(*(s for s, _ in warm))]
     first = torch.cat([y for _, y in warm], dim=0)[:, None]
     if steps == 1:
         return first
-    return torch.cat([first, model.rollout(first, steps - 1, state)[0]], dim=1)
+    return torch.cat([first, model.rollout(first, steps - 1, state, forcings=forcings)[0]], dim=1)
 
 
 def warm_forecasts(model: torch.nn.Module, data: xr.DataArray, idx: np.ndarray, *, start: int, steps: int,
@@ -117,15 +142,18 @@ def warm_forecasts(model: torch.nn.Module, data: xr.DataArray, idx: np.ndarray, 
     start..idx[-1], read `chunk` frames at a time with the state carried (memory: one chunk of frames, and the
     states of the init times in it until a batch of them is rolled out)."""
     pending, done, state = [], 0, None
+    times, step = data["time"].values, time_step(data["time"].values)
     for c0 in range(start, int(idx[-1]) + 1, chunk):
         c1 = min(c0 + chunk, int(idx[-1]) + 1)
         ends = idx[(idx >= c0) & (idx < c1)] - c0
         with torch.no_grad():
-            warm, state = model.warm_states(_frames(data, np.arange(c0, c1)[None], device), ends, state)
+            warm, state = model.warm_states(_frames(data, np.arange(c0, c1)[None], device), ends, state,
+                                            forcings=_forcings(model, data, times[None, c0:c1], device))
         pending += warm
         while len(pending) >= batch_size or (pending and c1 > idx[-1]):
             batch, pending = pending[:batch_size], pending[batch_size:]
-            yield done, _forecast_from(model, batch, steps)
+            valid = times[idx[done:done + len(batch)], None] + step * np.arange(1, steps)
+            yield done, _forecast_from(model, batch, steps, _forcings(model, data, valid, device))
             done += len(batch)
 
 
@@ -164,6 +192,7 @@ def write_forecast(
     device: str | torch.device = "cpu",
     overwrite: bool = False,
     storage_options: dict | None = None,
+    allow_nan: bool = False,
 ) -> str:
     """Roll `model` out from each init time and write the forecast store at `out` (a local path or any
     fsspec URL, with `storage_options`), all or nothing (`evaluate/outputs.py`).
@@ -173,15 +202,21 @@ def write_forecast(
     `context` frames ending at init time; with `warmup=N` or "all" (Min cells only) the states come from one
     pass over the record starting N frames before the first init time (its first frame with "all").
     Then each init forecasts `steps` frames.
+
+    Init times whose inputs hold NaN (`nan_inputs.nan_inits`) are refused before any rollout, naming them and
+    the channel; with `allow_nan` their (NaN) forecasts are written, said in one logged line and listed in
+    the store's `nan_inputs` attr.
     """
     init_time = np.asarray(init_time, dtype="datetime64[ns]")
     idx = check_inputs(model, data, init_time, context if warmup is None else 1, steps)
     start = None if warmup is None else warmup_start(model, idx, warmup)
+    nan_attrs = check_nan_inits(data, idx, context, start, allow_nan)
     channels = [str(c) for c in data["channel"].values]
     lead = time_step(data["time"].values) * np.arange(1, steps + 1)
     template = forecast_template(channels, init_time, lead, data["lat"].values, data["lon"].values, batch_size)
     template.attrs = {k: v if isinstance(v, (str, int, float, bool)) else json.dumps(v)
                       for k, v in {**(attrs or {}), "channels": channels, COMPLETE_ATTR: False}.items()}
+    template.attrs.update(nan_attrs)
     model = model.to(device).eval()
     run = dict(steps=steps, batch_size=batch_size, device=device)
     batches = (context_forecasts(model, data, idx, context=context, **run) if start is None else
@@ -208,8 +243,10 @@ def open_forecast(url: str, storage_options: dict | None = None) -> xr.Dataset:
 
 def open_channels(url: str, channels: str | list, *, dims: DimNames = DimNames(), coarsen: int = 1,
                   storage_options: dict | None = None) -> xr.DataArray:
-    """Lazy (time, channel, lat, lon) from a store, block-averaged by `coarsen` as the training windows are."""
-    return coarsen_grid(select_channels(open_store(url, storage_options), channels, dims), coarsen, "lat", "lon", url)
+    """Lazy (time, channel, lat, lon) from a store, block-averaged by `coarsen` as the training windows are.
+    `dims` may spell latitude/longitude either way (`store_dims`)."""
+    ds = open_store(url, storage_options)
+    return coarsen_grid(select_channels(ds, channels, store_dims(ds, dims)), coarsen, "lat", "lon", url)
 
 
 def init_times(times: np.ndarray, start: str | None, end: str | None, every: str) -> np.ndarray:

@@ -14,7 +14,8 @@ Two sources, selected by `definition=` in `score`:
   `skipna=False`).
 - "weatherbench": pangeo-data/WeatherBench (v1, Rasp et al. 2020), `src/score.py`: `compute_weighted_rmse`
   and `compute_weighted_acc`, with cos-latitude weights normalised to mean 1 (`cos_latitude_weights`), one
-  mean over time, latitude and longitude together.
+  mean over time, latitude and longitude together. NaNs propagate here too (v1's xarray means skip them,
+  which silently scores the other cases).
 
 Ensembles: a forecast with a `realization` dim (WeatherBench2's `REALIZATION`) is scored by the
 probabilistic metrics below (`crps`, `spread_skill_ratio`, `ensemble_mean_rmse`, `rank_histogram`) and by
@@ -235,9 +236,10 @@ def compute_weighted_rmse(forecast: X, truth: X) -> X:
     """WeatherBench v1 RMSE: `sqrt(mean_{time,lat,lon}(w (f - t)²))`, `w` = `cos_latitude_weights`.
 
     Source: WeatherBench `src/score.py`, `compute_weighted_rmse`, applied per lead time as their
-    `evaluate_iterative_forecast` does.
+    `evaluate_iterative_forecast` does. NaN propagate (theirs, xarray's default `skipna`, would score the
+    values left and say nothing).
     """
-    return np.sqrt((cos_latitude_weights(truth[LAT]) * (forecast - truth) ** 2).mean((TIME, *SPACE)))
+    return np.sqrt((cos_latitude_weights(truth[LAT]) * (forecast - truth) ** 2).mean((TIME, *SPACE), skipna=False))
 
 
 def compute_weighted_acc(forecast: X, truth: X, climatology: X) -> X:
@@ -245,13 +247,14 @@ def compute_weighted_acc(forecast: X, truth: X, climatology: X) -> X:
 
     `f' = f - c - mean(f - c)`, `a' = t - c - mean(t - c)` (unweighted means over time, lat and lon),
     `w` = `cos_latitude_weights`. Source: WeatherBench `src/score.py`, `compute_weighted_acc`, where `c` is
-    the truth's mean over time (`da_true.mean('time')`) and the score is taken per lead time.
+    the truth's mean over time (`da_true.mean('time')`) and the score is taken per lead time. NaN propagate,
+    as in `compute_weighted_rmse`.
     """
-    dims = (TIME, *SPACE)
+    dims, keep = (TIME, *SPACE), {"skipna": False}
     w = cos_latitude_weights(truth[LAT])
     fa, a = forecast - climatology, truth - climatology
-    fa, a = fa - fa.mean(dims), a - a.mean(dims)
-    return (w * fa * a).sum(dims) / np.sqrt((w * fa**2).sum(dims) * (w * a**2).sum(dims))
+    fa, a = fa - fa.mean(dims, **keep), a - a.mean(dims, **keep)
+    return (w * fa * a).sum(dims, **keep) / np.sqrt((w * fa**2).sum(dims, **keep) * (w * a**2).sum(dims, **keep))
 
 
 #: definition -> table label -> metric(forecast, truth); "acc" also takes the climatology.

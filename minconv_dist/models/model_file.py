@@ -1,9 +1,12 @@
 """The model file: a network's spec and its weights, normalisation statistics included (they are buffers of
 the network's normaliser), so the file alone forecasts in physical units.
 
-    torch.save({"format": "minconv_dist.model/2",
-                "spec": model.spec,                 # build_model(**spec) rebuilds it
-                "state_dict": model.state_dict()})  # weights and normalizer.mean / normalizer.std
+    torch.save({"format": "minconv_dist.model/3",
+                "spec": model.spec,                 # build_model(**spec) rebuilds it, forcings and static included
+                "state_dict": model.state_dict()})  # weights, normalizer.mean / .std, static.values / .mean / .std
+
+Format 3 added the spec's `forcings` and `static` (the input channels that are not predicted); format 2 files,
+which have neither, still load.
 
 Training writes it into every checkpoint (`model.pt`), the forecast job reads it. Only tensors, lists,
 strings and numbers, so `torch.load(weights_only=True)` reads it. (A training checkpoint is a different
@@ -18,7 +21,8 @@ import torch
 from minconv_dist.models.network import Network
 from minconv_dist.models.registry import build_model
 
-FORMAT = "minconv_dist.model/2"
+FORMAT = "minconv_dist.model/3"
+READABLE = ("minconv_dist.model/2", FORMAT)
 
 
 def save_model_file(path: str | os.PathLike, model: Network,
@@ -38,11 +42,12 @@ def save_model_file(path: str | os.PathLike, model: Network,
 def load_model_file(path: str | os.PathLike) -> Network:
     """The model in eval mode, from a model file."""
     obj = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+    if not isinstance(obj, dict) or obj.get("format") not in READABLE:
         found = obj.get("format", sorted(obj)) if isinstance(obj, dict) else type(obj).__name__
         hint = " (an official-repo checkpoint? use from_official_checkpoint / 'official:PATH')" \
             if isinstance(obj, dict) and "model_state_dict" in obj else ""
-        raise ValueError(f"{path}: not a minconv_dist model file of format {FORMAT!r} (found {found}){hint}")
+        raise ValueError(f"{path}: not a minconv_dist model file of format {' or '.join(READABLE)} (found {found})"
+                         f"{hint}")
     model = build_model(**obj["spec"])
     model.load_state_dict(obj["state_dict"])
     return model.eval()

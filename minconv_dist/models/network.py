@@ -10,6 +10,12 @@ Semantics follow the official implementation:
   and decoder need nothing, and the closed loop runs on g's last rank from the window's final state.
 - ConvGRU decodes its last cell's raw output rather than the normed residual (as the official code
   does); the other four decode the normed residual stream.
+
+Inputs that are not predicted: the encoder reads the C prognostic channels, then F forcing channels (`forcings=`
+tensors the caller computes from each frame's valid time; the network knows nothing of time) and S static fields
+(`static`: buffers of the network, normalised by their own statistics); the decoder predicts the C prognostic
+channels. Every frame is read with the forcings of its own valid time, also in the closed loop, where the frame
+read is the previous prediction: a forecast needs the forcings of its future valid times, never future data.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minconv_dist.models.normalizer import Normalizer
+from minconv_dist.models.normalizer import Normalizer, StaticFields
 
 NORMS = ("layer", "group")  # LayerNorm over [H, W] (the paper's), or GroupNorm(1, hidden) (grid-free)
 
@@ -55,8 +61,10 @@ def residual_norm(norm: nn.Module, z: Tensor, out: Tensor) -> Tensor:
 class Network(nn.Module):
     """Normaliser, encoder, L residual recurrent layers with post-norm, decoder. Stateless between calls.
 
-    `channels` names the input channels (e.g. `geopotential@500`); their statistics are buffers of
-    `normalizer` (identity until set), so a model file carries them with the weights."""
+    `channels` names the prognostic channels (e.g. `geopotential@500`), read and predicted; their statistics are
+    buffers of `normalizer` (identity until set), so a model file carries them with the weights. `forcings` names
+    the forcing channels the caller passes with every frame (e.g. `toa_insolation`), `static` the fixed fields
+    (buffers of `static`, set with `static.set_fields`; they need `grid`); both are read, not predicted."""
 
     def __init__(
         self,
@@ -67,18 +75,25 @@ class Network(nn.Module):
         grid: tuple[int, int] | None = None,
         tanh_encoder: bool = False,
         decode_cell_output: bool = False,
+        forcings: Sequence[str] = (),
+        static: Sequence[str] = (),
     ):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
         if norm == "layer" and grid is None:
             raise ValueError("norm='layer' normalises over [H, W] and needs grid=(H, W)")
+        if static and grid is None:
+            raise ValueError(f"static fields {list(static)} are [S, H, W] buffers and need grid=(H, W)")
         in_channels = len(channels)
         self.normalizer = Normalizer(channels)
         self.in_channels = in_channels
+        self.forcings = [str(f) for f in forcings]
+        self.static = StaticFields(static, tuple(grid)) if static else None
         self.hidden = hidden
         self.grid = tuple(grid) if norm == "layer" else None
-        encoder: list[nn.Module] = [nn.Conv2d(in_channels, hidden, kernel_size=1)]
+        reads = in_channels + len(self.forcings) + len(static)
+        encoder: list[nn.Module] = [nn.Conv2d(reads, hidden, kernel_size=1)]
         if tanh_encoder:
             encoder.append(nn.Tanh())
         self.encoder = nn.Sequential(*encoder)
@@ -108,9 +123,34 @@ class Network(nn.Module):
                 "use norm='group' for a grid-free model"
             )
 
-    def _layers(self, x: Tensor, state: State | None, parallel: bool, time_group=None) -> tuple[Tensor, State]:
-        """One pass through encoder, cells and decoder; x: [B, T, C, H, W] (parallel) or [B, C, H, W]."""
-        z = _per_frame(self.encoder, x)
+    def _check_forcings(self, forcings: Tensor | None, x: Tensor, frames: int, name: str) -> None:
+        """forcings: [B, frames, F, H, W] for a model with F > 0 forcing channels, else None."""
+        if not self.forcings:
+            if forcings is not None:
+                raise ValueError(f"{name}: this model reads no forcings, got a tensor of shape {tuple(forcings.shape)}")
+            return
+        expected = (x.shape[0], frames, len(self.forcings), *x.shape[-2:])
+        if forcings is None or tuple(forcings.shape) != expected:
+            got = "none" if forcings is None else f"shape {tuple(forcings.shape)}"
+            raise ValueError(f"{name}: expected forcings {self.forcings} of shape {expected} [B, frames, F, H, W], "
+                             f"got {got}")
+
+    def _inputs(self, z: Tensor, forcings: Tensor | None) -> Tensor:
+        """What the encoder reads: normalised prognostic z [..., C, H, W], the forcings [..., F, H, W] of its
+        frames, the normalised static fields; in the network's dtype."""
+        parts = [z]
+        if forcings is not None:
+            parts.append(forcings.to(z.dtype))
+        if self.static is not None:
+            static = self.static.normalized().to(z.dtype)
+            parts.append(static.expand(*z.shape[:-3], *static.shape))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-3)
+
+    def _layers(self, x: Tensor, state: State | None, parallel: bool, time_group=None,
+                forcings: Tensor | None = None) -> tuple[Tensor, State]:
+        """One pass through encoder, cells and decoder; x: normalised [B, T, C, H, W] (parallel) or [B, C, H, W],
+        forcings: those of x's frames, [B, T, F, H, W] or [B, F, H, W] (None without forcings)."""
+        z = _per_frame(self.encoder, self._inputs(x, forcings))
         new_state: State = []
         for layer, (cell, norm) in enumerate(zip(self.cells, self.norms)):
             previous = None if state is None else state[layer]
@@ -123,48 +163,65 @@ class Network(nn.Module):
         """Physical inputs -> normalised, in the network's dtype (the normalising itself in >= float32)."""
         return self.normalizer.normalize(x).to(self.decoder.weight.dtype)
 
-    def _closed_loop(self, y: Tensor, state: State, steps: int) -> tuple[list[Tensor], State]:
+    def _closed_loop(self, y: Tensor, state: State, steps: int, forcings: Tensor | None
+                     ) -> tuple[list[Tensor], State]:
+        """`steps` steps from prediction y [B, C, H, W], each reading the last prediction with the forcings of
+        its valid time, forcings[:, i] ([B, steps, F, H, W]; None without forcings)."""
         preds = []
-        for _ in range(steps):
-            y, state = self._layers(y, state, parallel=False)
+        for i in range(steps):
+            y, state = self._layers(y, state, parallel=False, forcings=None if forcings is None else forcings[:, i])
             preds.append(y)
         return preds, state
 
-    def forward(self, x: Tensor, teacher_steps: int | None = None, time_group=None) -> Tensor:
+    @staticmethod
+    def _frames(forcings: Tensor | None, start: int, stop: int | None = None) -> Tensor | None:
+        return None if forcings is None else forcings[:, start:stop]
+
+    def forward(self, x: Tensor, teacher_steps: int | None = None, time_group=None,
+                forcings: Tensor | None = None) -> Tensor:
         """x: [B, T, C, H, W] -> predictions [B, T, C, H, W] (k = teacher_steps, default T), physical units,
-        in at least float32.
+        in at least float32. forcings: [B, T, F, H, W], those of x's frames (the closed loop reads predictions
+        of frames k..T-1 with forcings[:, k:]); None for a model without forcings.
 
         time_group: x is this rank's block of a window split in time over the group's ranks (in rank order),
         and k counts the block's teacher-forced frames. Only the last rank may run closed-loop steps (k < T):
         they continue from the window's state after its teacher-forced frames."""
         self._check(x, "x", 5)
         T = x.shape[1]
+        self._check_forcings(forcings, x, T, "forcings")
         k = T if teacher_steps is None else teacher_steps
         if not 1 <= k <= T:
             raise ValueError(f"teacher_steps={k} must lie in [1, T={T}]")
         if time_group is not None and k < T and dist.get_rank(time_group) < dist.get_world_size(time_group) - 1:
             raise ValueError(f"teacher_steps={k} < T={T} on time rank {dist.get_rank(time_group)}: only the last "
                              "rank of a time group runs the closed loop")
-        y, state = self._layers(self._normalized(x[:, :k]), None, parallel=True, time_group=time_group)
-        preds, _ = self._closed_loop(y[:, -1], state, T - k)
+        y, state = self._layers(self._normalized(x[:, :k]), None, parallel=True, time_group=time_group,
+                                forcings=self._frames(forcings, 0, k))
+        preds, _ = self._closed_loop(y[:, -1], state, T - k, self._frames(forcings, k))
         return self.normalizer.denormalize(torch.cat([y, *(p.unsqueeze(1) for p in preds)], dim=1))
 
-    def rollout(self, context: Tensor, steps: int, state: State | None = None) -> tuple[Tensor, State]:
+    def rollout(self, context: Tensor, steps: int, state: State | None = None, forcings: Tensor | None = None
+                ) -> tuple[Tensor, State]:
         """Warm up on context [B, Tc, C, H, W] (from `state` if given), then forecast `steps` frames.
 
         Returns (forecast [B, steps, C, H, W] in physical units, state). forecast[:, 0] predicts the frame after the
         context. The state has consumed every frame but the last forecast, so
-        `rollout(forecast[:, -1:], m, state)` continues the same trajectory exactly.
+        `rollout(forecast[:, -1:], m, state)` continues the same trajectory exactly. forcings: [B, Tc + steps - 1,
+        F, H, W], those of the context's frames and of the forecast frames the closed loop reads (all but the last),
+        in time order: everything a forecast needs is known at the context's last frame.
         """
         self._check(context, "context", 5)
         if steps < 1:
             raise ValueError(f"steps={steps} must be >= 1")
-        y, state = self._layers(self._normalized(context), state, parallel=True)
-        preds, state = self._closed_loop(y[:, -1], state, steps - 1)
+        Tc = context.shape[1]
+        self._check_forcings(forcings, context, Tc + steps - 1, "forcings")
+        y, state = self._layers(self._normalized(context), state, parallel=True,
+                                forcings=self._frames(forcings, 0, Tc))
+        preds, state = self._closed_loop(y[:, -1], state, steps - 1, self._frames(forcings, Tc))
         return self.normalizer.denormalize(torch.stack([y[:, -1], *preds], dim=1)), state
 
-    def warm_states(self, x: Tensor, ends: Sequence[int], state: State | None = None
-                    ) -> tuple[list[tuple[State, Tensor]], State]:
+    def warm_states(self, x: Tensor, ends: Sequence[int], state: State | None = None,
+                    forcings: Tensor | None = None) -> tuple[list[tuple[State, Tensor]], State]:
         """Read x [B, T, C, H, W] (physical units) in consecutive parallel passes that end at each of `ends`
         (ascending frame indices in [0, T)) and at the last frame, carrying the state from pass to pass.
 
@@ -173,15 +230,17 @@ class Network(nn.Module):
         e: the prediction is `rollout(x[:, :e + 1], m, state)[0][:, 0]`, and `rollout(y[:, None], m - 1,
         state_e)` gives the rest of that forecast. Pass the returned state with the next stretch of the
         record to go on. Exact for every cell; only the Min cells run each pass as one scan (ConvLSTM and
-        ConvGRU loop over its frames).
+        ConvGRU loop over its frames). forcings: [B, T, F, H, W], those of x's frames.
         """
         self._check(x, "x", 5)
+        self._check_forcings(forcings, x, x.shape[1], "forcings")
         T, ends = x.shape[1], [int(e) for e in ends]
         if any(not 0 <= e < T for e in ends) or any(a >= b for a, b in zip(ends, ends[1:])):
             raise ValueError(f"ends must be strictly ascending frame indices in [0, {T}), got {ends[:5]} ...")
         z, start, found = self._normalized(x), 0, []
         for end in ends + ([T - 1] if not ends or ends[-1] != T - 1 else []):
-            y, state = self._layers(z[:, start:end + 1], state, parallel=True)
+            y, state = self._layers(z[:, start:end + 1], state, parallel=True,
+                                    forcings=self._frames(forcings, start, end + 1))
             found.append((state, self.normalizer.denormalize(y[:, -1])))
             start = end + 1
         return found[:len(ends)], state

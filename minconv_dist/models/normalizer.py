@@ -56,3 +56,36 @@ class Normalizer(nn.Module):
     def denormalize(self, x: Tensor) -> Tensor:
         mean, std, dtype = self._shaped(x)
         return x.to(dtype) * std + mean
+
+
+class StaticFields(Normalizer):
+    """Fixed input fields `values` [S, H, W] (orography, land-sea mask, ...) in physical units, with statistics of
+    their own: per field, the mean and std over the grid of the field itself (a constant field gets std 1, so it
+    enters as zeros). Buffers, so a model file carries them; float32 whatever the network's dtype, as the
+    normaliser's statistics (in bf16 an orography of 5e4 m²/s² would be off by up to 128)."""
+
+    def __init__(self, names: Sequence[str], grid: tuple[int, int]):
+        super().__init__(names)
+        self.register_buffer("values", torch.zeros(len(self.channels), *grid))
+
+    def set_fields(self, values: Tensor) -> "StaticFields":
+        values = torch.as_tensor(values, dtype=torch.float64)
+        if values.shape != self.values.shape:
+            raise ValueError(f"static fields {self.channels}: expected shape {tuple(self.values.shape)}, got "
+                             f"{tuple(values.shape)}")
+        if not torch.isfinite(values).all():
+            raise ValueError(f"static fields {self.channels} must be finite")
+        std = values.flatten(1).std(dim=1, unbiased=False)
+        self.set_stats(values.flatten(1).mean(dim=1), torch.where(std > 0, std, torch.ones_like(std)))
+        with torch.no_grad():
+            self.values.copy_(values)
+        return self
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "StaticFields":
+        super()._apply(fn, recurse)
+        self.values = self.values.to(self.mean.device, self.mean.dtype)
+        return self
+
+    def normalized(self) -> Tensor:
+        """The fields normalised by their own statistics, [S, H, W], in at least float32."""
+        return self.normalize(self.values)

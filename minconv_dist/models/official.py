@@ -114,7 +114,11 @@ def from_official_checkpoint(
 
 def to_official_state_dict(model: Network) -> dict[str, Tensor]:
     """Our state dict renamed to the official layout (for round trips and for the official code). The official
-    layout has no normalisation statistics: the official code takes normalised inputs."""
+    layout has no normalisation statistics: the official code takes normalised inputs. Nor has it inputs that are
+    not predicted: a model with forcings or static fields is refused."""
+    if model.forcings or model.static is not None:
+        raise ValueError(f"the official layout reads and predicts the same channels; this model also reads forcings "
+                         f"{model.forcings} and static fields {model.spec.get('static', [])}")
     arch, padding = model.spec["arch"], model.spec["padding"]
     index = 1 if padding == "cylinder" else 0
     out = {}

@@ -34,6 +34,8 @@ def build_model(
     tanh_encoder: bool = False,
     scan_method: str = "auto",
     chunk_size: int | None = None,
+    forcings: Sequence[str] = (),
+    static: Sequence[str] = (),
 ) -> Network:
     """Build one of `ARCHS`: `layers` cells of `hidden_size` channels (equal sizes: each layer adds a residual).
 
@@ -41,6 +43,9 @@ def build_model(
     the model's normaliser keeps their statistics. norm="layer" (the paper's LayerNorm over [H, W]) needs
     `grid`. chunk_size: Min cells run conv + gates + scan per time chunk, recomputed in backward, so
     activation memory grows with the chunk rather than with T (exact gradients; long sequences).
+    forcings: names of the forcing channels the model reads with every frame (`minconv_dist.data.forcings`
+    computes them); static: names of its fixed input fields (buffers, set with `model.static.set_fields`; they
+    need `grid`). Both are inputs only: the model predicts `channels`.
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(ARCHS)}")
@@ -52,14 +57,18 @@ def build_model(
     check_padding(padding)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+    forcings, static = [str(f) for f in forcings], [str(s) for s in static]
+    inputs = names + forcings + static
+    if len(set(inputs)) != len(inputs):
+        raise ValueError(f"channels {names}, forcings {forcings} and static {static} must name distinct inputs")
     cells = [ARCHS[arch](hidden_size, padding, scan_method, chunk_size) for _ in range(layers)]
     model = Network(
         cells, names, hidden_size, norm=norm, grid=grid, tanh_encoder=tanh_encoder,
-        decode_cell_output=arch == "convgru",
+        decode_cell_output=arch == "convgru", forcings=forcings, static=static,
     )
     # What rebuilds this model elsewhere (model files, MLflow, the forecast job): plain values only.
     model.spec = dict(
         arch=arch, channels=names, hidden_size=hidden_size, layers=layers, padding=padding, norm=norm,
-        grid=list(grid) if grid is not None else None, tanh_encoder=tanh_encoder,
+        grid=list(grid) if grid is not None else None, tanh_encoder=tanh_encoder, forcings=forcings, static=static,
     )
     return model

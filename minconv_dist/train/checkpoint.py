@@ -1,24 +1,38 @@
-"""Checkpoints: DeepSpeed's own (sharded under ZeRO) plus what makes a restart exact.
+"""Checkpoints: DeepSpeed's own (sharded under ZeRO) plus what makes a restart exact, each one checkable.
 
-Layout of one checkpoint directory (every rank writes its own files into a fresh local directory, then
-Ray merges the ranks' uploads into one `checkpoint_*` directory of the run):
+Layout of one checkpoint directory `<run.storage_path>/<run>/checkpoint_*` (every rank writes its own files into a
+fresh local directory, then Ray uploads the ranks' directories into one):
 
-    ds/...               DeepSpeed engine: module, optimizer shards, LR scheduler   (all ranks)
-    latest               DeepSpeed's tag pointer                                    (rank 0)
-    rng_rank{r}.pt       python / numpy / torch RNG states of rank r                 (rank r)
-    model.pt             the model file: spec + fp32 master weights, normaliser    (rank 0)
-                         included (minconv_dist.models.model_file: loads without DeepSpeed)
-    config.yaml          the run's config, without storage_options (credentials)    (rank 0)
-    position.json        epoch, step in epoch, global step, world size, MLflow run   (rank 0, written last)
+    ds/...                 DeepSpeed engine: module, optimizer shards, LR scheduler   (all ranks)
+    latest, zero_to_*.py   DeepSpeed's tag pointer and conversion scripts (never run) (rank 0)
+    rng_rank{r}.pt         python / numpy / torch RNG states of rank r, as tensors     (rank r)
+    model.pt               the model file: spec + fp32 master weights, normaliser    (rank 0)
+                           included (minconv_dist.models.model_file: loads without DeepSpeed)
+    config.yaml            the run's config, without storage_options (credentials)    (rank 0)
+    position.json          epoch, step in epoch, global step, world size, MLflow run   (rank 0)
+    manifest_rank{r}.json  size and sha256 of every file above that rank r wrote       (rank r, last)
 
-Ray registers a checkpoint only after every rank's upload finished, and `is_complete` checks that all
-the files above are there, so a half-written directory is never resumed from.
+Every file is written under a temporary name, fsynced and renamed; each rank's manifest lists its local folder
+after all its writes (a file added to `save` is covered without more code). What that guarantees:
+- complete (`manifest.index`): position.json names the world size and every rank's manifest is there, parses and
+  matches the sizes of the files on storage, whatever order Ray uploaded them in (S3 included). A full disk's
+  0-byte files, a short file or unparsable JSON: incomplete, never a crash.
+- verified (`manifest.verify`): complete, and every file's sha256 matches. `latest` returns only verified
+  checkpoints, the newest first, and says which newer ones it skipped and why; `--resume`, a worker restarted
+  by Ray and the "last good checkpoint" of an error all go through it.
+- loaded safely (`restore`): each file is checked against its manifest entry as it is read, and read with
+  `torch.load(weights_only=True)`, DeepSpeed's too (`safe_files.SafeFiles`); a file that holds more than data
+  is refused, naming it.
+- a write that fails (a full disk: ENOSPC, any OSError) is a `StorageError`: the run ends at once, in one line
+  naming the storage and its free space, and no checkpoint before it is touched.
 """
 from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
+import shutil
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import fsspec
@@ -28,21 +42,34 @@ import yaml
 
 from minconv_dist.data.store import redact_config
 from minconv_dist.models import save_model_file
+from minconv_dist.train import manifest
+from minconv_dist.train.manifest import POSITION, CheckpointError, write_atomic
 
 TAG = "ds"
-POSITION = "position.json"
+REQUIRED = ("model.pt", "config.yaml")  # besides position.json and every rank's rng_rank{r}.pt
+
+
+class StorageError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a storage error): retrying cannot help."""
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Lists, numbers and tensors only, so that `torch.load(weights_only=True)` reads them back."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(words), gauss],
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(words), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -90,56 +117,129 @@ def master_weights(engine: Any) -> dict[str, torch.Tensor] | None:
 
 def save(engine: Any, directory: str | Path, *, rank: int, world_size: int, position: dict[str, Any],
          config: dict[str, Any]) -> None:
-    """Write this rank's part of a checkpoint into a local `directory` (collective: all ranks call it)."""
+    """Write this rank's part of a checkpoint into a local `directory` (collective: all ranks call it); its
+    manifest last."""
+    from minconv_dist.train.safe_files import SafeFiles
+
     directory = Path(directory)
+    engine.checkpoint_engine = SafeFiles()  # DeepSpeed's files too: a temporary name, fsync, rename
     engine.save_checkpoint(str(directory), tag=TAG)
     weights = master_weights(engine)
-    torch.save(_rng_state(), directory / f"rng_rank{rank}.pt")
+    with manifest.atomic(directory / f"rng_rank{rank}.pt") as tmp:
+        torch.save(_rng_state(), tmp)
     if rank == 0:
         save_model_file(directory / "model.pt", engine.module, state_dict=weights)
-        (directory / "config.yaml").write_text(yaml.safe_dump(redact_config(config), sort_keys=False))
-        (directory / POSITION).write_text(json.dumps({**position, "world_size": world_size}))
+        write_atomic(directory / "config.yaml", yaml.safe_dump(redact_config(config), sort_keys=False).encode())
+        write_atomic(directory / POSITION, json.dumps({**position, "world_size": world_size}).encode())
+    manifest.write(directory, rank)
 
 
-def restore(engine: Any, directory: str | Path, *, rank: int) -> dict[str, Any]:
-    """Load engine, optimizer, scheduler and this rank's RNG states; return the saved position."""
+def restore(engine: Any, directory: str | Path, *, rank: int, label: str) -> dict[str, Any]:
+    """Load engine, optimizer, scheduler and this rank's RNG states from the local copy `directory` of checkpoint
+    `label`, each file checked against the manifests as it is read; return the saved position."""
+    from minconv_dist.train.safe_files import SafeFiles
+
     directory = Path(directory)
-    position = json.loads((directory / POSITION).read_text())
+    try:
+        found = manifest.index(fsspec.filesystem("file"), str(directory), REQUIRED)
+    except CheckpointError as err:
+        raise CheckpointError(f"{label}: {err}") from None
+    files = SafeFiles(directory, found.files, label)
+    with open(directory / POSITION, "rb") as f:
+        manifest.check_file(f, POSITION, found.files[POSITION])
+        position = json.load(f)
     if position["world_size"] != engine.world_size:
-        raise RuntimeError(
-            f"checkpoint {directory} was written by {position['world_size']} workers; this run has "
-            f"{engine.world_size} (parallel.num_workers must match to resume a ZeRO checkpoint)"
-        )
+        raise CheckpointError(
+            f"{label} was written by {position['world_size']} workers; this run has {engine.world_size} "
+            "(parallel.num_workers must match to resume a ZeRO checkpoint)")
+    engine.checkpoint_engine = files
     load_path, _ = engine.load_checkpoint(str(directory), tag=TAG)
     if load_path is None:
-        raise RuntimeError(f"DeepSpeed found no checkpoint under {directory}/{TAG}")
-    _set_rng_state(torch.load(directory / f"rng_rank{rank}.pt", weights_only=False))
+        raise CheckpointError(f"{label}: DeepSpeed found no checkpoint under {TAG}/")
+    _set_rng_state(files.load(directory / f"rng_rank{rank}.pt"))
     return position
 
 
-def is_complete(fs: fsspec.AbstractFileSystem, directory: str) -> bool:
-    """True when every rank's files are present (see the module docstring)."""
-    pos = f"{directory}/{POSITION}"
-    if not fs.exists(pos):
-        return False
-    world = json.loads(fs.cat_file(pos))["world_size"]
-    needed = ["latest", "model.pt", *(f"rng_rank{r}.pt" for r in range(world))]
-    return all(fs.exists(f"{directory}/{name}") for name in needed)
+def probe(path: str) -> None:
+    """Refuse the checkpoint at `path` if any of its .pt files holds more than data, naming the file, before
+    anything is loaded: each is unpickled weights-only with its tensors on the meta device (no tensor bytes are
+    read)."""
+    from minconv_dist.train.safe_files import torch_load
+
+    fs, root = fsspec.core.url_to_fs(path)
+    label = PurePosixPath(root).name
+    try:
+        files = manifest.index(fs, root, REQUIRED).files
+    except CheckpointError as err:
+        raise CheckpointError(f"{label}: {err}") from None
+    for name in files:
+        if name.endswith(".pt"):
+            with fs.open(f"{root}/{name}", "rb") as f:
+                torch_load(f, f"{label}: {name}", map_location="meta")
 
 
-def latest(run_dir: str) -> tuple[str, dict[str, Any]] | None:
-    """(path, position) of the complete checkpoint with the highest global step under `run_dir`."""
-    fs, root = fsspec.core.url_to_fs(run_dir)
-    best = None
-    for pos in fs.glob(f"{root}/*/{POSITION}"):
-        directory = pos.rsplit("/", 1)[0]
-        if not is_complete(fs, directory):
-            continue
-        position = json.loads(fs.cat_file(pos))
-        if best is None or position["global_step"] > best[1]["global_step"]:
-            best = (directory, position)
-    if best is None:
-        return None
+def _url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    path = best[0] if protocol in ("file", "local") else f"{protocol}://{best[0]}"
-    return path, best[1]
+    return path if protocol in ("file", "local") else f"{protocol}://{path}"
+
+
+def latest(run_dir: str, on_skip: Callable[[str], None] | None = None) -> tuple[str, dict[str, Any]] | None:
+    """(path, position) of the verified checkpoint with the highest global step under `run_dir`; `on_skip` hears
+    one line per checkpoint passed over on the way, naming it and why."""
+    fs, root = fsspec.core.url_to_fs(run_dir)
+    fs.invalidate_cache()  # an object store's listing cache would hide the checkpoints written since
+    ordered = []
+    for directory, info in fs.glob(f"{root}/checkpoint_*", detail=True).items():  # Ray's own files share the prefix
+        if info["type"] != "directory":
+            continue
+        try:
+            ordered.append((manifest.index(fs, directory, REQUIRED).position["global_step"], directory))
+        except CheckpointError as err:
+            if on_skip:
+                on_skip(f"skipped {PurePosixPath(directory).name}: {err}")
+    for _, directory in sorted(ordered, reverse=True):
+        try:
+            return _url(fs, directory), manifest.verify(fs, directory, REQUIRED).position
+        except CheckpointError as err:
+            if on_skip:
+                on_skip(f"skipped {PurePosixPath(directory).name}: {err}")
+    return None
+
+
+def usable(candidate: str, run_dir: str) -> str:
+    """`candidate` (the checkpoint Ray restarts from) if it verifies, else the newest one under `run_dir` that
+    does, saying so in one line."""
+    fs, path = fsspec.core.url_to_fs(candidate)
+    fs.invalidate_cache()
+    try:
+        manifest.verify(fs, path, REQUIRED)
+        return candidate
+    except CheckpointError as err:
+        problem = err
+    found, name = latest(run_dir), PurePosixPath(path).name
+    if found is None:
+        raise CheckpointError(f"{name} cannot be restored ({problem}) and no other checkpoint under {run_dir} "
+                              "verifies")
+    print(f"[minconv] skipped {name}: {problem}; restoring {PurePosixPath(found[0]).name} "
+          f"(step {found[1]['global_step']})", flush=True)
+    return found[0]
+
+
+def _free(path: str) -> str:
+    if "://" in path:
+        return "free space unknown"
+    existing = Path(path)
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    return f"{free / 2**30:.1f} GiB free" if free >= 2**30 else f"{free / 2**20:.1f} MiB free"
+
+
+def write_failure(err: OSError, run_dir: str, step: int) -> StorageError:
+    """One line for a checkpoint that could not be written: the error, and the free space where it was going
+    (the run's storage, and the local folder the error names if it is elsewhere)."""
+    where = f"run.storage_path {run_dir}: {_free(run_dir)}"
+    failed = str(getattr(err, "filename", None) or "")
+    if failed.startswith("/") and not failed.startswith(run_dir):
+        where += f"; {Path(failed).parent}: {_free(failed)}"
+    return StorageError(f"checkpoint of step {step} not written: {err} ({where})")

@@ -18,7 +18,7 @@ WORKER_PRINT = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 # flag -> config key; the value is passed through the same YAML parsing as --set
 SHORTCUTS = {
-    "--url": ("data.url", "zarr store URL (local, s3://, gs://); default: the embedded synthetic store"),
+    "--url": ("data.url", "zarr store URL (local, s3://, gs://); default: {store}"),
     "--channels": ("data.channels", "channels, e.g. '[z]' or '[geopotential@500, temperature@850]'"),
     "--workers": ("parallel.num_workers", "number of Ray Train workers"),
     "--gpu": ("parallel.use_gpu", "true: one GPU per worker (bf16)"),
@@ -34,9 +34,11 @@ SHORTCUTS = {
 
 
 def main(description: str, preset: Path | None = None, argv: list[str] | None = None,
-         default_url: Callable[[], str] | None = None) -> int:
+         default_url: Callable[[], str] | None = None,
+         store: str = "the embedded synthetic ERA5-like z500 store (2015-2016 hourly, written on first use)") -> int:
     """Parse, train, print where the results are. `preset` is the job's own YAML over the defaults;
-    `default_url` makes the job's embedded store when no data.url is given (else fit's synthetic ERA5)."""
+    `default_url` makes the job's embedded store when no data.url is given (else fit's synthetic ERA5), and
+    `store` says in --help what that store is."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Every config key (see docs/training.md) can be set with --set "
                                             "section.key=value, e.g. --set optim.lr=5e-4 --set data.batch_size=8.")
@@ -45,10 +47,10 @@ def main(description: str, preset: Path | None = None, argv: list[str] | None = 
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key; repeatable")
     parser.add_argument("--resume", metavar="RUN", help="continue run RUN (a name under run.storage_path, or "
-                                                        "its directory) from its latest complete checkpoint")
+                                                        "its directory) from its newest verified checkpoint")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (else: one line)")
     for flag, (key, text) in SHORTCUTS.items():
-        parser.add_argument(flag, dest=key, metavar="VALUE", help=f"{text} (= --set {key}=VALUE)")
+        parser.add_argument(flag, dest=key, metavar="VALUE", help=f"{text.format(store=store)} (= --set {key}=VALUE)")
     args = parser.parse_args(argv)
     local = {} if "RAY_ADDRESS" in os.environ else LOCAL_ONLY  # a Ray of the job's own: on loopback only
     for key, value in {**WORKER_PRINT, **local}.items():

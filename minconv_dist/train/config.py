@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 
 from minconv_dist.data import DimNames
+from minconv_dist.data.forcings import FORCINGS
 from minconv_dist.data.windows import NAN_POLICIES
 from minconv_dist.models import ARCHS, NORMS, PADDINGS, SEQUENTIAL_ARCHS
 
@@ -45,7 +46,24 @@ class Bounds:
                 _check(key, ok(bound), value, f"{text} {bound:g}")
 
 
+@dataclass(frozen=True)
+class Matches:
+    """The form a string field must have, attached to its type: `Annotated[str, Matches(regex, text)]`."""
+
+    regex: str
+    text: str  # what the regex allows, in words, for the error
+
+    def check(self, key: str, value: Any) -> None:
+        if value is not None:
+            _check(key, re.fullmatch(self.regex, value), value, self.text)
+
+
 AtLeast1 = Annotated[int, Bounds(ge=1)]
+# A run name becomes a directory and URL path (run.storage_path/<name>), a Ray metric tag (Ray encodes tags as
+# ASCII: "my run ü" failed in Ray's controller with UnicodeEncodeError) and part of printed commands.
+RunName = Annotated[str, Matches(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", "1-100 ASCII letters, digits, '.', '_' or '-', "
+                                 "starting with a letter or digit (it names a directory, a URL path and a Ray "
+                                 "metric tag, which must be ASCII), e.g. 'my-run-u'")]
 NonNegative = Annotated[float, Bounds(ge=0)]
 Pair = Bounds(length=2)
 Arch = Literal[tuple(sorted(ARCHS))]
@@ -73,8 +91,12 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     url: str | None = None  # None: the embedded synthetic ERA5-like store (minconv_dist.data.default_store)
-    channels: Annotated[list[str], Bounds(min_length=1)] = field(default_factory=lambda: ["z"])
-    dims: DimNames = field(default_factory=DimNames)  # the store's dimension names; dims.sample for trajectories
+    # The defaults fit the embedded store: its prognostic variables, in the WeatherBench2 layout.
+    channels: Annotated[list[str], Bounds(min_length=1)] = field(
+        default_factory=lambda: ["geopotential@500", "temperature@850"])
+    # The store's dimension names; dims.sample for trajectories. lat/lon may be spelled either way: a store with
+    # latitude/longitude (WeatherBench2) instead of lat/lon (WeatherBench v1), or the reverse, is read as it is.
+    dims: DimNames = field(default_factory=DimNames)
     storage_options: dict[str, Any] = field(default_factory=dict)
     stats_path: str | None = None  # NormStats JSON; None: computed over the training split before training
     # Defaults fit the synthetic store (2015-2016); the paper uses 1979-2014 / 2015-2016 (configs/era5_weatherbench.yaml).
@@ -98,10 +120,20 @@ class DataConfig:
     # Per channel, in data.channels order: [low, high], where its values can physically lie (store units), or
     # null for the default (minconv_dist.data.DEFAULT_BOUNDS; none: only finiteness). Checked before training.
     bounds: list[Annotated[list[float], Pair] | None] | None = None
+    # Inputs the model reads but does not predict (docs/data.md, "Forcings and static fields"). Forcings: computed
+    # from each frame's valid time and the grid, e.g. [local_solar_time, day_of_year, toa_insolation,
+    # cos_latitude, longitude]. Static: variables without a time dim (e.g. [geopotential_at_surface,
+    # land_sea_mask]) of data.static_url (null: data.url), coarsened like the data.
+    forcings: list[str] = field(default_factory=list)
+    static: list[str] = field(default_factory=list)
+    static_url: str | None = None
 
     def __post_init__(self) -> None:
         _check("data.teacher_steps", self.teacher_steps <= self.sequence_length, self.teacher_steps,
                f"in [1, data.sequence_length={self.sequence_length}]")
+        _check("data.forcings", set(self.forcings) <= set(FORCINGS) and len(set(self.forcings)) == len(self.forcings),
+               self.forcings, f"distinct names from {list(FORCINGS)}")
+        _check("data.static", len(set(self.static)) == len(self.static), self.static, "distinct variable names")
         if self.bounds is not None:
             _check("data.bounds", len(self.bounds) == len(self.channels) and all(
                 b is None or b[0] < b[1] for b in self.bounds), self.bounds,
@@ -169,7 +201,7 @@ class TrackingConfig:
 
 @dataclass
 class RunConfig:
-    name: str | None = None  # None: "<arch>-<timestamp>"
+    name: RunName | None = None  # None: "<arch>-<YYYYmmdd-HHMMSS>-<6 hex>" (train/runs.py)
     storage_path: str = "runs"  # local dir (made absolute) or s3:// / gs:// URI shared by all nodes
     seed: int = 0
     stop_after_steps: AtLeast1 | None = None  # stop early (as if interrupted), checkpointed; --resume continues

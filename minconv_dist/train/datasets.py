@@ -2,7 +2,10 @@
 fail early) and in every worker (to train)."""
 from __future__ import annotations
 
+import numpy as np
+
 from minconv_dist.data import NormStats, WindowDataset, channel_bounds
+from minconv_dist.data.forcings import forcing_channels
 from minconv_dist.train.config import TrainConfig
 
 
@@ -18,7 +21,8 @@ def window_dataset(cfg: TrainConfig, url: str, stats: NormStats, split: str, *, 
     """Raw windows of T + 1 frames of `split` for data-parallel rank `rank` of `world_size`: training windows
     shuffled at `data.stride`, validation windows in order and disjoint (stride T + 1). NaN are filled with the
     training means when `data.nan_policy` is "fill"; every block is checked against the channels' plausible
-    ranges. frames: [first, stop) of each window, the time block of a rank of a time group (`TimeSplit.frames`)."""
+    ranges. frames: [first, stop) of each window, the time block of a rank of a time group (`TimeSplit.frames`).
+    With `data.forcings`, each item is a pair (window, its forcings)."""
     d = cfg.data
     train = split == "train"
     return WindowDataset(
@@ -28,18 +32,22 @@ def window_dataset(cfg: TrainConfig, url: str, stats: NormStats, split: str, *, 
         nan_policy=d.nan_policy, fill_values=stats.mean if d.nan_policy == "fill" else None,
         max_read_amplification=d.max_read_amplification,
         bounds=channel_bounds(d.channels, d.bounds),  # every block a worker reads is range-checked too
-        frames=frames,
+        frames=frames, forcings=forcing_channels(d.forcings),
     )
 
 
-def build_network(cfg: TrainConfig, stats: NormStats, grid: tuple[int, int]):
-    """The run's network, its normaliser holding the training statistics."""
+def build_network(cfg: TrainConfig, stats: NormStats, grid: tuple[int, int], static: np.ndarray | None = None):
+    """The run's network, its normaliser holding the training statistics, reading the forcings of
+    `data.forcings` and the static fields `static` [S, H, W] of `data.static` (`data.static.read_static`)."""
     from minconv_dist.models import build_model
 
-    m = cfg.model
+    m, d = cfg.model, cfg.data
     model = build_model(m.arch, stats.channels, m.hidden_size, m.layers, padding=m.padding, norm=m.norm,
-                        grid=grid, tanh_encoder=m.tanh_encoder, scan_method=m.scan_method, chunk_size=m.chunk_size)
+                        grid=grid, tanh_encoder=m.tanh_encoder, scan_method=m.scan_method, chunk_size=m.chunk_size,
+                        forcings=forcing_channels(d.forcings), static=d.static)
     model.normalizer.set_stats(stats.mean, stats.std)
+    if d.static:
+        model.static.set_fields(static)
     if m.fuse_norm:
         model.fuse_residual_norm()
     return model

@@ -4,18 +4,19 @@ Loss: a window x holds T + 1 raw frames [B, T+1, C, H, W]. The model reads x[:, 
 (frames 0..k-1 teacher-forced, then T - k closed-loop steps) and its T outputs are compared with
 x[:, 1:T+1] by mean squared error over all frames, channels and grid points, in the units of the model's
 normaliser (so every channel weighs the same). With `parallel.sequence_parallel` = S > 1 each rank holds one
-time block of the window and its share of that loss (`train/time_parallel.py`).
+time block of the window and its share of that loss (`train/time_parallel.py`). With `data.forcings` the loader
+gives each window's forcings [B, T+1, F, H, W] beside it, and the model reads frame t (or, in the closed loop,
+its prediction of frame t) with the forcings of frame t.
 
 A step queues its work on the device and returns: losses stay on the device (`LossMeter`), and the host
 reads them only on log, validation and epoch-end steps, where the ranks reduce them in one collective.
 """
 from __future__ import annotations
 
-import shutil
 import tempfile
 import time
 from itertools import islice
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 import psutil
@@ -52,11 +53,19 @@ def teacher_steps_at(cfg: TrainConfig, epoch: int) -> int:
     return T - closed
 
 
+def on_device(batch: Tensor | list[Tensor], device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """A loader batch on `device`: the windows [B, T+1, C, H, W], and their forcings [B, T+1, F, H, W] (None
+    when the run has none: the loader then yields the windows alone)."""
+    x, forcings = (batch, None) if isinstance(batch, Tensor) else batch
+    return x.to(device, non_blocking=True), None if forcings is None else forcings.to(device, non_blocking=True)
+
+
 def normalized_mse(engine: Any, x: Tensor, teacher_steps: int, input_noise: float = 0.0,
-                   time: TimeSplit | None = None) -> tuple[Tensor, Tensor]:
+                   time: TimeSplit | None = None, forcings: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The loss of x: [B, T+1, C, H, W] (raw): MSE of the T predictions against the next frames, both
     normalised by the model's own statistics, and the predictions [B, T, C, H, W]. Input noise is in normalised
-    units too. time: x is this rank's block `time.frames(teacher_steps)` of the window, and the loss its share."""
+    units too. time: x is this rank's block `time.frames(teacher_steps)` of the window, and the loss its share.
+    forcings: those of x's frames [B, T+1, F, H, W] (None without forcings)."""
     normalize = engine.module.normalizer.normalize
     inputs = x[:, :-1]
     if input_noise:
@@ -65,15 +74,15 @@ def normalized_mse(engine: Any, x: Tensor, teacher_steps: int, input_noise: floa
     if time is not None:
         first, stop = time.teacher_frames(teacher_steps)
         k, group, weight = stop - first, time.group, time.share(inputs.shape[1])
-    pred = engine(inputs, teacher_steps=k, time_group=group)
+    pred = engine(inputs, teacher_steps=k, time_group=group, forcings=None if forcings is None else forcings[:, :-1])
     return F.mse_loss(normalize(pred), normalize(x[:, 1:])) * weight, pred
 
 
-def train_step(engine: Any, x: Tensor, teacher_steps: int, input_noise: float, time: TimeSplit | None = None
-               ) -> Tensor:
-    """One forward, backward and optimizer step on x: [B, T+1, C, H, W] (or this rank's block of it, `time`);
-    returns the loss, on the device."""
-    loss, _ = normalized_mse(engine, x, teacher_steps, input_noise, time)
+def train_step(engine: Any, x: Tensor, teacher_steps: int, input_noise: float, time: TimeSplit | None = None,
+               forcings: Tensor | None = None) -> Tensor:
+    """One forward, backward and optimizer step on x: [B, T+1, C, H, W] (or this rank's block of it, `time`)
+    and its forcings; returns the loss, on the device."""
+    loss, _ = normalized_mse(engine, x, teacher_steps, input_noise, time, forcings)
     engine.backward(loss)
     engine.step()
     return loss.detach()
@@ -86,9 +95,9 @@ def validate(engine: Any, loader: torch.utils.data.DataLoader, batches: int, tea
     engine.eval()
     total = torch.zeros((), device=device)
     with torch.no_grad():
-        for i, x in enumerate(islice(loader, batches)):
-            x = x.to(device, non_blocking=True)
-            loss, pred = normalized_mse(engine, x, teacher_steps, time=time)
+        for i, batch in enumerate(islice(loader, batches)):
+            x, forcings = on_device(batch, device)
+            loss, pred = normalized_mse(engine, x, teacher_steps, time=time, forcings=forcings)
             total += loss
             if i == 0:
                 first = (x[0, 1:], pred[0])
@@ -133,14 +142,19 @@ class Progress:
             print(f"[minconv] step {step}/{self.last_step} val_loss {val_loss:.5f}", flush=True)
 
 
-def restore(engine: Any, meter: LossMeter, resume_from: str | None, rank: int) -> dict[str, int]:
-    """The position to continue from: Ray's checkpoint after a worker restart, else `--resume`'s, else the start."""
+def restore(engine: Any, meter: LossMeter, resume_from: str | None, run_dir: str, rank: int,
+            device: torch.device) -> dict[str, int]:
+    """The position to continue from: Ray's checkpoint after a worker restart, else `--resume`'s, else the start.
+    Rank 0 verifies it (falling back to the newest verified one) and every rank restores that one."""
     position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
-    resume = ray.train.get_checkpoint() or (ray.train.Checkpoint(resume_from) if resume_from else None)
-    if resume is None:
+    given = ray.train.get_checkpoint()
+    candidate = f"{run_dir}/{PurePosixPath(given.path).name}" if given else resume_from
+    if candidate is None:
         return position
-    with resume.as_directory() as directory:
-        saved = checkpoint.restore(engine, directory, rank=rank)
+    chosen = [checkpoint.usable(candidate, run_dir) if rank == 0 else None]
+    dist.broadcast_object_list(chosen, src=0, device=device)
+    with ray.train.Checkpoint(chosen[0]).as_directory() as directory:
+        saved = checkpoint.restore(engine, directory, rank=rank, label=PurePosixPath(chosen[0]).name)
     if rank == 0:  # the epoch's loss sum so far is global: one rank carries it
         meter.load(saved.get("epoch_loss_total", 0.0), saved.get("epoch_loss_count", 0.0))
         print(f"[minconv] resumed at epoch {saved['epoch']} step {saved['global_step']}", flush=True)
@@ -148,8 +162,8 @@ def restore(engine: Any, meter: LossMeter, resume_from: str | None, rank: int) -
 
 
 def worker_loop(loop_config: dict[str, Any]) -> None:
-    """Train per `loop_config` = {config, url, stats, steps_per_epoch, val_batches, mlflow_uri, mlflow_run_id,
-    resume_from, callbacks}; report a checkpoint at every validation and at the end."""
+    """Train per `loop_config` = {config, url, stats, static, steps_per_epoch, val_batches, mlflow_uri,
+    mlflow_run_id, resume_from, run_dir, callbacks}; report a checkpoint at every validation and at the end."""
     cfg, stats = build_config(loop_config["config"]), NormStats(**loop_config["stats"])
     callbacks: list[StepCallback] = loop_config.get("callbacks") or []
     ctx = ray.train.get_context()
@@ -170,9 +184,9 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
     steps_per_epoch = loop_config["steps_per_epoch"]
     last_step = cfg.optim.epochs * steps_per_epoch
-    engine = build_engine(cfg, build_network(cfg, stats, train_ds.grid), last_step, bf16)
+    engine = build_engine(cfg, build_network(cfg, stats, train_ds.grid, loop_config.get("static")), last_step, bf16)
     meter = LossMeter(device)
-    position = restore(engine, meter, loop_config.get("resume_from"), rank)
+    position = restore(engine, meter, loop_config.get("resume_from"), loop_config["run_dir"], rank, device)
     logger = MetricLogger(loop_config["mlflow_uri"], loop_config["mlflow_run_id"]) if rank == 0 else None
     progress = Progress(logger, d.batch_size * world // S, last_step, position["global_step"])
     while position["epoch"] < cfg.optim.epochs:
@@ -180,11 +194,12 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
         train_ds.set_epoch(epoch)
         train_ds.load_state_dict({**train_ds.state_dict(), "epoch": epoch,
                                   "position": position["step_in_epoch"] * d.batch_size})
-        for x in islice(train_loader, steps_per_epoch - position["step_in_epoch"]):
+        for batch in islice(train_loader, steps_per_epoch - position["step_in_epoch"]):
             step = position["global_step"] + 1
             for callback in callbacks:
                 callback(engine, step, rank)
-            meter.update(train_step(engine, x.to(device, non_blocking=True), k, d.input_noise, time), step)
+            x, forcings = on_device(batch, device)
+            meter.update(train_step(engine, x, k, d.input_noise, time, forcings), step)
             position["step_in_epoch"], position["global_step"] = position["step_in_epoch"] + 1, step
             if step % cfg.tracking.log_every == 0:  # collective; raises on a non-finite loss
                 progress.log_step(step, epoch, meter.summary()["last"], engine.get_lr()[0], k)
@@ -204,18 +219,19 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
                          "epoch_loss_count": summary["epoch_count"], "mlflow_run_id": loop_config["mlflow_run_id"]}
                 report(engine, rank, world, saved, cfg, {"epoch": position["epoch"], "step": step,
                                                          "train_loss": summary["last"], "val_loss": val_loss,
-                                                         "final": int(final)})
+                                                         "final": int(final)}, loop_config["run_dir"])
                 progress.restart_clock(step)
             if final:
                 return
 
 
 def report(engine: Any, rank: int, world: int, position: dict[str, Any], cfg: TrainConfig,
-           metrics: dict[str, float]) -> None:
-    """Write this rank's part of a checkpoint into a fresh local folder and report it to Ray (collective)."""
-    local = Path(tempfile.mkdtemp(prefix="minconv-ckpt-"))
+           metrics: dict[str, float], run_dir: str) -> None:
+    """Write this rank's part of a checkpoint into a fresh local folder and report it to Ray (collective). A write
+    or upload that fails (a full disk) is a `StorageError`, which ends the run without Ray's retries."""
     try:
-        checkpoint.save(engine, local, rank=rank, world_size=world, position=position, config=cfg.to_dict())
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(local)))
-    finally:
-        shutil.rmtree(local, ignore_errors=True)
+        with tempfile.TemporaryDirectory(prefix="minconv-ckpt-", ignore_cleanup_errors=True) as local:
+            checkpoint.save(engine, Path(local), rank=rank, world_size=world, position=position, config=cfg.to_dict())
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local))
+    except OSError as err:
+        raise checkpoint.write_failure(err, run_dir, position["global_step"]) from err

@@ -1,4 +1,4 @@
-"""A resume continues the saved plan. The run's latest complete checkpoint holds its config.yaml; a resume
+"""A resume continues the saved plan. The run's newest verified checkpoint holds its config.yaml; a resume
 starts from it, and may change only what cannot break exactness: where and how often it reports, how
 failures are retried, when to stop, and more epochs when asked for. Anything else is refused, naming the
 key, before Ray starts; so is resuming a run that has already finished its plan."""
@@ -32,14 +32,17 @@ def run_dir(resume: str, storage_path: str) -> str:
     return f"{storage.rstrip('/')}/{resume}"
 
 
-def saved_plan(directory: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """(checkpoint path, position, config) of the run's latest complete checkpoint."""
-    found = checkpoint.latest(directory)
+def saved_plan(directory: str) -> tuple[str, dict[str, Any], dict[str, Any], list[str]]:
+    """(checkpoint path, position, config) of the run's newest verified checkpoint, and a line for each newer
+    checkpoint passed over (checkpoint.latest)."""
+    skipped: list[str] = []
+    found = checkpoint.latest(directory, on_skip=skipped.append)
     if found is None:
-        raise ConfigError(f"--resume: no complete checkpoint under {directory}")
+        why = f" ({'; '.join(skipped)})" if skipped else ""
+        raise ConfigError(f"--resume: no verified checkpoint under {directory}{why}")
     path, position = found
     with fsspec.open(f"{path}/config.yaml", "r") as f:
-        return path, position, yaml.safe_load(f)
+        return path, position, yaml.safe_load(f), skipped
 
 
 def check_plan(saved: dict[str, Any], cfg: TrainConfig, name: str) -> None:
@@ -66,7 +69,7 @@ def resume_config(resume: str, path: str | Path | None, overrides: list[str]) ->
     """The saved config of run `resume`, with the changes asked for by `path` and `overrides` on top."""
     asked = explicit_values(path, overrides)
     storage = asked.get("run", {}).get("storage_path", TrainConfig().run.storage_path)
-    _, _, saved = saved_plan(run_dir(resume, storage))
+    _, _, saved, _ = saved_plan(run_dir(resume, storage))
     cfg = build_config(saved, asked)
     check_plan(saved, cfg, resume)
     return cfg

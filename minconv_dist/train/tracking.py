@@ -97,17 +97,23 @@ def finish_run(uri: str, run_id: str, status: str) -> None:
 
 class PortableModel(torch.nn.Module):
     """The trained network, pickled as (spec, weights) and rebuilt with `build_model` on load, so a logged
-    model survives changes to the model classes' private attributes. Forwards `forward` and `rollout`."""
+    model survives changes to the model classes' private attributes. Forwards `forward` and `rollout`.
+
+    `forward(x)` (MLflow's pyfunc input) takes one array [B, T, C + F, H, W]: the C prognostic channels, then the F
+    forcing channels of the network (`network.forcings`; F = 0 for most models)."""
 
     def __init__(self, network: torch.nn.Module):
         super().__init__()
         self.network = network
 
     def forward(self, x: torch.Tensor, teacher_steps: int | None = None) -> torch.Tensor:
-        return self.network(x, teacher_steps=teacher_steps)
+        c = self.network.in_channels
+        forcings = x[:, :, c:] if self.network.forcings else None
+        return self.network(x[:, :, :c], teacher_steps=teacher_steps, forcings=forcings)
 
-    def rollout(self, context: torch.Tensor, steps: int, state: Any = None) -> tuple[torch.Tensor, Any]:
-        return self.network.rollout(context, steps, state)
+    def rollout(self, context: torch.Tensor, steps: int, state: Any = None, forcings: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, Any]:
+        return self.network.rollout(context, steps, state, forcings=forcings)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"spec": self.network.spec, "state_dict": self.network.state_dict()}

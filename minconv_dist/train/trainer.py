@@ -7,23 +7,25 @@ import os
 import queue
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
 from minconv_dist.data import (DataError, NormStats, channel_bounds, check_stats, compute_stats, default_store,
-                               open_store, parse_channels)
-from minconv_dist.data.store import redact
+                               open_store, parse_channels, store_dims)
+from minconv_dist.data.forcings import check_times
+from minconv_dist.data.static import read_static
+from minconv_dist.data.store import is_local, redact
 from minconv_dist.models import load_model_file
-from minconv_dist.train import checkpoint, tracking
+from minconv_dist.train import checkpoint, runs, tracking
 from minconv_dist.train.config import ConfigError, TrainConfig
 from minconv_dist.train.datasets import split_of, window_dataset
 from minconv_dist.train.loop import StepCallback, worker_loop
@@ -50,7 +52,7 @@ def resume_command(directory: str) -> str:
 class FitResult:
     run_name: str
     run_dir: str
-    checkpoint: str  # the last complete checkpoint
+    checkpoint: str  # the last verified checkpoint
     metrics: dict[str, Any]
     mlflow_uri: str
     mlflow_run_id: str
@@ -75,15 +77,20 @@ def _config_errors(key: str, io_key: str = "data.url") -> Iterator[None]:
         raise ConfigError(f"{key}: {err}") from err
 
 
-def _check_data(cfg: TrainConfig, url: str) -> tuple[NormStats, tuple[int, int], int, int]:
-    """Open the store, compute (or load) the stats, size the epoch and read each split's first batch, all
-    checked (docs/data.md, "Checks"), so that bad data fail here, before any worker starts."""
+def _check_data(cfg: TrainConfig, url: str) -> tuple[NormStats, tuple[int, int], int, int, np.ndarray | None]:
+    """Open the store, compute (or load) the stats, size the epoch, read each split's first batch and the static
+    fields, all checked (docs/data.md, "Checks"), so that bad data fail here, before any worker starts. Sets
+    data.dims to the store's spelling of latitude/longitude (`store_dims`), which the workers then use."""
     d = cfg.data
     # a sample store is split by data.<split>_samples, a single series by data.<split>_range
     key = {split: f"data.{split}_{'samples' if d.dims.sample else 'range'}" for split in ("train", "val")}
     bounds = channel_bounds(d.channels, d.bounds)
     with _config_errors("data.url"):
-        open_store(url, d.storage_options or None)
+        store = open_store(url, d.storage_options or None)
+        d.dims = store_dims(store, d.dims)  # `lat` or `latitude`, as the store spells it; the workers use it
+    if d.forcings:
+        with _config_errors("data.forcings"):
+            check_times(store[d.dims.time].values, repr(redact(url)))
     with _config_errors(f"{key['train']} / data.channels / data.stats_path",
                         "data.stats_path" if d.stats_path else "data.url"):
         stats = (NormStats.load(d.stats_path, d.storage_options or None) if d.stats_path else
@@ -110,7 +117,14 @@ def _check_data(cfg: TrainConfig, url: str) -> tuple[NormStats, tuple[int, int],
     if cfg.optim.steps_per_epoch:
         steps = min(steps, cfg.optim.steps_per_epoch)
     val_batches = min(cfg.checkpoint.val_batches, per_rank["val"] // d.batch_size)
-    return stats, ds.grid, steps, val_batches
+    static = None
+    if d.static:
+        static_url = d.static_url or url
+        with _config_errors("data.static", "data.static_url" if d.static_url else "data.url"):
+            static = read_static(static_url, d.static, latitude=ds.latitudes, longitude=ds.longitudes, dims=d.dims,
+                                 coarsen=d.coarsen,
+                                 storage_options=None if is_local(static_url) else d.storage_options or None)
+    return stats, ds.grid, steps, val_batches, static
 
 
 def _check_durable(cfg: TrainConfig) -> None:
@@ -159,8 +173,9 @@ def _fit_beside_main_thread(trainer: TorchTrainer) -> ray.train.Result:
     return result
 
 
-# Failures that repeat exactly on a retry from the last checkpoint: bad data, a diverging loss.
-NOT_RETRIED = (DataError, NonFiniteLossError)
+# Failures that repeat exactly on a retry from the last checkpoint: bad data, a diverging loss, a checkpoint that
+# cannot be written (a full disk) or read (altered files).
+NOT_RETRIED = (DataError, NonFiniteLossError, checkpoint.StorageError, checkpoint.CheckpointError)
 
 
 class _StopOnDeterministicError(ray.train.UserCallback):
@@ -188,30 +203,36 @@ def _worker_cause(err: ray.train.TrainingFailedError) -> BaseException:
 
 def fit(cfg: TrainConfig, *, resume: str | None = None, callbacks: list[StepCallback] = ()) -> FitResult:
     """Train per `cfg`. `resume`: a run name under run.storage_path (or a run directory) to continue from its
-    latest complete checkpoint; `cfg` must then keep the run's saved plan (`resume_config` builds such a
+    newest verified checkpoint; `cfg` must then keep the run's saved plan (`resume_config` builds such a
     config). `callbacks` run on every worker before each step (picklable)."""
     _check_durable(cfg)
     resume_from, position = None, {}
-    if resume:
+    if resume:  # the newest verified checkpoint, all of it data only: checked before Ray or MLflow is touched
         directory = run_dir(resume, cfg.run.storage_path)
-        resume_from, position, saved = saved_plan(directory)
+        resume_from, position, saved, skipped = saved_plan(directory)
+        for line in skipped:
+            print(f"[minconv] --resume {resume}: {line}", flush=True)
         check_plan(saved, cfg, resume)
         check_unfinished(saved, position, cfg, resume)
+        try:
+            checkpoint.probe(resume_from)
+        except checkpoint.CheckpointError as err:
+            raise ConfigError(f"--resume {resume}: {err}") from None
         storage, name = directory.rsplit("/", 1)
     else:
-        name = cfg.run.name or f"{cfg.model.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name = cfg.run.name or runs.default_name(cfg.model.arch)
         directory = run_dir(name, cfg.run.storage_path)
         storage = directory.rsplit("/", 1)[0]
-        if checkpoint.latest(directory) is not None:
-            raise ConfigError(f"run.name: run {name!r} already has checkpoints in {directory}; "
-                              f"continue it with --resume {name} or choose another run.name")
+        runs.check_free(directory, name)
     url = cfg.data.url or default_store()
-    stats, grid, steps_per_epoch, val_batches = _check_data(cfg, url)
+    stats, grid, steps_per_epoch, val_batches, static = _check_data(cfg, url)
 
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(log_to_driver=True)
     _check_resources(cfg)
+    if not resume:
+        runs.claim(directory, name)
 
     uri = tracking.resolve_uri(cfg.tracking.uri)
     run_id = position.get("mlflow_run_id") or tracking.open_run(uri, cfg.tracking.experiment, name, cfg.to_dict())
@@ -223,9 +244,10 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, callbacks: list[StepCall
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={
-            "config": cfg.to_dict(), "url": url, "stats": asdict(stats), "steps_per_epoch": steps_per_epoch,
+            "config": cfg.to_dict(), "url": url, "stats": asdict(stats), "static": static,
+            "steps_per_epoch": steps_per_epoch,
             "val_batches": val_batches, "mlflow_uri": uri, "mlflow_run_id": run_id, "resume_from": resume_from,
-            "callbacks": list(callbacks),
+            "run_dir": directory, "callbacks": list(callbacks),
         },
         scaling_config=ray.train.ScalingConfig(num_workers=p.num_workers, use_gpu=p.use_gpu,
                                                resources_per_worker=resources),
@@ -258,10 +280,11 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, callbacks: list[StepCall
                    f"continue with: {resume_command(directory)}") from err
     last = checkpoint.latest(directory)
     if last is None:
-        raise TrainingError(f"run {name} finished without a complete checkpoint in {directory}")
+        raise TrainingError(f"run {name} finished without a verified checkpoint in {directory}")
     with ray.train.Checkpoint(last[0]).as_directory() as local:
         model = load_model_file(Path(local) / "model.pt")
-    example = model.normalizer.denormalize(torch.zeros(1, cfg.data.sequence_length, model.in_channels, *grid))
+    example = torch.cat([model.normalizer.denormalize(torch.zeros(1, cfg.data.sequence_length, model.in_channels, *grid)),
+                         torch.zeros(1, cfg.data.sequence_length, len(model.forcings), *grid)], dim=2)
     version = tracking.log_model(uri, run_id, model, example, cfg.tracking.registered_model)
     tracking.finish_run(uri, run_id, "FINISHED")
     metrics = dict(result.metrics or {}) or {"global_step": last[1]["global_step"]}
