@@ -45,10 +45,11 @@ def queued_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 20) -> floa
 
 
 def interleaved_ms(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int = 2,
-                   repeats: int = 7) -> dict[str, float]:
+                   repeats: int = 7, clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Median wall time in ms of each fn, called in turn (A, B, C, A, B, C, ...) so drifts of clock and
     temperature fall on all alike. Synchronises around each call, so host launch overhead counts (as it
-    does in training)."""
+    does in training). `clock=time.process_time`: this process's CPU time instead (all its threads), the
+    cost measure on a CPU shared with other jobs."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         for fn in fns.values():
@@ -57,10 +58,10 @@ def interleaved_ms(fns: dict[str, Callable[[], object]], device: torch.device, w
     for _ in range(repeats):
         for name, fn in fns.items():
             sync()
-            start = time.perf_counter()
+            start = clock()
             fn()
             sync()
-            times[name].append((time.perf_counter() - start) * 1e3)
+            times[name].append((clock() - start) * 1e3)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 

@@ -7,7 +7,9 @@ truth store, beside persistence and climatology.
 
 Prints a summary (the main metrics at a few leads); writes metrics.csv (every value), skill.zarr (WB2
 variables with a `level` dim), skill_<variable>_<level>.png and maps_<variable>_<level>.png to --out (any
-fsspec URL, all or nothing); with --mlflow-run-id also logs them to that MLflow run. See docs/evaluation.md.
+fsspec URL, all or nothing); with --mlflow-run-id also logs them to that MLflow run. Ensemble stores (a
+`realization` or `number` dim) add CRPS, spread-skill ratio and ensemble-mean RMSE (--definition weatherbench2),
+ensemble_<variable>_<level>.png, rank_histogram.csv and rank_<variable>_<level>.png. See docs/evaluation.md.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import xarray as xr
 from minconv_dist.data import CLIMATOLOGIES
 from minconv_dist.data.store import redact
 from minconv_dist.evaluate import DEFINITIONS, summary
+from minconv_dist.evaluate.ensemble_report import rank_histograms
 from minconv_dist.evaluate.report import nan_note
 from minconv_dist.evaluate.outputs import check_target
 from minconv_dist.errors import run_job
@@ -51,12 +54,15 @@ def parser() -> argparse.ArgumentParser:
                         "2019-12-31); without it no climatology baseline")
     p.add_argument("--definition", choices=DEFINITIONS, default="weatherbench",
                    help="metric definitions: weatherbench2 (weatherbench2/metrics.py) or weatherbench (WeatherBench "
-                        "v1 src/score.py); see docs/evaluation.md")
+                        "v1 src/score.py, which has no ensemble metrics: an ensemble is scored by its mean); see "
+                        "docs/evaluation.md")
     p.add_argument("--drop-nan-inits", action="store_true",
-                   help="score only the init times at which no forecast and no truth value is NaN (all sources "
-                        "alike; the summary says how many were left out); by default a NaN makes the scores it "
-                        "enters NaN")
+                   help="score only the init times at which no forecast (no member) and no truth value is NaN (all "
+                        "sources alike, rank histograms too; the summary says how many were left out); by default a "
+                        "NaN makes the scores it enters NaN")
     p.add_argument("--map-leads", type=int, nargs="*", help="lead steps shown in the maps (default: first, middle, last)")
+    p.add_argument("--rank-leads", type=int, nargs="*",
+                   help="ensembles: lead steps of the rank histograms (default: first, middle, last)")
     p.add_argument("--out", required=True, help="output folder: local path or fsspec URL (s3://, gs://, memory://)")
     p.add_argument("--out-storage-options", type=json.loads, default=None, help="JSON for fsspec (--out)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -87,7 +93,9 @@ def main(argv: list[str] | None = None) -> xr.Dataset:
         climatology_range=args.climatology_range, definition=args.definition, drop_nan_inits=args.drop_nan_inits)
     write_outputs(skill, next(iter(forecasts.values())), truth, args.out, args.map_leads,
                   storage_options=args.out_storage_options, overwrite=args.overwrite,
-                  mlflow_run_id=args.mlflow_run_id, tracking_uri=args.tracking_uri)
+                  mlflow_run_id=args.mlflow_run_id, tracking_uri=args.tracking_uri,
+                  ranks=rank_histograms(forecasts, truth, args.rank_leads,
+                                        drop=skill.attrs.get("nan_inits_dropped_times", ())))
     print(summary(skill).to_string(float_format=lambda v: f"{v:.4g}"))
     print(nan_note(skill))
     print(f"all metrics: {redact(args.out.rstrip('/'))}/metrics.csv")

@@ -6,6 +6,7 @@ in the WeatherBench2 layout (time, prediction_timedelta, [level,] latitude, long
     python jobs/forecast.py --model models:/z500-minconvgru/3 --warmup all ...   # Min cells: one scan over the record
     python jobs/forecast.py --model official:best.pt --arch minconvgru --padding cylinder --stats stats.json ...
     python jobs/forecast.py ... --out s3://bucket/fc.zarr --out-storage-options '{"anon": false}'
+    python jobs/forecast.py --model a.pt b.pt --members 8 --perturbation-std 0.05 --seed 1 ...  # an ensemble
 
 The model normalises its inputs and de-normalises its forecasts itself (the statistics are in its weights);
 official checkpoints have none, so they take --stats. The store defaults to the embedded synthetic one.
@@ -22,6 +23,7 @@ from minconv_dist.data import DimNames, NormStats, default_store
 from minconv_dist.data.store import redact, redact_config
 from minconv_dist.errors import run_job
 from minconv_dist.evaluate import init_times, load_model, open_channels, write_forecast
+from minconv_dist.evaluate.ensemble import write_ensemble_forecast
 from minconv_dist.evaluate.outputs import check_target
 from minconv_dist.job_args import dims_arg, job_parser
 
@@ -37,7 +39,9 @@ def warmup_arg(value: str) -> int | str:
 
 def parser() -> argparse.ArgumentParser:
     p = job_parser(__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="checkpoint file, models:/name/version, runs:/id/path or official:PATH")
+    p.add_argument("--model", required=True, nargs="+",
+                   help="checkpoint file, models:/name/version, runs:/id/path or official:PATH; several: an "
+                        "ensemble, --members / K members from each (same channels and grid)")
     p.add_argument("--tracking-uri", help="MLflow store of a models:/ or runs:/ --model; else $MLFLOW_TRACKING_URI")
     p.add_argument("--arch", help="architecture, for official checkpoints")
     p.add_argument("--padding", default="zeros", help="padding, for official checkpoints")
@@ -59,7 +63,16 @@ def parser() -> argparse.ArgumentParser:
                         "one pass over the record, from its start ('all') or N frames before the first init time")
     p.add_argument("--warmup-chunk", type=int, default=256, help="frames read per step of the --warmup pass")
     p.add_argument("--steps", type=int, default=24, help="lead steps (in the data's time step)")
-    p.add_argument("--batch-size", type=int, default=8, help="init times per rollout batch (bounds memory)")
+    p.add_argument("--members", type=int, help="ensemble members per init time (a `realization` dim); default: "
+                                                "none with one --model, one per model with several")
+    p.add_argument("--perturbation-std", type=float, default=0.0,
+                   help="ensemble: std of the Gaussian noise on each member's initial condition, in normalised "
+                        "units (x each channel's std), added to every --context frame, or with --warmup to every "
+                        "layer's hidden state before the init-time frame")
+    p.add_argument("--seed", type=int, default=0, help="ensemble: member k's noise at init time t is drawn from "
+                                                       "(seed, k, t) alone, so any member is reproducible")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="init times per rollout batch (bounds memory); for an ensemble, (init time, member) pairs")
     p.add_argument("--device", default="cpu", help="torch device of the rollouts, e.g. cuda")
     p.add_argument("--out", required=True, help="forecast zarr store: local path or fsspec URL (s3://, gs://, memory://)")
     p.add_argument("--out-storage-options", type=json.loads, default=None, help="JSON for fsspec (--out)")
@@ -74,22 +87,33 @@ def main(argv: list[str] | None = None) -> str:
     args = parser().parse_args(argv)
     check_target(args.out, args.out_storage_options, args.overwrite)  # before the long part
     stats = NormStats.load(args.stats) if args.stats else None
-    model = load_model(args.model, arch=args.arch, padding=args.padding, tanh_encoder=args.tanh_encoder, stats=stats,
-                       tracking_uri=args.tracking_uri)
+    models = [load_model(uri, arch=args.arch, padding=args.padding, tanh_encoder=args.tanh_encoder, stats=stats,
+                         tracking_uri=args.tracking_uri) for uri in args.model]
+    model = models[0]
     url = args.data or default_store()
     data = open_channels(url, args.channels or model.normalizer.channels, dims=args.dims,
                          coarsen=args.coarsen, storage_options=args.storage_options)
     inits = init_times(data["time"].values, args.init_start, args.init_end, args.init_every)
     config = {k: v for k, v in vars(args).items() if not k.endswith("storage_options")}  # credentials
     config["dims"] = asdict(args.dims)  # what jobs/evaluate.py reads back as the data_source's layout
-    attrs = {"model_uri": args.model, "model_spec": model.spec, "data_source": redact(url), "coarsen": args.coarsen,
+    one = len(models) == 1
+    attrs = {"model_uri": args.model[0] if one else args.model, "model_spec": model.spec if one else
+             [m.spec for m in models], "data_source": redact(url), "coarsen": args.coarsen,
              "context": args.context, "warmup": str(args.warmup), "config": redact_config(config),
              "created_by": "jobs/forecast.py"}
-    out = write_forecast(model, data, inits, context=args.context, steps=args.steps, out=args.out,
-                         warmup=args.warmup, warmup_chunk=args.warmup_chunk, batch_size=args.batch_size,
-                         attrs=attrs, device=args.device, overwrite=args.overwrite,
-                         storage_options=args.out_storage_options, allow_nan=args.allow_nan)
-    print(f"wrote {len(inits)} forecasts x {args.steps} leads to {redact(out)}")
+    run = dict(context=args.context, steps=args.steps, out=args.out, warmup=args.warmup,
+               warmup_chunk=args.warmup_chunk, batch_size=args.batch_size, attrs=attrs, device=args.device,
+               overwrite=args.overwrite, storage_options=args.out_storage_options, allow_nan=args.allow_nan)
+    if one and args.members is None:
+        if args.perturbation_std:
+            raise ValueError("--perturbation-std perturbs the members of an ensemble: give --members N")
+        out = write_forecast(model, data, inits, **run)
+        print(f"wrote {len(inits)} forecasts x {args.steps} leads to {redact(out)}")
+        return out
+    members = len(models) if args.members is None else args.members
+    out = write_ensemble_forecast(models, data, inits, members=members, perturbation_std=args.perturbation_std,
+                                  seed=args.seed, uris=args.model, **run)
+    print(f"wrote {len(inits)} forecasts x {members} members x {args.steps} leads to {redact(out)}")
     return out
 
 

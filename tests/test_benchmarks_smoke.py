@@ -1,7 +1,7 @@
 """The benchmark scripts run (tiny options): a benchmark that crashes measures nothing."""
 from __future__ import annotations
 
-from benchmarks import baselines, loader, scan_cpu, time_parallel, train_step
+from benchmarks import baselines, ensemble, loader, scan_cpu, time_parallel, train_step
 from minconv_dist.data.store import fast_io_missing
 
 
@@ -61,3 +61,13 @@ def test_time_parallel_benchmark_has_its_one_device_baseline(capfd):
                         "--chunk", "4", "--steps", "1", "--no-single"])
     rows = [line.split("|") for line in capfd.readouterr().out.splitlines() if line.startswith("| 16 |")]
     assert len(rows) == 1 and rows[0][3].strip() == "1" and rows[0][4].strip() == "12", rows  # S, its frames
+
+
+def test_ensemble_benchmark_prints_a_row_per_mode_and_member_count(capsys):
+    ensemble.main(["--device", "cpu", "--grid", "8", "16", "--hidden", "4", "--layers", "1", "--inits", "2",
+                   "--init-every", "4", "--context", "3", "--steps", "2", "--members", "2", "--repeats", "1"])
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("| context", "| warmup"))]
+    assert [(r[1].strip(), r[2].strip()) for r in rows] == [("context", "deterministic"), ("context", "2"),
+                                                             ("warmup", "deterministic"), ("warmup", "2")]
+    assert all(float(r[3]) > 0 and float(r[5]) > 0 for r in rows)

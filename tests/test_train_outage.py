@@ -126,7 +126,8 @@ def server(tmp_path):
 
 def tiny(store: str, uri: str, runs: Path, name: str, *overrides: str):
     return load_config(overrides=[
-        f"data.url={store}", "data.train_range=[2015-01-01, 2015-01-31]", "data.val_range=[2015-02-01, 2015-02-28]",
+        f"data.url={store}", "data.channels=[z]", "data.train_range=[2015-01-01, 2015-01-31]",
+        "data.val_range=[2015-02-01, 2015-02-28]",
         "data.coarsen=2", "data.sequence_length=6", "data.teacher_steps=4", "data.stride=6", "data.batch_size=2",
         "model.hidden_size=4", "model.layers=1", "optim.epochs=2", f"optim.steps_per_epoch={STEPS // 2}",
         "checkpoint.val_every=4", "checkpoint.val_batches=1", "tracking.log_every=1", f"tracking.uri={uri}",

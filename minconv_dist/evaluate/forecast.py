@@ -17,7 +17,6 @@ times (init time + lead) and the data's grid (`data/forcings.py`); its static fi
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any, Iterator
 
 import numpy as np
@@ -26,16 +25,13 @@ import torch
 import xarray as xr
 
 from minconv_dist.data import DimNames, open_store, select_channels, store_dims
-from minconv_dist.data.chunks import label
 from minconv_dist.data.forcings import check_times, compute_forcings
 from minconv_dist.data.selection import coarsen as coarsen_grid
 from minconv_dist.data.store import COMPLETE_ATTR, redact, set_attrs, zarr_store
 from minconv_dist.evaluate.layout import LAT, LEAD, LON, TIME, to_weatherbench2, with_cf_attrs
-from minconv_dist.evaluate.nan_inputs import describe, nan_inits
+from minconv_dist.evaluate.nan_inputs import check_nan_inits
 from minconv_dist.evaluate.outputs import staged
 from minconv_dist.models import MinConvCell
-
-log = logging.getLogger(__name__)
 
 
 def time_step(times: np.ndarray) -> np.timedelta64:
@@ -214,21 +210,13 @@ def write_forecast(
     init_time = np.asarray(init_time, dtype="datetime64[ns]")
     idx = check_inputs(model, data, init_time, context if warmup is None else 1, steps)
     start = None if warmup is None else warmup_start(model, idx, warmup)
-    nan = nan_inits(data, idx, context, start)
-    if nan:
-        count = len(set(np.concatenate(list(nan.values()))))
-        what = f"{count} of {idx.size} init times read NaN ({describe(nan)})"
-        if not allow_nan:
-            raise ValueError(f"{what}: their forecasts would be NaN; choose other init times or pass --allow-nan "
-                             "to write them")
-        log.warning("writing NaN forecasts: %s; listed in the store's nan_inputs attr", what)
+    nan_attrs = check_nan_inits(data, idx, context, start, allow_nan)
     channels = [str(c) for c in data["channel"].values]
     lead = time_step(data["time"].values) * np.arange(1, steps + 1)
     template = forecast_template(channels, init_time, lead, data["lat"].values, data["lon"].values, batch_size)
     template.attrs = {k: v if isinstance(v, (str, int, float, bool)) else json.dumps(v)
                       for k, v in {**(attrs or {}), "channels": channels, COMPLETE_ATTR: False}.items()}
-    if nan:
-        template.attrs["nan_inputs"] = json.dumps({c: [label(t) for t in times] for c, times in nan.items()})
+    template.attrs.update(nan_attrs)
     model = model.to(device).eval()
     run = dict(steps=steps, batch_size=batch_size, device=device)
     batches = (context_forecasts(model, data, idx, context=context, **run) if start is None else

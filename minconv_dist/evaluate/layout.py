@@ -4,7 +4,9 @@ WeatherBench2 forecasts (google-research/weatherbench2, `docs/source/evaluation.
 datasets", `weatherbench2/schema.py` `mock_forecast_data`, `docs/source/init-vs-valid-time.md`) are zarr
 stores with dims `time` (the init time), `prediction_timedelta` (the lead), `latitude`, `longitude` and, for
 variables on pressure levels, `level` (hPa); variables carry ERA5's long names (`geopotential`,
-`2m_temperature`), one variable for all levels of a quantity.
+`2m_temperature`), one variable for all levels of a quantity. Ensemble forecasts add a `realization` dim
+(`weatherbench2/metrics.py` `REALIZATION`, `schema.py` `mock_forecast_data(ensemble_size=...)`); the published
+IFS ENS stores call it `number` (`docs/source/data-guide.ipynb`, "IFS ENS"), read here as `realization`.
 
 Inside this package a field is one variable per *channel*, named by its channel spec (`z`, `geopotential@500`,
 see `minconv_dist.data.ChannelSpec`). This module is the one place that maps between the two:
@@ -22,7 +24,9 @@ from minconv_dist.data import DimNames, parse_channels
 
 # Dims of forecasts (and of everything the metrics compare), as WeatherBench2 names them.
 TIME, LEAD, LAT, LON, LEVEL = "time", "prediction_timedelta", "latitude", "longitude", "level"
+REALIZATION = "realization"  # the ensemble member
 LEGACY_DIMS = {"init_time": TIME, "lead_time": LEAD}  # this package's forecast layout before WB2's
+ENSEMBLE_DIMS = {"number": REALIZATION}  # WB2's published IFS ENS stores (ECMWF's name)
 
 Key = tuple[str, "int | float | None"]  # (WeatherBench2 variable, level in hPa or None)
 
@@ -61,6 +65,7 @@ COORD_ATTRS: dict[str, dict[str, str]] = {
     LAT: {"units": "degrees_north", "long_name": "latitude", "standard_name": "latitude"},
     LON: {"units": "degrees_east", "long_name": "longitude", "standard_name": "longitude"},
     LEVEL: {"units": "hPa", "long_name": "pressure level", "standard_name": "air_pressure"},
+    REALIZATION: {"units": "1", "long_name": "ensemble member", "standard_name": "realization"},
 }
 
 
@@ -139,7 +144,13 @@ def _locations(ds: xr.Dataset, level: str) -> dict[Key, tuple[str, object]]:
 
 def store_channels(ds: xr.Dataset, dims: DimNames = DimNames()) -> list[str]:
     """Every channel of a truth store in `dims`'s layout (`var@level` per level, else `var`): the variables
-    with time, latitude and longitude dims."""
+    with time, latitude and longitude dims. Refuses an ensemble (a store with a `realization` or `number`
+    dim): forecasts are scored against one truth."""
+    for dim in (REALIZATION, *ENSEMBLE_DIMS):
+        if dim in ds.dims:
+            raise ValueError(f"the truth store is an ensemble ({ds.sizes[dim]} members along {dim!r}): forecasts "
+                             f"are scored against one truth (e.g. ERA5), not an ensemble; pass --truth a store "
+                             f"without {dim!r}")
     fields = ds[[v for v, d in ds.data_vars.items() if {dims.time, dims.lat, dims.lon} <= set(d.dims)]]
     return [name if value is None else f"{name}@{_level(value)}"
             for name, value in _locations(fields, dims.level).values()]
@@ -154,10 +165,10 @@ def listed_channels(ds: xr.Dataset) -> list[str] | None:
 def from_weatherbench2(ds: xr.Dataset, channels: Iterable[str]) -> xr.Dataset:
     """A WB2-layout forecast -> one variable per internal channel, for each of `channels` whose WB2 (variable,
     level) the store holds (the first such channel wins). A store of ours offers only the channels of its
-    `channels` attr (other levels are NaN padding). Variables named as channels (`z`) and the legacy dims
-    `init_time`, `lead_time` are read too. Dims come in our order (time, prediction_timedelta, ..., latitude,
-    longitude); attrs and the coords other than `level` are kept."""
-    ds = ds.rename({k: v for k, v in LEGACY_DIMS.items() if k in ds.dims})
+    `channels` attr (other levels are NaN padding). Variables named as channels (`z`), the legacy dims
+    `init_time`, `lead_time` and the ensemble dim `number` are read too. Dims come in our order (time,
+    prediction_timedelta, ..., latitude, longitude); attrs and the coords other than `level` are kept."""
+    ds = ds.rename({k: v for k, v in {**LEGACY_DIMS, **ENSEMBLE_DIMS}.items() if k in ds.dims})
     held = _locations(ds, LEVEL)
     listed = listed_channels(ds)
     if listed is not None:

@@ -16,6 +16,11 @@ Two sources, selected by `definition=` in `score`:
   and `compute_weighted_acc`, with cos-latitude weights normalised to mean 1 (`cos_latitude_weights`), one
   mean over time, latitude and longitude together. NaNs propagate here too (v1's xarray means skip them,
   which silently scores the other cases).
+
+Ensembles: a forecast with a `realization` dim (WeatherBench2's `REALIZATION`) is scored by the
+probabilistic metrics below (`crps`, `spread_skill_ratio`, `ensemble_mean_rmse`, `rank_histogram`) and by
+the deterministic ones applied to its ensemble mean. A forecast without the dim is a 1-member ensemble, as
+WeatherBench2 treats one (its CRPS is the MAE, its spread 0). The truth is never an ensemble.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ import numpy as np
 import xarray as xr
 
 from minconv_dist.data.grid import cell_area_weights
-from minconv_dist.evaluate.layout import LAT, LEAD, LON, TIME
+from minconv_dist.evaluate.layout import LAT, LEAD, LON, REALIZATION, TIME
 
 X = TypeVar("X", xr.DataArray, xr.Dataset)
 
@@ -104,6 +109,112 @@ def acc(forecast: X, truth: X, climatology: X) -> X:
     return acc_per_time(forecast, truth, climatology).mean(TIME, skipna=False)
 
 
+def _members(forecast: X, truth: X) -> X:
+    """`forecast` with a `realization` dim (a deterministic forecast becomes a 1-member ensemble); refuses
+    an ensemble truth, which would otherwise broadcast against the members without a word."""
+    if REALIZATION in truth.dims:
+        raise ValueError(f"the truth has a {REALIZATION!r} dim ({truth.sizes[REALIZATION]} members): an "
+                         "ensemble is scored against one truth (e.g. ERA5), not against another ensemble")
+    return forecast if REALIZATION in forecast.dims else forecast.expand_dims(REALIZATION)
+
+
+def ensemble_mean(forecast: X) -> X:
+    """The mean over `realization` (NaN propagates); a forecast without the dim is returned as it is."""
+    return forecast.mean(REALIZATION, skipna=False) if REALIZATION in forecast.dims else forecast
+
+
+def _fair_spread(members: X) -> X:
+    """`E|X - X'|` per point, the unbiased estimate over distinct pairs `Σ_{i≠j} |x_i - x_j| / (n (n - 1))`, as
+    `2 / (n (n - 1)) Σ_i (2i - n - 1) x_(i)` over the sorted members (O(n log n)); 0 for one member.
+
+    Source: weatherbench2 `weatherbench2/metrics.py`, `_pointwise_crps_spread` (Zamo & Naveau 2018, the PWM
+    form of the fair estimator).
+    """
+    n = members.sizes[REALIZATION]
+    if n < 2:
+        return xr.zeros_like(members.isel({REALIZATION: 0}, drop=True))
+    weights = (2 * np.arange(1, n + 1) - n - 1) * (2 / (n * (n - 1)))
+    return xr.apply_ufunc(lambda a: np.sort(a, axis=-1) @ weights, members,
+                          input_core_dims=[[REALIZATION]], keep_attrs=False)
+
+
+def crps_per_time(forecast: X, truth: X) -> X:
+    """CRPS per init time: `area_mean(E|X - Y|) - 0.5 area_mean(E|X - X'|)`, both expectations over the
+    members, the second the fair (unbiased) estimate `_fair_spread`.
+
+    Source: weatherbench2 `weatherbench2/metrics.py`, `CRPS.compute_chunk` = `CRPSSkill` - 0.5 `CRPSSpread`
+    (`_pointwise_crps_skill`, `_pointwise_crps_spread`, each averaged by `_spatial_average`).
+    """
+    members = _members(forecast, truth)
+    skill = abs(members - truth).mean(REALIZATION, skipna=False)
+    return area_mean(skill) - 0.5 * area_mean(_fair_spread(members))
+
+
+def crps(forecast: X, truth: X) -> X:
+    """WeatherBench2 CRPS: `crps_per_time` averaged over init times; the MAE for a deterministic forecast.
+
+    Source: weatherbench2 `weatherbench2/metrics.py`, `CRPS` (`EnsembleMetric.compute`: mean over `time`).
+    Unbiased at each time for 2 or more members, so an ensemble's size does not favour it.
+    """
+    return crps_per_time(forecast, truth).mean(TIME, skipna=False)
+
+
+def ensemble_variance_per_time(forecast: X) -> X:
+    """`area_mean(var(X))` per init time, the variance over members with `ddof=1` (the unbiased `n/(n-1)`);
+    0 for one member. Source: weatherbench2 `weatherbench2/metrics.py`, `EnsembleVariance.compute_chunk`."""
+    members = forecast if REALIZATION in forecast.dims else forecast.expand_dims(REALIZATION)
+    if members.sizes[REALIZATION] < 2:
+        return xr.zeros_like(area_mean(members.isel({REALIZATION: 0}, drop=True)))
+    return area_mean(members.var(REALIZATION, ddof=1, skipna=False))
+
+
+def ensemble_mean_rmse(forecast: X, truth: X) -> X:
+    """`sqrt(mean_time(area_mean((mean(X) - Y)²)))`: the RMSE of the ensemble mean, the root after the
+    time mean as for `rmse`. Source: weatherbench2 `weatherbench2/metrics.py`, `EnsembleMeanMSE` (biased by
+    `σ²/n` as its docstring says; `DebiasedEnsembleMeanMSE` removes that), square root as for `MSE`."""
+    return rmse(ensemble_mean(_members(forecast, truth)), truth)
+
+
+def spread_skill_ratio(forecast: X, truth: X) -> X:
+    """`sqrt(mean_time(ensemble_variance_per_time)) / ensemble_mean_rmse`: both roots after the time mean.
+
+    Source: weatherbench2 `weatherbench2/visualization.py`, `compute_spread_skill_ratio` (`ensemble_stddev /
+    ensemble_mean_rmse`, the square roots of `EnsembleVariance` and `EnsembleMeanMSE` taken after their
+    time means, as their docstrings advise). For members and truth drawn from one distribution it tends to
+    `sqrt(n / (n + 1))`, not 1: the ensemble-mean error includes the mean's own sampling error `σ²/n`
+    (Fortin et al. 2014). 0 for a deterministic forecast.
+    """
+    spread = np.sqrt(ensemble_variance_per_time(_members(forecast, truth)).mean(TIME, skipna=False))
+    return spread / ensemble_mean_rmse(forecast, truth)
+
+
+def _ranks(members: np.ndarray, truth: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Rank of the truth among the members [..., n] (the number of members below it, 0..n), ties broken at
+    random among the tied positions; NaN where the truth or a member is NaN."""
+    below = (members < truth[..., None]).sum(-1)
+    ties = (members == truth[..., None]).sum(-1)
+    rank = below + np.floor(rng.random(below.shape) * (ties + 1))
+    return np.where(np.isnan(truth) | np.isnan(members).any(-1), np.nan, rank)
+
+
+def rank_histogram(forecast: X, truth: X, seed: int = 0) -> X:
+    """Frequency of the truth's rank among the n members, dim `rank` (0..n): the area-weighted fraction of
+    grid points per init time, averaged over init times (each variable's bins sum to 1). Flat at
+    `1 / (n + 1)` for a calibrated ensemble; U-shaped when the spread is too small.
+
+    Ranks as Earth2Studio's `earth2studio/statistics/rank.py` `rank_histogram` counts them (members `<=` the
+    truth, a tie placed uniformly at random among the tied positions, `seed` fixes that draw), the
+    counting weighted by cell area and averaged per init time as weatherbench2's `RankHistogram` (one-hot
+    ranks, `compute` = mean over time) and the metrics above. NaN propagates.
+    """
+    members = _members(forecast, truth)
+    n = members.sizes[REALIZATION]
+    rank = xr.apply_ufunc(_ranks, members, truth, kwargs={"rng": np.random.default_rng(seed)},
+                          input_core_dims=[[REALIZATION], []])
+    bins = [area_mean((rank == r).where(rank.notnull())).mean(TIME, skipna=False) for r in range(n + 1)]
+    return xr.concat(bins, dim="rank", coords="minimal", compat="override").assign_coords(rank=np.arange(n + 1))
+
+
 def compute_weighted_rmse(forecast: X, truth: X) -> X:
     """WeatherBench v1 RMSE: `sqrt(mean_{time,lat,lon}(w (f - t)²))`, `w` = `cos_latitude_weights`.
 
@@ -131,12 +242,18 @@ def compute_weighted_acc(forecast: X, truth: X, climatology: X) -> X:
 
 #: definition -> table label -> metric(forecast, truth); "acc" also takes the climatology.
 #: "weighted_rmse" is each definition's RMSE: WeatherBench2 `rmse` or WeatherBench v1 `compute_weighted_rmse`.
+#: An ensemble is scored by these on its ensemble mean.
 METRICS: dict[str, dict[str, Callable[..., Any]]] = {
     "weatherbench": {"weighted_rmse": compute_weighted_rmse, "bias": bias, "acc": compute_weighted_acc},
     "weatherbench2": {"weighted_rmse": rmse, "rmse_sqrt_before_time_avg": rmse_sqrt_before_time_avg,
                       "bias": bias, "acc": acc},
 }
 DEFINITIONS = tuple(METRICS)
+#: definition -> label -> probabilistic metric(forecast, truth) of the whole ensemble (WeatherBench v1 has none).
+ENSEMBLE_METRICS: dict[str, dict[str, Callable[..., Any]]] = {
+    "weatherbench": {},
+    "weatherbench2": {"crps": crps, "spread_skill_ratio": spread_skill_ratio, "ensemble_mean_rmse": ensemble_mean_rmse},
+}
 
 
 def score(
@@ -146,20 +263,27 @@ def score(
     definition: str = "weatherbench",
     metrics: tuple[str, ...] | None = None,
 ) -> xr.Dataset:
-    """The definition's metrics (all of `METRICS[definition]` by default) stacked along a `metric` dim.
+    """The definition's metrics stacked along a `metric` dim: by default all of `METRICS[definition]`, and for
+    an ensemble (a `realization` dim) also `ENSEMBLE_METRICS[definition]`.
 
     Gives `(metric, prediction_timedelta)` per variable. ACC needs `climatology`; without one it is skipped.
+    The deterministic metrics score an ensemble's mean (`ensemble_mean`); the probabilistic ones score a
+    deterministic forecast as a 1-member ensemble (CRPS = MAE, spread 0).
     """
     if definition not in METRICS:
         raise ValueError(f"unknown metric definition {definition!r}; expected one of {DEFINITIONS}")
-    table = METRICS[definition]
-    names = tuple(table) if metrics is None else metrics
+    table = {**METRICS[definition], **ENSEMBLE_METRICS[definition]}
+    default = (*METRICS[definition], *(ENSEMBLE_METRICS[definition] if REALIZATION in forecast.dims else ()))
+    names = default if metrics is None else tuple(metrics)
     unknown = set(names) - set(table)
     if unknown:
         raise ValueError(f"unknown metrics {sorted(unknown)} for definition {definition!r}; "
                          f"expected some of {list(table)}")
     names = tuple(m for m in names if m != "acc" or climatology is not None)
-    parts = [table[m](forecast, truth, climatology) if m == "acc" else table[m](forecast, truth) for m in names]
+    mean = ensemble_mean(forecast)
+    _members(forecast, truth)  # refuses an ensemble truth
+    parts = [table[m](forecast, truth) if m in ENSEMBLE_METRICS[definition] else
+             table[m](mean, truth, climatology) if m == "acc" else table[m](mean, truth) for m in names]
     return xr.concat(parts, dim="metric", coords="minimal", compat="override").assign_coords(metric=list(names))
 
 

@@ -3,10 +3,15 @@ its state, so the forecast from it is NaN: the forecast job finds these init tim
 refuses them, naming them and the channel, unless told to write them (`--allow-nan`)."""
 from __future__ import annotations
 
+import json
+import logging
+
 import numpy as np
 import xarray as xr
 
 from minconv_dist.data.chunks import label
+
+log = logging.getLogger(__name__)
 
 
 def nan_inits(data: xr.DataArray, idx: np.ndarray, context: int, start: int | None = None) -> dict[str, np.ndarray]:
@@ -35,3 +40,20 @@ def describe(found: dict[str, np.ndarray], limit: int = 3) -> str:
         listed = ", ".join(label(t) for t in times[:limit])
         parts.append(f"channel {channel}: {listed}" + (f" (and {times.size - limit} more)" if times.size > limit else ""))
     return "; ".join(parts)
+
+
+def check_nan_inits(data: xr.DataArray, idx: np.ndarray, context: int, start: int | None, allow_nan: bool
+                    ) -> dict[str, str]:
+    """Refuse (ValueError naming them and the channel) the init times whose inputs hold NaN (`nan_inits`), or
+    with `allow_nan` say so in one logged line; returns the forecast store's attrs that list them (`nan_inputs`,
+    empty when there are none)."""
+    nan = nan_inits(data, idx, context, start)
+    if not nan:
+        return {}
+    count = len(set(np.concatenate(list(nan.values()))))
+    what = f"{count} of {idx.size} init times read NaN ({describe(nan)})"
+    if not allow_nan:
+        raise ValueError(f"{what}: their forecasts would be NaN; choose other init times or pass --allow-nan "
+                         "to write them")
+    log.warning("writing NaN forecasts: %s; listed in the store's nan_inputs attr", what)
+    return {"nan_inputs": json.dumps({c: [label(t) for t in times] for c, times in nan.items()})}

@@ -5,9 +5,10 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from minconv_dist.data.chunks import label as label_time
 from minconv_dist.evaluate.baselines import climatology_forecast, persistence
-from minconv_dist.evaluate.layout import LAT, LEAD, LON, TIME, label, weatherbench2_key
-from minconv_dist.evaluate.metrics import align_truth, score
+from minconv_dist.evaluate.layout import LAT, LEAD, LON, REALIZATION, TIME, label, weatherbench2_key
+from minconv_dist.evaluate.metrics import ENSEMBLE_METRICS, METRICS, align_truth, score
 
 BASELINES = ("persistence", "climatology")
 NAN_METRICS = ("nan_fraction", "truth_nan_fraction")  # of a source's values, of the truth's it is scored against
@@ -42,10 +43,15 @@ def evaluate_forecasts(
     `compute_weighted_acc`) the truth's mean over all verified valid times. Inputs are checked (variables,
     grid, valid times) before anything is computed.
 
-    NaN are never skipped silently: every source also gets the metrics `nan_fraction` (of its values) and
-    `truth_nan_fraction` (of the truth it is scored against) per lead, and a NaN makes the scores it enters NaN
-    under both definitions. `drop_nan_inits`: score only the init times at which no source and no truth holds
-    a NaN (all sources alike); the attr `nan_inits_dropped` counts the others (the NaN fractions are of all).
+    Ensembles (a `realization` dim): when any forecast is one, every source gets the definition's
+    `ENSEMBLE_METRICS` too (a deterministic source as a 1-member ensemble); the coord `members` says each
+    source's ensemble size.
+
+    NaN are never skipped silently: every source also gets the metrics `nan_fraction` (of its values, all
+    members) and `truth_nan_fraction` (of the truth it is scored against) per lead, and a NaN makes the scores
+    it enters NaN under both definitions. `drop_nan_inits`: score only the init times at which no source (no
+    member) and no truth holds a NaN (all sources alike); the attr `nan_inits_dropped` counts the others,
+    `nan_inits_dropped_times` lists them (the NaN fractions are of all).
     """
     truths = {name: align_truth(fc, truth) for name, fc in forecasts.items()}  # raises on any mismatch
     first = next(iter(forecasts.values()))
@@ -62,21 +68,28 @@ def evaluate_forecasts(
         acc_ref = truth[names].sel(time=np.unique((inits[:, None] + leads.values).ravel())).mean("time")
     else:
         acc_ref = sources["climatology"].sel({TIME: inits}) if "climatology" in sources else None
+    members = [src.sizes.get(REALIZATION, 1) for src in sources.values()]
+    ensemble = any(REALIZATION in src.dims for src in sources.values())
+    metrics = (*METRICS[definition], *ENSEMBLE_METRICS[definition]) if ensemble else None
     parts = []
     for name, src in sources.items():  # one source in memory at a time
         src, tr = src.load(), truths[name].load()
-        scores = score(src.sel({TIME: inits}), tr.sel({TIME: inits}), acc_ref, definition)
+        scores = score(src.sel({TIME: inits}), tr.sel({TIME: inits}), acc_ref, definition, metrics)
         parts.append(xr.concat([scores, nan_fractions(src, tr)], dim="metric", coords="minimal", compat="override"))
     out = xr.concat(parts, dim="source", coords="minimal", compat="override", join="outer")
-    out = out.assign_coords(source=list(sources)).load()  # small; its dask parts would be chunked unevenly
+    out = out.assign_coords(source=list(sources), members=("source", members))
+    out = out.load()  # small; its dask parts would be chunked unevenly
     out.attrs.update(definition=definition, nan_inits_dropped=int(first.sizes[TIME] - inits.size))
+    if drop_nan_inits and inits.size < first.sizes[TIME]:
+        dropped = first[TIME].values[~np.isin(first[TIME].values, inits)]
+        out.attrs["nan_inits_dropped_times"] = [label_time(t) for t in dropped]
     return out
 
 
 def nan_fractions(forecast: xr.Dataset, truth: xr.Dataset) -> xr.Dataset:
-    """Per variable and lead, the fraction of NaN among the forecast's values and the truth's it is scored
-    against, along a `metric` dim (`nan_fraction`, `truth_nan_fraction`)."""
-    parts = [x.isnull().mean((TIME, LAT, LON)) for x in (forecast, truth)]
+    """Per variable and lead, the fraction of NaN among the forecast's values (of all its members) and the
+    truth's it is scored against, along a `metric` dim (`nan_fraction`, `truth_nan_fraction`)."""
+    parts = [x.isnull().mean([d for d in (TIME, REALIZATION, LAT, LON) if d in x.dims]) for x in (forecast, truth)]
     return xr.concat(parts, dim="metric").assign_coords(metric=list(NAN_METRICS))
 
 
@@ -113,8 +126,10 @@ def summary_leads(leads: np.ndarray, hours: tuple[int, ...] = (24, 72, 120, 240)
     return wanted or sorted({leads[0], leads[len(leads) // 2], leads[-1]})
 
 
-def summary(skill: xr.Dataset, metrics: tuple[str, ...] = ("weighted_rmse", "acc")) -> pd.DataFrame:
-    """Main metrics at a few leads: one row per (variable, source), one column per (metric, lead)."""
+def summary(skill: xr.Dataset, metrics: tuple[str, ...] = ("weighted_rmse", "acc", "crps", "spread_skill_ratio")
+            ) -> pd.DataFrame:
+    """Main metrics at a few leads (those of `metrics` the skill has): one row per (variable, source), one
+    column per (metric, lead)."""
     leads = summary_leads(skill[LEAD].values)
     metrics = tuple(m for m in metrics if m in skill["metric"].values)
     rows = {}

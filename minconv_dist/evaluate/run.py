@@ -18,9 +18,10 @@ from minconv_dist.data import CLIMATOLOGIES, DimNames, default_store, open_store
 from minconv_dist.data.selection import coarsen as coarsen_grid
 from minconv_dist.data.store import redact
 from minconv_dist.evaluate.forecast import open_channels, open_forecast
+from minconv_dist.evaluate.ensemble_report import render_ensemble_outputs
 from minconv_dist.evaluate.layout import (TIME, from_weatherbench2, label, listed_channels, store_channels,
                                           to_weatherbench2, units)
-from minconv_dist.evaluate.metrics import align_truth, match_grid
+from minconv_dist.evaluate.metrics import align_truth, ensemble_mean, match_grid
 from minconv_dist.evaluate.outputs import check_complete, filesystem, publish_folder
 from minconv_dist.evaluate.plots import plot_maps, plot_skill
 from minconv_dist.evaluate.report import as_fields, evaluate_forecasts, to_frame
@@ -98,28 +99,31 @@ def _safe(channel: str) -> str:
 
 
 def render_outputs(skill: xr.Dataset, forecast: xr.Dataset, truth: xr.Dataset, folder: str | Path,
-                   map_leads: list[int] | None = None) -> list[Path]:
+                   map_leads: list[int] | None = None, ranks: xr.Dataset | None = None) -> list[Path]:
     """Into the local `folder`: metrics.csv (every value), skill.zarr (WB2 variables with a `level` dim),
-    skill_<variable>_<level>.png for every variable and level, maps_<...>.png of `forecast`."""
+    skill_<variable>_<level>.png for every variable and level, maps_<...>.png of `forecast` (its ensemble
+    mean for an ensemble), and for ensembles the files of `ensemble_report.render_ensemble_outputs` (with
+    `ranks`, `rank_histograms`' result)."""
     folder = Path(folder)
     files = [folder / "metrics.csv"]
     to_frame(skill).to_csv(files[0], index=False)
     to_weatherbench2(skill).to_zarr(folder / "skill.zarr", mode="w", consolidated=True, zarr_format=2)
-    for channel in map(str, skill.data_vars):
-        files.append(plot_skill(skill, channel, folder / f"skill_{_safe(channel)}.png",
-                                unit=truth[channel].attrs.get("units")))
-        files.append(plot_maps(forecast, truth, channel, folder / f"maps_{_safe(channel)}.png", map_leads))
-    return files
+    unit = {c: truth[c].attrs.get("units") for c in map(str, skill.data_vars)}
+    for channel in unit:
+        files.append(plot_skill(skill, channel, folder / f"skill_{_safe(channel)}.png", unit=unit[channel]))
+        files.append(plot_maps(ensemble_mean(forecast), truth, channel, folder / f"maps_{_safe(channel)}.png",
+                               map_leads))
+    return files + render_ensemble_outputs(skill, ranks, folder, _safe, unit)
 
 
 def write_outputs(skill: xr.Dataset, forecast: xr.Dataset, truth: xr.Dataset, out: str,
                   map_leads: list[int] | None = None, *, storage_options: dict | None = None,
                   overwrite: bool = False, mlflow_run_id: str | None = None,
-                  tracking_uri: str | None = None) -> list[str]:
+                  tracking_uri: str | None = None, ranks: xr.Dataset | None = None) -> list[str]:
     """`render_outputs` into a temporary folder, published to `out` (any fsspec URL) all or nothing
     (`evaluate/outputs.py`), then logged to the MLflow run if given. Returns the files' names under `out`."""
     with tempfile.TemporaryDirectory() as work:
-        files = render_outputs(skill, forecast, truth, work, map_leads)
+        files = render_outputs(skill, forecast, truth, work, map_leads, ranks)
         written = publish_folder(work, out, storage_options, overwrite)
         if mlflow_run_id:
             log_to_mlflow(skill, [str(f) for f in files], mlflow_run_id, tracking_uri)
