@@ -130,6 +130,7 @@ def silent_endpoint():
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    server.shutdown(socket.SHUT_RDWR)  # wakes the accept(); close() alone leaves it blocked (join waited 5 s)
     server.close()
     thread.join(5)
     for conn in accepted:
