@@ -41,6 +41,11 @@ def test_defaults_yaml_and_overrides(tmp_path):
     ("parallel.use_gpu=maybe", "parallel.use_gpu: expected bool"),
     ("optim", "expected key=value"),
     ("data.train_samples=[0, 8]", r"data.train_samples: got \[0, 8\], expected null unless data.dims.sample"),
+    ("parallel.placement=strict_spread", r"parallel.placement: got 'strict_spread', expected one of \['pack', 'spread'\]"),
+    ("parallel.worker_resources={GPU: 1}", r"parallel.worker_resources: got \{'GPU': 1\}, expected a mapping of custom "
+                                           r"resource names \(not CPU or GPU"),
+    ("parallel.worker_resources={spot: 0}", r"parallel.worker_resources: got \{'spot': 0\}"),
+    ("parallel.worker_resources=[spot]", r"parallel.worker_resources: expected a mapping"),
 ])
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):

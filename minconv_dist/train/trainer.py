@@ -139,17 +139,21 @@ def _check_durable(cfg: TrainConfig) -> None:
                           "temporary copy of the working dir; set sqlite:////abs/path/mlflow.db or http://<server>")
 
 
+def worker_resources(cfg: TrainConfig) -> dict[str, float]:
+    """What each Ray Train worker asks for: CPUs, GPUs when used, and parallel.worker_resources."""
+    p = cfg.parallel
+    return {"CPU": p.cpus_per_worker, **({"GPU": p.gpus_per_worker} if p.use_gpu else {}), **p.worker_resources}
+
+
 def _check_resources(cfg: TrainConfig) -> None:
     p = cfg.parallel
-    need = {"CPU": p.num_workers * p.cpus_per_worker}
-    if p.use_gpu:
-        need["GPU"] = p.num_workers * p.gpus_per_worker
+    need = {k: p.num_workers * v for k, v in worker_resources(cfg).items()}
     have = ray.cluster_resources()
     short = {k: (v, have.get(k, 0)) for k, v in need.items() if v > have.get(k, 0)}
     if short and not p.allow_autoscale:
         wanted = ", ".join(f"{k}: need {n:g}, cluster has {h:g}" for k, (n, h) in short.items())
         raise ConfigError(f"parallel: the Ray cluster cannot fit {p.num_workers} workers ({wanted}); lower "
-                          "parallel.num_workers / cpus_per_worker / gpus_per_worker, or set "
+                          "parallel.num_workers / cpus_per_worker / gpus_per_worker / worker_resources, or set "
                           "parallel.allow_autoscale=true on an autoscaling cluster")
 
 
@@ -238,7 +242,6 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, callbacks: list[StepCall
           f"x {cfg.optim.epochs} epochs on {cfg.parallel.num_workers} workers, ZeRO-{cfg.parallel.zero_stage}",
           flush=True)
     p = cfg.parallel
-    resources = {"CPU": p.cpus_per_worker, **({"GPU": p.gpus_per_worker} if p.use_gpu else {})}
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={
@@ -248,7 +251,8 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, callbacks: list[StepCall
             "run_dir": directory, "callbacks": list(callbacks),
         },
         scaling_config=ray.train.ScalingConfig(num_workers=p.num_workers, use_gpu=p.use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=worker_resources(cfg),
+                                               placement_strategy=p.placement.upper()),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=p.max_failures), callbacks=[_StopOnDeterministicError()],
