@@ -144,15 +144,16 @@ class Progress:
 
 def restore(engine: Any, meter: LossMeter, resume_from: str | None, run_dir: str, rank: int,
             device: torch.device) -> dict[str, int]:
-    """The position to continue from: Ray's checkpoint after a worker restart, else `--resume`'s, else the start.
-    Rank 0 verifies it (falling back to the newest verified one) and every rank restores that one."""
+    """The position to continue from: the newest verified checkpoint of the run (Ray's after a worker restart unless
+    Ray is behind or its does not verify; `--resume`'s), else the start. Rank 0 chooses (`checkpoint.usable`) and
+    every rank restores that one."""
     position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
     given = ray.train.get_checkpoint()
     candidate = f"{run_dir}/{PurePosixPath(given.path).name}" if given else resume_from
-    if candidate is None:
-        return position
     chosen = [checkpoint.usable(candidate, run_dir) if rank == 0 else None]
     dist.broadcast_object_list(chosen, src=0, device=device)
+    if chosen[0] is None:
+        return position
     with ray.train.Checkpoint(chosen[0]).as_directory() as directory:
         saved = checkpoint.restore(engine, directory, rank=rank, label=PurePosixPath(chosen[0]).name)
     if rank == 0:  # the epoch's loss sum so far is global: one rank carries it
