@@ -46,6 +46,7 @@ def test_defaults_yaml_and_overrides(tmp_path):
                                            r"resource names \(not CPU or GPU"),
     ("parallel.worker_resources={spot: 0}", r"parallel.worker_resources: got \{'spot': 0\}"),
     ("parallel.worker_resources=[spot]", r"parallel.worker_resources: expected a mapping"),
+    ("checkpoint.preemption_grace_s=-1", r"checkpoint.preemption_grace_s: got -1.0, expected >= 0"),
 ])
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):

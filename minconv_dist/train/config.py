@@ -181,6 +181,10 @@ class CheckpointConfig:
     val_every: AtLeast1 = 50  # micro-steps between validation + checkpoint (and one at the end)
     val_batches: AtLeast1 = 4  # per worker
     keep: AtLeast1 = 2  # best N checkpoints by val_loss (plus the latest)
+    # SIGTERM (a spot node's preemption notice) gives a worker this long before it is killed: it trains on to the
+    # next checkpoint if that fits in the time, then leaves; else it leaves at once and the run restarts from
+    # the last checkpoint. 0: leave at once (docs/cluster.md, "Spot workers").
+    preemption_grace_s: NonNegative = 20.0
 
 
 @dataclass

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from minconv_dist.data import NormStats
-from minconv_dist.train import checkpoint
+from minconv_dist.train import checkpoint, preemption
 from minconv_dist.train.config import TrainConfig, build_config
 from minconv_dist.train.datasets import build_network, window_dataset
 from minconv_dist.train.engine import build_engine
@@ -51,6 +51,13 @@ def teacher_steps_at(cfg: TrainConfig, epoch: int) -> int:
     if cfg.optim.curriculum_epochs and closed > 1:
         closed = min(closed, 1 + (closed - 1) * epoch // cfg.optim.curriculum_epochs)
     return T - closed
+
+
+def next_checkpoint(cfg: TrainConfig, done: int, last_step: int) -> int:
+    """The step of the first checkpoint after step `done`: the next validation, the last step or the early stop."""
+    stop = cfg.run.stop_after_steps
+    return min((done // cfg.checkpoint.val_every + 1) * cfg.checkpoint.val_every, last_step,
+               *([stop] if stop and stop > done else []))
 
 
 def on_device(batch: Tensor | list[Tensor], device: torch.device) -> tuple[Tensor, Tensor | None]:
@@ -190,6 +197,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
     position = restore(engine, meter, loop_config.get("resume_from"), loop_config["run_dir"], rank, device)
     logger = MetricLogger(loop_config["mlflow_uri"], loop_config["mlflow_run_id"]) if rank == 0 else None
     progress = Progress(logger, d.batch_size * world // S, last_step, position["global_step"])
+    guard = preemption.Guard(cfg.checkpoint.preemption_grace_s, rank, position["global_step"])
     while position["epoch"] < cfg.optim.epochs:
         epoch, k = position["epoch"], teacher_steps_at(cfg, position["epoch"])
         train_ds.set_epoch(epoch)
@@ -199,6 +207,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
             step = position["global_step"] + 1
             for callback in callbacks:
                 callback(engine, step, rank)
+            guard.check(step - 1, next_checkpoint(cfg, step - 1, last_step))  # after SIGTERM: stay, or leave
             x, forcings = on_device(batch, device)
             meter.update(train_step(engine, x, k, d.input_noise, time, forcings), step)
             position["step_in_epoch"], position["global_step"] = position["step_in_epoch"] + 1, step
@@ -210,6 +219,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
                 position["epoch"], position["step_in_epoch"] = epoch + 1, 0
             final = step in (last_step, cfg.run.stop_after_steps)
             if final or step % cfg.checkpoint.val_every == 0:
+                guard.begin_checkpoint()
                 summary = meter.summary()  # never checkpoint weights that a non-finite loss has touched
                 val_loss, (truth, forecast) = validate(engine, val_loader, loop_config["val_batches"],
                                                        d.teacher_steps, device, time)
@@ -222,6 +232,7 @@ def worker_loop(loop_config: dict[str, Any]) -> None:
                                                          "train_loss": summary["last"], "val_loss": val_loss,
                                                          "final": int(final)}, loop_config["run_dir"])
                 progress.restart_clock(step)
+                guard.checkpointed(step)  # after SIGTERM: leave now that the checkpoint is written
             if final:
                 return
 
