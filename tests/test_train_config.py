@@ -134,6 +134,11 @@ def test_cluster_yaml_passes_rays_validator(name):
         validate_config(prepare_config(broken))
     gpu_types = [t for t in config["available_node_types"].values() if t["resources"].get("GPU")]
     assert gpu_types and config["available_node_types"][config["head_node_type"]]["resources"].get("GPU", 0) == 0
+    # a spot / preemptible worker type, kept off unless a job asks for its `spot` resource (docs/cluster.md)
+    (spot,) = [t for t in gpu_types if t["resources"].get("spot")]
+    market = spot["node_config"].get("InstanceMarketOptions", {}).get("MarketType") or \
+        spot["node_config"].get("scheduling", [{}])[0].get("preemptible")
+    assert market in ("spot", True) and spot["resources"]["spot"] == spot["resources"]["GPU"]
     assert not any(k in (ROOT / "cluster" / name).read_text().lower() for k in ("secret_access_key", "private_key\":"))
 
 
