@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +44,7 @@ class LocalHead:
     address: str  # the dashboard / job server, e.g. http://127.0.0.1:8265
     env: dict[str, str]  # the environment for `ray job submit` (token included)
     temp_dir: str
+    gcs_address: str  # what `ray status --address` and drivers (RAY_ADDRESS) connect to
 
     def job_client(self) -> Any:
         """A JobSubmissionClient that shows the head's token itself (Ray reads RAY_AUTH_* once per process)."""
@@ -65,9 +66,12 @@ class LocalHead:
 
 
 @contextmanager
-def local_ray_head(num_cpus: int, num_gpus: int = 0, env: dict[str, str] | None = None) -> Iterator[LocalHead]:
-    """`ray start --head` on 127.0.0.1 with `num_cpus` / `num_gpus`, yielding where to submit jobs and the
-    environment (token included) that a job client needs."""
+def local_ray_head(num_cpus: int, num_gpus: int = 0, env: dict[str, str] | None = None, port: int | None = None,
+                   args: Sequence[str] = ()) -> Iterator[LocalHead]:
+    """`ray start --head` on 127.0.0.1 with `num_cpus` / `num_gpus`, its GCS on `port` (default: a free one) and
+    `args` (more `ray start` flags), yielding where to submit jobs and the environment (token included) that a job
+    client needs. Every process of the head, and of nodes it starts (an autoscaler's), is stopped by PID."""
+    port = port or free_port()
     temp_dir = tempfile.mkdtemp(prefix="mcr", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     token = Path(temp_dir) / "auth_token"
     token.write_text(secrets.token_hex(32))
@@ -75,14 +79,14 @@ def local_ray_head(num_cpus: int, num_gpus: int = 0, env: dict[str, str] | None 
     dashboard = free_port()
     env = dict(os.environ if env is None else env, **LOCAL_ONLY, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
                RAY_TMPDIR=temp_dir, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    head = LocalHead(f"http://127.0.0.1:{dashboard}", env, temp_dir)
+    head = LocalHead(f"http://127.0.0.1:{dashboard}", env, temp_dir, f"127.0.0.1:{port}")
     try:
         subprocess.run(
-            [ray_executable(), "start", "--head", f"--port={free_port()}", "--node-ip-address=127.0.0.1",
+            [ray_executable(), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
              f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}", "--include-dashboard=true",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
              f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-             f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+             f"--temp-dir={temp_dir}", "--disable-usage-stats", *args],
             env=env, check=True, capture_output=True, timeout=180,
         )
         yield head
