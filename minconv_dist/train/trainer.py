@@ -28,6 +28,7 @@ from minconv_dist.models import load_model_file
 from minconv_dist.train import checkpoint, runs, tracking
 from minconv_dist.train.config import ConfigError, TrainConfig
 from minconv_dist.train.datasets import split_of, window_dataset
+from minconv_dist.train.head import HeadLost, HeadWatch
 from minconv_dist.train.loop import StepCallback, worker_loop
 from minconv_dist.train.meter import NonFiniteLossError
 from minconv_dist.train.resume import check_plan, check_unfinished, run_dir, saved_plan
@@ -157,9 +158,10 @@ def _check_resources(cfg: TrainConfig) -> None:
                           "parallel.allow_autoscale=true on an autoscaling cluster")
 
 
-def _fit_beside_main_thread(trainer: TorchTrainer) -> ray.train.Result:
+def _fit_beside_main_thread(trainer: TorchTrainer, head: HeadWatch) -> ray.train.Result:
     """`trainer.fit()` on a daemon thread. On the main thread Ray Train takes SIGINT itself, and its abort ends
-    the process without a word about the run; here Ctrl-C stays a KeyboardInterrupt of ours (see `fit`)."""
+    the process without a word about the run; here Ctrl-C stays a KeyboardInterrupt of ours (see `fit`). The main
+    thread watches the Ray head meanwhile (`HeadLost`)."""
     outcome: queue.Queue = queue.Queue()
 
     def run() -> None:
@@ -169,8 +171,14 @@ def _fit_beside_main_thread(trainer: TorchTrainer) -> ray.train.Result:
             outcome.put((None, err))
 
     threading.Thread(target=run, name="ray-train-fit", daemon=True).start()
-    result, error = outcome.get()
+    while True:
+        try:
+            result, error = outcome.get(timeout=head.probe_s)
+            break
+        except queue.Empty:
+            head.check()
     if error is not None:
+        head.confirm()  # a lost head shows first as a Ray error of the call to the controller, which lives there
         raise error
     return result
 
@@ -201,6 +209,23 @@ def _worker_cause(err: ray.train.TrainingFailedError) -> BaseException:
         return err
     failure = failures[min(failures)]
     return getattr(failure, "cause", None) or failure
+
+
+def _last_good(directory: str) -> str:
+    last = checkpoint.latest(directory)
+    return f"last good checkpoint: {last[0]} (step {last[1]['global_step']})" if last else "no checkpoint"
+
+
+def _finish_within(uri: str, run_id: str, status: str, seconds: float) -> bool:
+    """End the MLflow run if its store answers within `seconds` (MLflow's own retries take minutes)."""
+    done = threading.Event()
+
+    def finish() -> None:
+        tracking.finish_run(uri, run_id, status)
+        done.set()
+
+    threading.Thread(target=finish, name="mlflow-finish", daemon=True).start()
+    return done.wait(seconds)
 
 
 def fit(cfg: TrainConfig, *, resume: str | None = None, callbacks: list[StepCallback] = ()) -> FitResult:
@@ -262,17 +287,21 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, callbacks: list[StepCall
         ),
     )
     try:
-        result = _fit_beside_main_thread(trainer)
+        result = _fit_beside_main_thread(trainer, HeadWatch(ray.get_runtime_context().gcs_address))
     except KeyboardInterrupt as err:  # Ctrl-C: end the MLflow run, stop the Ray this call started, say how to go on
         tracking.finish_run(uri, run_id, "KILLED")
         if started_ray:
             ray.shutdown()
         raise Interrupted(f"run {name} interrupted; MLflow run {run_id} ended as KILLED; continue with: "
                           f"{resume_command(directory)}") from err
+    except HeadLost as err:  # the MLflow server may have gone with the head: its run is ended if it answers
+        ended = _finish_within(uri, run_id, "FAILED", seconds=10)
+        raise HeadLost(f"run {name} stopped: {err}; MLflow run {run_id} "
+                       f"{'ended as FAILED' if ended else 'could not be ended (no answer): the resume ends it'}; "
+                       f"{_last_good(directory)}; on a new cluster, continue with: {resume_command(directory)}") from None
     except ray.train.TrainingFailedError as err:
         tracking.finish_run(uri, run_id, "FAILED")
-        last = checkpoint.latest(directory)
-        where = f"last good checkpoint: {last[0]} (step {last[1]['global_step']})" if last else "no checkpoint"
+        where = _last_good(directory)
         cause = _worker_cause(err)
         if isinstance(cause, DataError):
             raise TrainingError(f"run {name} stopped on bad data (not retried): {cause}; {where}; after fixing "
