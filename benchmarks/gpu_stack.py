@@ -105,7 +105,7 @@ def engine_rate(size: dict[str, Any], stage: int, device: torch.device, batches,
     engine = build_engine(_cfg(size, stage, bf16), _model(size), total_steps=10**6, bf16=bf16)
     meter, k = LossMeter(device), size["T"] - size["closed"]
     _free(device)
-    rate = _rate(lambda i: meter.update(train_step(engine, next(batches), k, 0.0), i + 1), device, warmup, steps)
+    rate = _rate(lambda i: meter.update(train_step(engine, next(batches), k, 0.0)[0], i + 1), device, warmup, steps)
     meter.summary()
     peak = _peak_gib(device)
     engine.destroy()  # DeepSpeed's hooks and buffers; the engine itself goes with this frame

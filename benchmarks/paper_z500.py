@@ -2,7 +2,7 @@
 persistence and climatology, skill vs lead time.
 
     python benchmarks/paper_z500.py --out docs/results          # table + skill curves, ~5 min on 2 cores
-    python benchmarks/paper_z500.py --data gs://...  --dims '{"lat": "latitude", "lon": "longitude"}'
+    python benchmarks/paper_z500.py --data gs://...  --channel geopotential@500   # dims: as the store spells them
 
 Set-up (shared MODELS.md): z500 at 5.625° coarsened x2 to 16x32, cylinder padding, sequences 24 with
 20 teacher steps, hidden [24]*3 MinConvGRU, [20]*3 MinConvLSTM/ExpLSTM, [14]*3 ConvGRU, [12]*3 ConvLSTM,
@@ -25,7 +25,8 @@ import torch.nn.functional as F
 import xarray as xr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minconv_dist.data import DimNames, WindowDataset, compute_stats, dayofyear_climatology, default_store  # noqa: E402
+from minconv_dist.data import (DimNames, WindowDataset, compute_stats, dayofyear_climatology,  # noqa: E402
+                               default_store, open_store, store_dims)
 from minconv_dist.data.selection import coarsen  # noqa: E402
 from minconv_dist.evaluate import (as_fields, evaluate_forecast, from_weatherbench2, init_times,  # noqa: E402
                                    open_channels, open_forecast, write_forecast)
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default=None, help="zarr store (default: the embedded synthetic store)")
     p.add_argument("--dims", type=json.loads, default={})
-    p.add_argument("--channel", default="z")
+    p.add_argument("--channel", default="geopotential@500", help="one channel, e.g. z for a WeatherBench v1 store")
     p.add_argument("--models", nargs="+", default=list(PAPER_HIDDEN), choices=list(PAPER_HIDDEN))
     p.add_argument("--train", nargs=2, default=["2015-01-01", "2015-12-31"])
     p.add_argument("--test", nargs=2, default=["2016-01-02", "2016-12-23"], help="init-time range")
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     args.data = args.data or default_store()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    dims, out = DimNames(**args.dims), Path(args.out)
+    dims, out = store_dims(open_store(args.data), DimNames(**args.dims)), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     stats = compute_stats(args.data, args.channel, dims, tuple(args.train), progress=False)

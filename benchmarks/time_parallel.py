@@ -97,7 +97,7 @@ def _check(args, device: torch.device, time_split: TimeSplit, dtype: torch.dtype
     floor = copy.deepcopy(model) if dist.get_rank() == 0 else None
     split = TimeSplit(time_split.index, time_split.count, T, time_split.group)
     engine = build_engine(cfg, model, total_steps=1, bf16=False) if dtype == torch.float32 else _Mean(model)
-    loss, _ = normalized_mse(engine, _window(T, args, device, split.frames(k)).to(dtype), k, time=split)
+    loss, _, _ = normalized_mse(engine, _window(T, args, device, split.frames(k)).to(dtype), k, time=split)
     engine.backward(loss)  # ZeRO-0: the gradients, averaged over the ranks, are in .grad
     grads = {n: p.grad.detach().clone() for n, p in engine.module.named_parameters()}
     del engine, model, loss

@@ -18,16 +18,18 @@ from pathlib import PurePosixPath
 
 import xarray as xr
 
-from minconv_dist.data import CLIMATOLOGIES, DimNames
+from minconv_dist.data import CLIMATOLOGIES
 from minconv_dist.data.store import redact
 from minconv_dist.evaluate import DEFINITIONS, summary
+from minconv_dist.evaluate.report import nan_note
 from minconv_dist.evaluate.outputs import check_target
 from minconv_dist.errors import run_job
+from minconv_dist.job_args import dims_arg, job_parser
 from minconv_dist.evaluate.run import check_mlflow_run, evaluate_stores, write_outputs
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = job_parser(__doc__.split("\n\n")[0])
     p.add_argument("--forecast", required=True, nargs="+",
                    help="forecast zarr stores (WB2 layout: time, prediction_timedelta, [level,] latitude, longitude); "
                         "all are scored on the variables and init times they share, the first one's data_source "
@@ -37,7 +39,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--forecast-storage-options", type=json.loads, default=None, help="JSON for fsspec (forecasts)")
     p.add_argument("--truth", help="truth zarr store (default: the forecast's data_source attr, else the embedded store)")
     p.add_argument("--storage-options", type=json.loads, default=None, help="JSON for fsspec (truth store)")
-    p.add_argument("--dims", type=json.loads, default={}, help='truth dim names, e.g. {"lat": "latitude", "lon": "longitude"}')
+    p.add_argument("--dims", type=dims_arg, help='truth store dim names (DimNames fields), e.g. {"lat": "latitude", '
+                                                 '"lon": "longitude"}; default: those the first forecast store records '
+                                                 "for its data_source (when it is the truth), else time, level, lat, lon")
     p.add_argument("--coarsen", type=int, help="block-average the truth grid (default: the forecast's coarsen attr)")
     p.add_argument("--climatology", choices=list(CLIMATOLOGIES), default="weatherbench2",
                    help="weatherbench2: mean by day of year and hour, smoothed over 61 days (WeatherBench2's); "
@@ -48,6 +52,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--definition", choices=DEFINITIONS, default="weatherbench",
                    help="metric definitions: weatherbench2 (weatherbench2/metrics.py) or weatherbench (WeatherBench "
                         "v1 src/score.py); see docs/evaluation.md")
+    p.add_argument("--drop-nan-inits", action="store_true",
+                   help="score only the init times at which no forecast and no truth value is NaN (all sources "
+                        "alike; the summary says how many were left out); by default a NaN makes the scores it "
+                        "enters NaN")
     p.add_argument("--map-leads", type=int, nargs="*", help="lead steps shown in the maps (default: first, middle, last)")
     p.add_argument("--out", required=True, help="output folder: local path or fsspec URL (s3://, gs://, memory://)")
     p.add_argument("--out-storage-options", type=json.loads, default=None, help="JSON for fsspec (--out)")
@@ -73,14 +81,15 @@ def main(argv: list[str] | None = None) -> xr.Dataset:
     if args.mlflow_run_id:
         check_mlflow_run(args.mlflow_run_id, args.tracking_uri)
     skill, forecasts, truth = evaluate_stores(
-        dict(zip(names(args.forecast, args.name), args.forecast)), truth_url=args.truth, dims=DimNames(**args.dims),
+        dict(zip(names(args.forecast, args.name), args.forecast)), truth_url=args.truth, dims=args.dims,
         coarsen=args.coarsen, storage_options=args.storage_options,
         forecast_storage_options=args.forecast_storage_options, climatology=args.climatology,
-        climatology_range=args.climatology_range, definition=args.definition)
+        climatology_range=args.climatology_range, definition=args.definition, drop_nan_inits=args.drop_nan_inits)
     write_outputs(skill, next(iter(forecasts.values())), truth, args.out, args.map_leads,
                   storage_options=args.out_storage_options, overwrite=args.overwrite,
                   mlflow_run_id=args.mlflow_run_id, tracking_uri=args.tracking_uri)
     print(summary(skill).to_string(float_format=lambda v: f"{v:.4g}"))
+    print(nan_note(skill))
     print(f"all metrics: {redact(args.out.rstrip('/'))}/metrics.csv")
     return skill
 

@@ -18,4 +18,6 @@ PRESET = Path(__file__).resolve().parents[1] / "configs" / "navier_stokes.yaml"
 DEMO_SAMPLES = 16  # the preset's train + val samples
 
 if __name__ == "__main__":
-    sys.exit(main(__doc__, preset=PRESET, default_url=lambda: default_navier_stokes_store(DEMO_SAMPLES)))
+    sys.exit(main(__doc__, preset=PRESET, default_url=lambda: default_navier_stokes_store(DEMO_SAMPLES),
+                  store=f"a {DEMO_SAMPLES}-trajectory Navier-Stokes vorticity store, generated into the cache on "
+                        "first use"))

@@ -1,5 +1,6 @@
-"""Shared fixtures: a moto S3 server on 127.0.0.1 and a tiny synthetic store. Every Ray the tests start
-runs in Ray's single-machine mode (set here, before anything imports Ray): it listens on 127.0.0.1 only."""
+"""Shared fixtures: a moto S3 server on 127.0.0.1, an endpoint that never answers, and a tiny synthetic store.
+Every Ray the tests start runs in Ray's single-machine mode (set here, before anything imports Ray): it
+listens on 127.0.0.1 only."""
 
 from __future__ import annotations
 
@@ -50,9 +51,19 @@ def tiny_store(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_wb2_store(tmp_path_factory) -> str:
-    """WeatherBench2 layout: level dim, latitude/longitude names, latitude descending."""
+    """WeatherBench2 layout: level dim, latitude/longitude names (south to north), static fields."""
     path = str(tmp_path_factory.mktemp("stores") / "tiny_wb2.zarr")
     write_synthetic_era5(path, **TINY, layout="weatherbench2")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_north_to_south_store(tiny_wb2_store, tmp_path_factory) -> str:
+    """`tiny_wb2_store` with latitude running north to south, as ERA5's own files and ARCO-ERA5 order it."""
+    from minconv_dist.data import open_store
+
+    path = str(tmp_path_factory.mktemp("stores") / "tiny_n2s.zarr")
+    open_store(tiny_wb2_store).isel(latitude=slice(None, None, -1)).to_zarr(path, zarr_format=3, consolidated=False)
     return path
 
 
@@ -98,3 +109,28 @@ def tiny_static_store(tmp_path_factory) -> str:
     write_synthetic_era5(path, **TINY, layout="weatherbench2")
     add_static_fields(path)
     return path
+
+
+@pytest.fixture
+def silent_endpoint():
+    """A TCP server on 127.0.0.1 that accepts connections and never answers; its URL. Closed by the test."""
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+
+    def serve() -> None:
+        while True:
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:  # closed by the test
+                return
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    server.close()
+    thread.join(5)
+    for conn in accepted:
+        conn.close()

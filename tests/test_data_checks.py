@@ -1,5 +1,5 @@
-"""Data integrity: checksummed stores, bad chunks named by both readers (windows, statistics), plausibility
-checks on every frame, and the time axis. Every failure names the store and what is wrong with it."""
+"""Data integrity: checksummed stores, bad and missing chunks named by both readers (windows, statistics),
+plausibility checks on every frame, and the time axis. Every failure names the store and what is wrong with it."""
 
 from __future__ import annotations
 
@@ -61,6 +61,65 @@ def test_an_undecodable_chunk_is_named_by_both_readers(reader, tiny_store, tmp_p
     with pytest.raises(DataError, match="chunk 'z/c/5/0/0' does not decode") as info:
         read_with(reader, path)
     assert "\n" not in str(info.value)
+
+
+MISSING = (r"chunk 'z/c/10/0/0' of variable 'z' \(time 2015-01-03T12:00:00 to 2015-01-03T17:00:00\) is missing from "
+           r"'.*{name}' \(zarr reads it as ")
+
+
+def without_chunk(path: str, key: str = "z/c/10/0/0") -> str:
+    os.remove(os.path.join(path, *key.split("/")))
+    return path
+
+
+@pytest.mark.parametrize("reader", ["stats", "windows"])
+def test_a_missing_chunk_is_named_by_both_readers(reader, tiny_store, tmp_path):
+    """zarr reads a deleted chunk as NaN (the fill value): named, with its period, as a corrupt one is."""
+    path = without_chunk(copy_of(tiny_store, tmp_path))
+    kwargs = {"allow_nan": False} if reader == "stats" else {}
+    with pytest.raises(DataError, match=MISSING.format(name="copy.zarr") + r"NaN, its fill value\); copy it again, "
+                                        r"or set data.nan_policy to 'fill' or 'skip'") as info:
+        read_with(reader, path, **kwargs)
+    assert "\n" not in str(info.value)
+
+
+@pytest.fixture
+def zero_filled_store(tiny_store, tmp_path) -> str:
+    """The tiny store with 0 as zarr's fill value (no CF _FillValue): a missing chunk reads as 0, not NaN."""
+    path = rewritten(tiny_store, tmp_path, lambda ds: ds, {"z": {"fill_value": 0.0, "_FillValue": None}})
+    assert zarr.open_array(os.path.join(path, "z")).metadata.fill_value == 0
+    return without_chunk(path)
+
+
+@pytest.mark.parametrize("reader, kwargs", [("stats", {"bounds": [None]}), ("windows", {"nan_policy": "skip"})])
+def test_a_missing_chunk_that_reads_as_a_number_is_named_whatever_the_policy(reader, kwargs, zero_filled_store):
+    """No range and NaN allowed: only the store can tell that the zeros of a missing chunk are not data."""
+    with pytest.raises(DataError, match=MISSING.format(name="rewritten.zarr") + r"its fill value 0, which looks like "
+                                        r"data\); copy it again$"):
+        read_with(reader, zero_filled_store, **kwargs)
+
+
+def test_a_missing_chunk_read_as_nan_is_the_nan_policys(tiny_store, tmp_path):
+    """Under "skip" the windows touching the missing chunk's frames are left out, like any NaN; statistics that
+    allow NaN leave them out too. Chunks of one value that are stored are read as data."""
+    path = without_chunk(copy_of(tiny_store, tmp_path))
+    assert len(list(WindowDataset(path, "z", T, shuffle=False, nan_policy="skip"))) == 240 - T + 1 - (6 + T - 1)
+    assert np.isfinite(compute_stats(path, "z", progress=False).mean[0])
+    const = copy_of(tiny_store, tmp_path, "const.zarr")
+    zarr.open_array(os.path.join(const, "z"), mode="r+")[60:66] = np.float32(50000)  # chunk 10, stored
+    assert len(list(WindowDataset(const, "z", T, shuffle=False))) == 240 - T + 1
+
+
+def test_a_missing_chunk_of_an_s3_store_is_named(tiny_store, s3_options, s3_bucket):
+    import s3fs
+
+    url = f"s3://{s3_bucket}/tiny.zarr"
+    fs = s3fs.S3FileSystem(**{k: v for k, v in s3_options.items() if k != "endpoint_url"},
+                           endpoint_url=s3_options["endpoint_url"])
+    fs.put(tiny_store, url, recursive=True)
+    fs.rm(f"{url}/z/c/10/0/0")
+    with pytest.raises(DataError, match=rf"chunk 'z/c/10/0/0' of variable 'z' .* is missing from '{url}'"):
+        list(WindowDataset(url, "z", T, shuffle=False, storage_options=s3_options))
 
 
 @pytest.fixture
@@ -134,12 +193,12 @@ def test_loaded_statistics_are_checked():
 
 
 # ---- the time axis: one line naming the store and the problem ----
-def rewritten(store: str, tmp_path, change) -> str:
+def rewritten(store: str, tmp_path, change, encoding: dict | None = None) -> str:
     path = str(tmp_path / "rewritten.zarr")
     ds = change(xr.open_zarr(store))
     for var in ds.variables.values():
         var.encoding = {}
-    ds.to_zarr(path, zarr_format=3, consolidated=False)
+    ds.to_zarr(path, zarr_format=3, consolidated=False, encoding=encoding)
     return path
 
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -17,7 +15,7 @@ from minconv_dist.data import (ChannelSpec, DimNames, open_store, parse_channels
                                write_synthetic_era5)
 from minconv_dist.data.chunks import Source, read
 from minconv_dist.data.store import (COMPLETE_ATTR, READ_BATCH_CHUNKS, DataError, reading, remote_options, set_attrs,
-                                     zarr_store)
+                                     store_dims, zarr_store)
 from minconv_dist.train.local_ray import free_port
 
 WB2 = DimNames(lat="latitude", lon="longitude")
@@ -79,28 +77,6 @@ def test_remote_timeouts_are_defaults_under_the_users_options():
     assert remote_options("/local/x.zarr") == {} and remote_options("memory://x.zarr") == {}
 
 
-@pytest.fixture
-def silent_endpoint():
-    """A TCP server on 127.0.0.1 that accepts connections and never answers; its URL."""
-    server = socket.create_server(("127.0.0.1", 0))
-    accepted = []
-
-    def serve() -> None:
-        while True:
-            try:
-                accepted.append(server.accept()[0])
-            except OSError:  # closed by the test
-                return
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.getsockname()[1]}"
-    server.close()
-    thread.join(5)
-    for conn in accepted:
-        conn.close()
-
-
 def open_in_subprocess(endpoint: str, timeout: float, config: dict) -> tuple[subprocess.CompletedProcess, float]:
     """`open_store` of an S3 URL at `endpoint` in a fresh interpreter (whose exit would show any coroutine
     left behind), printing the error; with the time it took."""
@@ -153,8 +129,8 @@ def test_parse_channels_round_trip():
             parse_channels(bad)
 
 
-def test_select_channels_wb2_layout_keeps_descending_latitude(tiny_wb2_store):
-    ds = open_store(tiny_wb2_store)
+def test_select_channels_wb2_layout_keeps_descending_latitude(tiny_north_to_south_store):
+    ds = open_store(tiny_north_to_south_store)
     da = select_channels(ds, "geopotential@500, temperature@850, 2m_temperature", WB2)
     assert da.dims == ("time", "channel", "lat", "lon")
     assert list(da.channel.values) == ["geopotential@500", "temperature@850", "2m_temperature"]
@@ -163,6 +139,17 @@ def test_select_channels_wb2_layout_keeps_descending_latitude(tiny_wb2_store):
     np.testing.assert_array_equal(da.lat.values, ds.latitude.values)
     np.testing.assert_array_equal(da.isel(channel=1).values, ds.temperature.sel(level=850).values)
     np.testing.assert_array_equal(da.isel(channel=2).values, ds["2m_temperature"].values)
+
+
+def test_store_dims_reads_lat_and_lon_as_the_store_spells_them(tiny_wb2_store, tiny_store, tiny_sample_store):
+    wb2, v1 = open_store(tiny_wb2_store), open_store(tiny_store)
+    assert store_dims(wb2) == WB2 and store_dims(wb2, WB2) == WB2
+    assert store_dims(v1) == DimNames() and store_dims(v1, WB2) == DimNames()
+    assert store_dims(wb2, DimNames(time="t", level="plev")) == DimNames(time="t", level="plev", lat="latitude",
+                                                                         lon="longitude")  # other names kept
+    ns = DimNames(lat="y", lon="x", sample="sample")
+    assert store_dims(open_store(tiny_sample_store), ns) == ns
+    assert store_dims(v1, DimNames(lat="y")) == DimNames(lat="y")  # not a spelling of lat: left to fail where used
 
 
 @pytest.mark.parametrize("channels, dims, error, match", [

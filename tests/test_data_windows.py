@@ -64,10 +64,11 @@ def test_each_block_is_read_once_per_epoch(tiny_store, monkeypatch):
     assert sum(b - a for a, b in reads) / 240 <= 1.1
 
 
-def test_coarsening_equals_block_mean_and_latitude_order(tiny_wb2_store):
+def test_coarsening_equals_block_mean_and_latitude_order(tiny_north_to_south_store):
     dims = DimNames(lat="latitude", lon="longitude")
-    ds = WindowDataset(tiny_wb2_store, "geopotential@500, 2m_temperature", T, coarsen=4, shuffle=False, dims=dims)
-    src = open_store(tiny_wb2_store)
+    ds = WindowDataset(tiny_north_to_south_store, "geopotential@500, 2m_temperature", T, coarsen=4, shuffle=False,
+                       dims=dims)
+    src = open_store(tiny_north_to_south_store)
     w = next(iter(ds))
     assert w.shape == (T, 2, 8, 16) and ds.grid == (8, 16)
     z = src.geopotential.sel(level=500).values[:T]
@@ -254,7 +255,7 @@ def test_missing_chunk_is_named(tiny_store, tmp_path):
     path = str(tmp_path / "holed.zarr")
     shutil.copytree(tiny_store, path)
     os.remove(os.path.join(path, "z", "c", "7", "0", "0"))
-    with pytest.raises(ValueError, match="chunk 'z/c/7/0/0' is missing"):
+    with pytest.raises(DataError, match=r"chunk 'z/c/7/0/0' of variable 'z' \(time .*\) is missing from"):
         list(WindowDataset(path, "z", T, shuffle=False))
 
 

@@ -85,7 +85,7 @@ def _worker(rank: int, world: int, S: int, port: int, cases: list[tuple[str, int
             model = build_network(cfg, STATS, GRID, STATIC if inputs else None)
             reference = copy.deepcopy(model)
             engine = build_engine(cfg, model, total_steps=10, bf16=False)
-            loss, _ = normalized_mse(engine, mine, k, time=time, forcings=forcings)
+            loss, _, _ = normalized_mse(engine, mine, k, time=time, forcings=forcings)
             engine.backward(loss)
             grads = {n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()}
             engine.step()
@@ -138,7 +138,7 @@ def test_zero3_refuses_a_closed_loop_on_one_time_rank():
 def test_ray_job_with_two_time_ranks_trains_as_one_worker(tiny_store, tmp_path):
     """The whole job (driver checks, Ray Train, the worker loop with its mesh and time-block windows, DeepSpeed,
     validation, checkpoints) with sequence_parallel=2 on 2 CPU workers logs the losses and ends with the weights
-    of the same job on 1 worker."""
+    of the same job on 1 worker; the loss is area- and lead-weighted, each rank weighing its own predictions."""
     import mlflow
     import ray
 
@@ -147,13 +147,13 @@ def test_ray_job_with_two_time_ranks_trains_as_one_worker(tiny_store, tmp_path):
 
     def job(name: str, *overrides: str):
         cfg = load_config(overrides=[
-            f"data.url={tiny_store}", "data.train_range=[2015-01-01, 2015-01-07]",
+            f"data.url={tiny_store}", "data.channels=[z]", "data.train_range=[2015-01-01, 2015-01-07]",
             "data.val_range=[2015-01-08, 2015-01-10]", "data.sequence_length=6", "data.teacher_steps=4",
             "data.stride=6", "data.batch_size=2", "model.hidden_size=4", "model.layers=2", "model.chunk_size=1",
             "optim.epochs=1", "optim.steps_per_epoch=3", "optim.warmup_steps=1", "optim.lr=5e-3",
             "checkpoint.val_every=3", "checkpoint.val_batches=1", "tracking.log_every=1", "tracking.plot=false",
             f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "tracking.registered_model=", f"run.name={name}",
-            f"run.storage_path={tmp_path}/runs", "parallel.max_failures=0", *overrides])
+            f"run.storage_path={tmp_path}/runs", "parallel.max_failures=0", "loss.lead_weights=[1, 2, 3]", *overrides])
         result = fit(cfg)
         history = mlflow.tracking.MlflowClient(result.mlflow_uri).get_metric_history(result.mlflow_run_id,
                                                                                        "train_loss")

@@ -1,5 +1,7 @@
 """Training under Ray Train + DeepSpeed on 2 CPU workers (gloo): ZeRO stages, fault tolerance, resume,
 NaN handling, MLflow and the errors raised before any worker starts. One local Ray session for the module.
+The tiny runs train the area-weighted loss (their grid has latitudes) and keep an EMA of the weights, so every
+check of exactness covers both.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from minconv_dist.models import check_weights, load_model_file
 from minconv_dist.train import ConfigError, fit, load_config
 from minconv_dist.train.checkpoint import latest
 from minconv_dist.train.meter import NonFiniteLossError
+from minconv_dist.train.safe_files import torch_load
 from minconv_dist.train.resume import RunFinished, resume_config
 from minconv_dist.train.trainer import TrainingError
 from tests.checkpoint_damage import plant, truncate
@@ -89,25 +92,45 @@ def workdir(tmp_path_factory) -> Path:
 
 def tiny(store: str, workdir: Path, name: str, *overrides: str):
     return load_config(overrides=[
-        f"data.url={store}", "data.train_range=[2015-01-01, 2015-01-31]", "data.val_range=[2015-02-01, 2015-02-28]",
-        "data.coarsen=2", "data.sequence_length=6", "data.teacher_steps=4", "data.stride=6", "data.batch_size=2",
+        f"data.url={store}", "data.channels=[z]", "data.train_range=[2015-01-01, 2015-01-31]",
+        "data.val_range=[2015-02-01, 2015-02-28]", "data.coarsen=2", "data.sequence_length=6", "data.teacher_steps=4",
+        "data.stride=6", "data.batch_size=2",
         "model.hidden_size=4", "model.layers=2", "optim.epochs=2", f"optim.steps_per_epoch={STEPS // 2}", "optim.lr=5e-3",
         "optim.warmup_steps=1", "checkpoint.val_every=2", "checkpoint.val_batches=1", "tracking.log_every=1",
         f"tracking.uri=sqlite:///{workdir}/mlflow.db", "tracking.registered_model=tiny", f"run.name={name}",
-        f"run.storage_path={workdir}/runs", "parallel.max_failures=1", *overrides,
+        f"run.storage_path={workdir}/runs", "parallel.max_failures=1", "optim.ema_decay=0.5", *overrides,
     ])
 
 
-def losses(result) -> list[float]:
-    history = mlflow.tracking.MlflowClient(result.mlflow_uri).get_metric_history(result.mlflow_run_id, "train_loss")
+def by_step(result, key: str = "train_loss") -> dict[int, float]:
+    history = mlflow.tracking.MlflowClient(result.mlflow_uri).get_metric_history(result.mlflow_run_id, key)
     steps = [m.step for m in history]
     assert len(steps) == len(set(steps)), "a step logged twice (a restarted worker must not log its replay again)"
-    return [m.value for m in sorted(history, key=lambda m: m.step)]
+    return {m.step: m.value for m in sorted(history, key=lambda m: m.step)}
+
+
+def losses(result) -> list[float]:
+    return list(by_step(result).values())
 
 
 def model_of(result) -> torch.nn.Module:
-    """The network of a run's last checkpoint (its model file)."""
+    """The network of a run's last checkpoint (its model file): the EMA of the weights in the tiny runs."""
     return load_model_file(f"{result.checkpoint}/model.pt")
+
+
+def raw_weights(result) -> dict[str, torch.Tensor]:
+    """The weights training goes on with: DeepSpeed's module state (fp32 on CPU: the masters themselves)."""
+    return torch_load(f"{result.checkpoint}/ds/mp_rank_00_model_states.pt", "module states")["module"]
+
+
+def assert_same_weights(result, reference) -> None:
+    """Bit-equal exported (EMA) and raw weights, and each rank's saved EMA."""
+    check_weights(model_of(result), model_of(reference))  # bit-equal
+    for key, value in raw_weights(reference).items():
+        assert torch.equal(raw_weights(result)[key], value), f"raw {key}"
+    for rank in range(2):
+        ema, expected = (torch_load(f"{r.checkpoint}/ema_rank{rank}.pt", "ema") for r in (result, reference))
+        assert expected and all(torch.equal(ema[key], value) for key, value in expected.items()), rank
 
 
 @pytest.fixture(scope="module")
@@ -116,10 +139,17 @@ def reference(store, workdir, ray_session):
     return fit(tiny(store, workdir, "zero0"))
 
 
+@pytest.fixture(scope="module")
+def zero2(store, workdir, ray_session):
+    """An uninterrupted ZeRO-2 run (its EMA sharded over the ranks): the baseline for its resume."""
+    return fit(tiny(store, workdir, "zero2", "parallel.zero_stage=2"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_stage_decreases_loss(stage, store, workdir, reference):
-    result = fit(tiny(store, workdir, f"zero{stage}", f"parallel.zero_stage={stage}"))
+def test_zero_stage_decreases_loss(stage, store, workdir, reference, request):
+    result = (request.getfixturevalue("zero2") if stage == 2 else
+              fit(tiny(store, workdir, f"zero{stage}", f"parallel.zero_stage={stage}")))
     got = losses(result)
     assert len(got) == STEPS and got[-1] < got[0]
     if stage == 3:  # ZeRO-3 partitions parameters but must compute the same thing as ZeRO-0
@@ -135,20 +165,37 @@ def test_worker_killed_mid_epoch_recovers_exactly(store, workdir, reference, tmp
     result = fit(tiny(store, workdir, "killed"), callbacks=[KillLastWorker(3, marker)])
     assert marker.exists(), "the hook did not kill a worker"
     assert losses(result)[-1] == losses(reference)[-1]
-    check_weights(model_of(result), model_of(reference))  # bit-equal
+    assert_same_weights(result, reference)
 
 
 @pytest.mark.slow
-def test_resume_continues_a_stopped_run_exactly(store, workdir, reference):
-    first = fit(tiny(store, workdir, "stopped", "run.stop_after_steps=3"))
+@pytest.mark.timeout(1200)  # three runs (the baseline's included) on a busy machine
+@pytest.mark.parametrize("stage", [0, 2])
+def test_resume_continues_a_stopped_run_exactly(stage, store, workdir, request):
+    """Stopped after 3 of 6 steps, then --resume: the losses, the raw weights and their EMA (validation's loss,
+    model.pt, each rank's part) are those of the uninterrupted run, at ZeRO-0 (EMA whole on each rank) and ZeRO-2
+    (EMA sharded)."""
+    whole = request.getfixturevalue("reference" if stage == 0 else "zero2")
+    name, zero = f"stopped{stage}", f"parallel.zero_stage={stage}"
+    first = fit(tiny(store, workdir, name, zero, "run.stop_after_steps=3"))
     assert latest(first.run_dir)[1]["global_step"] == 3
-    resumed = fit(tiny(store, workdir, "ignored"), resume="stopped")
+    client = mlflow.tracking.MlflowClient(first.mlflow_uri)
+    versions = lambda: client.search_model_versions(f"run_id = '{first.mlflow_run_id}'")  # noqa: E731
+    assert client.get_run(first.mlflow_run_id).info.status == "KILLED"  # stopped, not finished
+    assert first.model_version is None and not versions()
+    resumed = fit(tiny(store, workdir, "ignored", zero), resume=name)
     assert resumed.run_dir == first.run_dir and resumed.mlflow_run_id == first.mlflow_run_id
+    assert client.get_run(first.mlflow_run_id).info.status == "FINISHED"
+    assert [str(v.version) for v in versions()] == [resumed.model_version]  # the only version of the run
     assert latest(resumed.run_dir)[1]["global_step"] == STEPS
-    assert losses(resumed) == losses(reference)
-    check_weights(model_of(resumed), model_of(reference))  # bit-equal
-    with pytest.raises(ConfigError, match="run 'stopped' already exists in .*; continue it with --resume stopped"):
-        fit(tiny(store, workdir, "stopped"))
+    assert losses(resumed) == losses(whole)
+    validated = by_step(whole, "val_loss")  # the stopped run also validated where it stopped
+    assert {step: v for step, v in by_step(resumed, "val_loss").items() if step in validated} == validated
+    assert_same_weights(resumed, whole)
+    exported = model_of(whole).state_dict()
+    assert any(not torch.equal(exported[k], v) for k, v in raw_weights(whole).items())  # model.pt: the EMA
+    with pytest.raises(ConfigError, match=f"run '{name}' already exists in .*; continue it with --resume {name}"):
+        fit(tiny(store, workdir, name, zero))
 
 
 @pytest.mark.parametrize("change, match", [
@@ -192,9 +239,12 @@ def test_mlflow_run_and_registered_model(reference, store):
     run = client.get_run(reference.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["parallel.zero_stage"] == "0" and run.data.params["model.arch"] == "minconvgru"
-    for key in ("train_loss", "val_loss", "lr", "samples_per_s", "time_per_step_s", "memory_rss_mb",
-                "epoch_train_loss"):
+    for key in ("train_loss", "train_mse", "val_loss", "val_mse", "lr", "samples_per_s", "time_per_step_s",
+                "memory_rss_mb", "epoch_train_loss"):
         assert key in run.data.metrics, key
+    # the loss says how it is weighted; the plain normalised MSE is logged beside it
+    assert run.data.tags["minconv.loss"].startswith("weighted normalised MSE: area (cell-area weights of 8 latitude")
+    assert run.data.metrics["train_mse"] != run.data.metrics["train_loss"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "config.yaml" in artifacts and "stats.json" not in artifacts  # the statistics live in the weights
     assert len(client.list_artifacts(run.info.run_id, "plots")) == STEPS // 2
@@ -263,10 +313,13 @@ def swap_two_times(ds: xr.Dataset) -> xr.Dataset:
     (lambda p: zarr.open_array(os.path.join(p, "z"), mode="r+").__setitem__((300, 2, 2), np.nan),
      r"data.url: NaN in channel z \(variable 'z'\) at time 2015-01-13T12:00:00 of '.*bad.zarr'; set data.nan_policy"),
     (flip_a_byte, r"data.url: cannot read channel z time .* of '.*bad.zarr': chunk 'z/c/10/0/0' does not decode"),
+    (lambda p: os.remove(os.path.join(p, "z", "c", "10", "0", "0")),
+     r"data.url: chunk 'z/c/10/0/0' of variable 'z' \(time 2015-01-11T00:00:00 to 2015-01-11T23:00:00\) is missing "
+     r"from '.*bad.zarr' \(zarr reads it as NaN"),
     (lambda p: rewrite(p, swap_two_times), r"data.url: the time coordinate 'time' of '.*bad.zarr' is not strictly"),
     (lambda p: rewrite(p, lambda ds: ds.drop_vars("time")), r"data.url: '.*bad.zarr' has no time coordinate 'time'"),
     (lambda p: set_attrs(p, None, **{COMPLETE_ATTR: False}), r"data.url: zarr store '.*bad.zarr' is incomplete"),
-], ids=["implausible", "nan", "checksum", "time-order", "no-time", "incomplete"])
+], ids=["implausible", "nan", "checksum", "missing-chunk", "time-order", "no-time", "incomplete"])
 def test_bad_data_fails_before_any_worker(corrupt, match, store, workdir, ray_session, tmp_path):
     """Each error is one line naming the store and the problem, raised on the driver."""
     bad = str(tmp_path / "bad.zarr")
@@ -292,16 +345,23 @@ class RecordAttempt:
 
 
 @pytest.mark.slow
-def test_data_error_in_a_worker_stops_the_run_without_retries(store, workdir, ray_session, tmp_path):
-    """NaN where the driver does not look (the second half of the validation period, rank 1's): the worker's
-    DataError ends the run at once, though parallel.max_failures would allow two more attempts."""
-    bad = str(tmp_path / "late-nan.zarr")
+@pytest.mark.parametrize("name, corrupt, match", [
+    ("late-nan", lambda arr, p: arr.__setitem__((1300, 1, 1), np.nan),  # 2015-02-24T04:00
+     r"NaN in channel z \(variable 'z'\) at time 2015-02-24T04:00:00 of '.*late.zarr'"),
+    ("late-chunk", lambda arr, p: os.remove(os.path.join(p, "z", "c", "54", "0", "0")),  # 2015-02-24
+     r"chunk 'z/c/54/0/0' of variable 'z' \(time 2015-02-24T00:00:00 to 2015-02-24T23:00:00\) is missing from "
+     r"'.*late.zarr'"),
+])
+def test_data_error_in_a_worker_stops_the_run_without_retries(name, corrupt, match, store, workdir, ray_session,
+                                                               tmp_path):
+    """Bad data where the driver does not look (the second half of the validation period, rank 1's): the
+    worker's DataError ends the run at once, though parallel.max_failures would allow two more attempts."""
+    bad = str(tmp_path / "late.zarr")
     shutil.copytree(store, bad)
-    zarr.open_array(os.path.join(bad, "z"), mode="r+")[1300, 1, 1] = np.nan  # 2015-02-24T04:00
+    corrupt(zarr.open_array(os.path.join(bad, "z"), mode="r+"), bad)
     attempts = tmp_path / "attempts"
-    with pytest.raises(TrainingError, match=r"run late-nan stopped on bad data \(not retried\): NaN in channel z "
-                                            r"\(variable 'z'\) at time 2015-02-24T04:00:00 of '.*late-nan.zarr'") as info:
-        fit(tiny(bad, workdir, "late-nan", "parallel.max_failures=2"), callbacks=[RecordAttempt(attempts)])
+    with pytest.raises(TrainingError, match=rf"run {name} stopped on bad data \(not retried\): " + match) as info:
+        fit(tiny(bad, workdir, name, "parallel.max_failures=2"), callbacks=[RecordAttempt(attempts)])
     assert "\n" not in str(info.value)
     assert len(attempts.read_text().splitlines()) == 2  # both ranks, once
 
@@ -323,6 +383,8 @@ def test_navier_stokes_job_setup_trains_and_logs(workdir, ray_session, tmp_path)
     result = fit(cfg)
     run = mlflow.tracking.MlflowClient(result.mlflow_uri).get_run(result.mlflow_run_id)
     assert run.info.status == "FINISHED" and {"train_loss", "val_loss"} <= set(run.data.metrics)
+    assert run.data.tags["minconv.loss"] == "plain normalised MSE"  # no latitude: uniform rows
+    assert run.data.metrics["train_mse"] == run.data.metrics["train_loss"]
     assert run.data.params["data.train_samples"] == "[0, 4]"
     mlflow.set_tracking_uri(result.mlflow_uri)
     forecast, _ = mlflow.pytorch.load_model(f"models:/tiny-ns/{result.model_version}").rollout(

@@ -59,10 +59,10 @@ def collective_devices(monkeypatch):
     return seen
 
 
-def engine_for(stage: int, precision: str, lr: float = 1e-2):
+def engine_for(stage: int, precision: str, lr: float = 1e-2, *overrides: str):
     cfg = load_config(overrides=["data.batch_size=2", f"parallel.zero_stage={stage}",
                                  f"parallel.precision={precision}", f"optim.lr={lr}", "optim.warmup_steps=0",
-                                 "optim.grad_clip=0"])
+                                 "optim.grad_clip=0", *overrides])
     torch.manual_seed(0)
     model = build_model("minconvgru", ["z"], 4, 2, padding="circular", grid=(8, 8))
     model.normalizer.set_stats([0.5], [2.0])
@@ -80,7 +80,7 @@ def test_every_collective_gets_tensors_on_the_model_device(stage, process_group,
     engine = engine_for(stage, "fp32")
     meter = LossMeter(engine.device)
     for step, x in enumerate(batches(3), 1):
-        meter.update(train_step(engine, x.to(engine.device), 4, 0.0), step)
+        meter.update(train_step(engine, x.to(engine.device), 4, 0.0)[0], step)
     meter.summary()
     validate(engine, batches(2), 2, 4, engine.device)
     master_weights(engine)
@@ -161,7 +161,7 @@ def test_fused_residual_norm_trains_as_the_eager_network(process_group):
         model = build_network(cfg, NormStats(["z"], [0.5], [2.0]), (8, 8))
         assert (model.residual_norm is not residual_norm) == fuse
         engine = build_engine(cfg, model, total_steps=10, bf16=False)
-        losses = [train_step(engine, x, 4, 0.0).item() for x in batches(3)]
+        losses = [train_step(engine, x, 4, 0.0)[0].item() for x in batches(3)]
         runs[fuse] = losses, {k: v.clone() for k, v in engine.module.state_dict().items()}
     torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-5, atol=0)
     torch.testing.assert_close(runs[True][1], runs[False][1], rtol=1e-4, atol=1e-6)

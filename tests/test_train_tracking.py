@@ -27,10 +27,13 @@ def version(name):
 importlib.metadata.version = version
 import torch
 from minconv_dist.models import build_model
-from minconv_dist.train.tracking import log_model, open_run
+from minconv_dist.models import save_model_file
+from minconv_dist.train.tracking import log_model, open_run, register
 model = build_model("minconvgru", ["z"], 4, 1, grid=(8, 8))
+save_model_file("model.pt", model)
 run = open_run({uri!r}, "e", "r", {{"model": {{"arch": "minconvgru"}}, "data": {{}}}})
-print("VERSION", log_model({uri!r}, run, model, torch.zeros(1, 3, 1, 8, 8), "m"))
+model_uri, model_id = log_model({uri!r}, run, model, torch.zeros(1, 3, 1, 8, 8), "model.pt")
+print("VERSION", register({uri!r}, run, model_uri, model_id, "m", 1))
 """
 LOAD = """
 import sys

@@ -66,8 +66,9 @@ def channel_layers(ds: xr.Dataset, channels: str | list, dims: DimNames = DimNam
             raise ValueError(f"variable {spec.variable!r} has a {dims.level!r} dim: name one level, "
                              f"e.g. '{spec.variable}@{var[dims.level].values[0]:g}'")
         if set(var.dims) != set(wanted):
-            raise ValueError(f"variable {spec.variable!r} has dims {var.dims}; expected {wanted} "
-                             f"(set DimNames to the store's layout)")
+            raise ValueError(f"variable {spec.variable!r} has dims {var.dims}; expected {wanted} (give the store's "
+                             "dim names: --dims of the forecast and evaluation jobs, data.dims in training, DimNames "
+                             "in Python)")
         layers.append(var.transpose(*wanted).reset_coords(drop=True))
     return layers
 

@@ -10,7 +10,7 @@ channel), the table below for `variable@level`, the table for `variable`; else o
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -101,9 +101,9 @@ class Frames:
 
 
 def check_frames(frames: Frames, channels: str | Sequence, bounds: Sequence[Range | None], url: str, *,
-                 allow_nan: bool, explain: Callable[[int, int], str] | None = None) -> None:
+                 allow_nan: bool) -> None:
     """Refuse infinite values, NaN (unless `allow_nan`) and values outside each channel's range, naming the
-    channel, the time and the store. `explain(row, channel)` may add what is known about a frame's chunk."""
+    channel, the time and the store."""
     for c, (spec, rng) in enumerate(zip(parse_channels(channels), bounds)):
         low, high = frames.low[:, c], frames.high[:, c]
         problems = [("infinite values", np.isinf(low) | np.isinf(high), "")]
@@ -116,9 +116,8 @@ def check_frames(frames: Frames, channels: str | Sequence, bounds: Sequence[Rang
             if bad.any():
                 row, where = frames.where(bad)
                 seen = f" ({low[row]:.4g} to {high[row]:.4g})" if what != "NaN" else ""
-                extra = explain(row, c) if explain else ""
                 raise DataError(f"{what}{seen} in channel {spec} (variable {spec.variable!r}) at {where} of "
-                                f"{redact(url)!r}{extra}{hint}")
+                                f"{redact(url)!r}{hint}")
 
 
 def check_stats(stats: "NormStats", bounds: Sequence[Range | None], where: str) -> None:

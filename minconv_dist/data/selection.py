@@ -76,16 +76,19 @@ def coarsen(data: xr.DataArray, factor: int, lat: str, lon: str, url: str) -> xr
 
 
 def select_split(url_or_ds: str | xr.Dataset, channels: str | list, dims: DimNames, time_range: tuple | None,
-                 sample_range: tuple[int, int] | None, storage_options: dict | None = None) -> xr.DataArray:
+                 sample_range: tuple[int, int] | None, storage_options: dict | None = None, *,
+                 allow_nan: bool = False) -> xr.DataArray:
     """Lazy (dask) `[[sample,] time, channel, lat, lon]` of a split: its period and (for sample stores) its
-    samples. Opened from a URL, its reads name the chunk that fails (`chunks.read`)."""
+    samples. Opened from a URL, its reads name the chunk that fails or is missing (`chunks.read`; with
+    `allow_nan` a missing chunk that reads as NaN is left to the caller, as NaN)."""
     ds = open_store(url_or_ds, storage_options, dask=False) if isinstance(url_or_ds, str) else url_or_ds
     url = url_or_ds if isinstance(url_or_ds, str) else "the dataset"
     samples = sample_slice(ds.sizes[dims.sample] if dims.sample else 1, sample_range, url, dims.sample)
     specs = parse_channels(channels)
     layers = channel_layers(ds, specs, dims)
     if isinstance(url_or_ds, str):
-        layers = [dask_layer(layer, Source(url, spec, dims, storage_options)) for spec, layer in zip(specs, layers)]
+        layers = [dask_layer(layer, Source(url, spec, dims, storage_options, allow_nan))
+                  for spec, layer in zip(specs, layers)]
     da = stack_channels(layers, specs, dims)
     da = da.isel(time=time_slice(da, time_range, url))
     return da.isel(sample=samples) if dims.sample else da

@@ -74,7 +74,7 @@ def compute_stats(url_or_ds: str | xr.Dataset, channels: str | list, dims: DimNa
 
     `sample_range=(start, stop)` restricts a sample store to its training trajectories, as `time_range` does
     the training period of a single series."""
-    da = select_split(url_or_ds, channels, dims, time_range, sample_range, storage_options)
+    da = select_split(url_or_ds, channels, dims, time_range, sample_range, storage_options, allow_nan=allow_nan)
     data = da.data if dims.sample else da.data[None]  # [sample, time, channel, lat, lon]
     data = data.rechunk({3: -1, 4: -1})  # whole frames per task
     sums = dask.array.map_blocks(frame_sums, data, drop_axis=4, chunks=data.chunks[:3] + ((5,),), dtype=np.float64)

@@ -13,7 +13,7 @@ import copy
 import os
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,23 @@ class DimNames:
     lat: str = "lat"
     lon: str = "lon"
     sample: str | None = None
+
+
+# The two spellings of the horizontal dims: WeatherBench v1 (`lat`, `lon`) and WeatherBench2 / ARCO-ERA5 / the
+# embedded store (`latitude`, `longitude`).
+DIM_SPELLINGS = {"lat": ("lat", "latitude"), "lon": ("lon", "longitude")}
+
+
+def store_dims(ds: xr.Dataset, dims: DimNames = DimNames()) -> DimNames:
+    """`dims` as `ds` spells them: a `lat`/`lon` name that `ds` lacks becomes its other spelling (`latitude` for
+    `lat`, and back) when `ds` has that one, so one config reads both WeatherBench layouts. Any other name is
+    kept as given (a wrong one fails where it is used, naming it)."""
+    found = {}
+    for field, names in DIM_SPELLINGS.items():
+        given = getattr(dims, field)
+        if given in names and given not in ds.dims:
+            found.update({field: name for name in names if name in ds.dims})
+    return replace(dims, **found)
 
 
 def cache_dir() -> Path:
@@ -127,26 +144,43 @@ def zarr_store(url: str, storage_options: dict | None = None) -> Any:
                                              read_only=False)
 
 
-def _unreachable(url: str, err: BaseException) -> OSError:
+def _unreachable(url: str, err: BaseException, what: str = "zarr store") -> OSError:
     """One line for a store that cannot be reached; never the storage_options (they may hold credentials)."""
     name = type(err).__name__
     timed_out = isinstance(err, TimeoutError) or "Timeout" in name  # fsspec, botocore and aiohttp timeouts
-    return OSError(f"cannot reach zarr store {redact(url)!r}: {f'no answer in time ({name})' if timed_out else name}")
+    return OSError(f"cannot reach {what} {redact(url)!r}: {f'no answer in time ({name})' if timed_out else name}")
+
+
+def _ask(url: str, storage_options: dict | None, method: str, what: str, timeout: float) -> Any:
+    """`fs.<method>(path)` for `url` as one request that fails alone, within `timeout` seconds (cancelled inside
+    fsspec's event loop, cleanly), as an OSError in one line; FileNotFoundError passes through."""
+    fs, path = filesystem(url, storage_options)
+    try:
+        return getattr(fs, method)(path, **({"timeout": timeout} if fs.async_impl else {}))
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # botocore/aiohttp connection errors, timeouts, credentials
+        raise _unreachable(url, err, what) from err
 
 
 def _check_reachable(url: str, storage_options: dict | None, timeout: float) -> None:
     """One request to a remote store before zarr opens it. zarr fetches several metadata keys at once, and
     when the endpoint fails the ones still retrying are dropped at exit with a traceback each; a single
-    request fails alone, within `timeout` seconds (cancelled inside fsspec's event loop, cleanly)."""
+    request fails alone, within `timeout` seconds."""
     if is_local(url) or url.startswith("memory://"):
         return
     try:
-        fs, path = filesystem(url, storage_options)
-        fs.info(path, **({"timeout": timeout} if fs.async_impl else {}))
+        _ask(url, storage_options, "info", "zarr store", timeout)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"no zarr store at {redact(url)!r}") from err
-    except Exception as err:  # botocore/aiohttp connection errors, timeouts, credentials
-        raise _unreachable(url, err) from err
+
+
+def exists(url: str, storage_options: dict | None = None, *, what: str = "output",
+           timeout: float | None = None) -> bool:
+    """Whether something is at `url`, asked before a job's long work: a remote endpoint must answer within
+    `timeout` seconds (default `REACH_TIMEOUT_S`), else an OSError in one line (`cannot reach output '<url>':
+    ...`), with the timeouts and retries of `remote_options`, as reads have."""
+    return _ask(url, storage_options, "exists", what, REACH_TIMEOUT_S if timeout is None else timeout)
 
 
 def reading() -> contextlib.AbstractContextManager:

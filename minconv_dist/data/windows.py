@@ -45,7 +45,7 @@ import xarray as xr
 
 from minconv_dist.data.channels import ChannelSpec, channel_layers, parse_channels
 from minconv_dist.data.checks import Frames, Range, check_frames, frame_sums
-from minconv_dist.data.chunks import Source, bad_chunk, read
+from minconv_dist.data.chunks import Source, read
 from minconv_dist.data.forcings import check_times, compute_forcings
 from minconv_dist.data.selection import coarsen as coarsen_grid
 from minconv_dist.data.selection import coarse_grid, sample_slice, time_slice
@@ -124,7 +124,8 @@ class WindowDataset(torch.utils.data.IterableDataset):
     nan_policy: "raise" (default), "skip" the windows holding NaN, or "fill" them with `fill_values`
     (one per channel, e.g. the training means). Infinite values always raise, and so do values outside
     `bounds` (per channel `(low, high)` or None; see `checks.py`) when given. Every such error, and a chunk
-    that does not decode, is a `DataError` naming the channel, the time and the store.
+    that does not decode, is a `DataError` naming the channel, the time and the store; so is a chunk missing
+    from the store (`chunks.check_present`), unless it reads as NaN and the policy is "fill" or "skip".
 
     forcings: channel names of `data/forcings.py` (e.g. `["toa_insolation"]`); with any, each item is a pair
     `(window, forcings [T, F, H, W] of its frames' valid times on the coarsened grid)`, both float32.
@@ -162,7 +163,8 @@ class WindowDataset(torch.utils.data.IterableDataset):
         self.shuffle, self.seed, self.nan_policy = shuffle, seed, nan_policy
         self.shuffle_buffer, self.batch_size, self.prefetch = shuffle_buffer, batch_size, prefetch
         self.rank, self.world_size, self.bounds = rank, world_size, bounds
-        self._sources = [Source(url, spec, dims, storage_options) for spec in self.specs]
+        self._sources = [Source(url, spec, dims, storage_options, allow_nan=nan_policy != "raise")
+                         for spec in self.specs]
         self._opened: tuple[int, list[xr.DataArray]] | None = None  # (process id, `_layers`)
 
         layers = self._layers()
@@ -385,20 +387,12 @@ class WindowDataset(torch.utils.data.IterableDataset):
         return torch.from_numpy(x)
 
     def _check(self, x: np.ndarray, layer: xr.DataArray, where: dict[str, slice]) -> None:
-        """`checks.check_frames` on a block; NaN where a chunk is absent from the store name that chunk."""
+        """`checks.check_frames` on a block (a missing chunk was named by the read, `chunks.check_present`)."""
         times = layer[self.dims.time].values[where[self.dims.time]]
         samples = layer[self.dims.sample].values[where[self.dims.sample]] if self.dims.sample else None
         bounds = self.bounds or [None] * len(self.specs)
-
-        def explain(row: int, channel: int) -> str:
-            frame = {self.dims.time: where[self.dims.time].start + row % len(times)}
-            if self.dims.sample:
-                frame[self.dims.sample] = where[self.dims.sample].start + row // len(times)
-            found = bad_chunk(self._sources[channel], {dim: slice(i, i + 1) for dim, i in frame.items()})
-            return f"; chunk {found[0]!r} {found[1]}" if found else ""
-
         check_frames(Frames.of_sums(frame_sums(x), times, samples), self.specs, bounds, self.url,
-                     allow_nan=self.nan_policy != "raise", explain=explain)
+                     allow_nan=self.nan_policy != "raise")
 
     def check_first(self, n: int, bounds: Sequence[Range | None]) -> None:
         """Read the first `n` windows this rank trains on (their block only, no prefetch) checked against

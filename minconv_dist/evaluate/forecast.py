@@ -17,6 +17,7 @@ times (init time + lead) and the data's grid (`data/forcings.py`); its static fi
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any, Iterator
 
 import numpy as np
@@ -24,13 +25,17 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from minconv_dist.data import DimNames, open_store, select_channels
+from minconv_dist.data import DimNames, open_store, select_channels, store_dims
+from minconv_dist.data.chunks import label
 from minconv_dist.data.forcings import check_times, compute_forcings
 from minconv_dist.data.selection import coarsen as coarsen_grid
 from minconv_dist.data.store import COMPLETE_ATTR, redact, set_attrs, zarr_store
 from minconv_dist.evaluate.layout import LAT, LEAD, LON, TIME, to_weatherbench2, with_cf_attrs
+from minconv_dist.evaluate.nan_inputs import describe, nan_inits
 from minconv_dist.evaluate.outputs import staged
 from minconv_dist.models import MinConvCell
+
+log = logging.getLogger(__name__)
 
 
 def time_step(times: np.ndarray) -> np.timedelta64:
@@ -191,6 +196,7 @@ def write_forecast(
     device: str | torch.device = "cpu",
     overwrite: bool = False,
     storage_options: dict | None = None,
+    allow_nan: bool = False,
 ) -> str:
     """Roll `model` out from each init time and write the forecast store at `out` (a local path or any
     fsspec URL, with `storage_options`), all or nothing (`evaluate/outputs.py`).
@@ -200,15 +206,29 @@ def write_forecast(
     `context` frames ending at init time; with `warmup=N` or "all" (Min cells only) the states come from one
     pass over the record starting N frames before the first init time (its first frame with "all").
     Then each init forecasts `steps` frames.
+
+    Init times whose inputs hold NaN (`nan_inputs.nan_inits`) are refused before any rollout, naming them and
+    the channel; with `allow_nan` their (NaN) forecasts are written, said in one logged line and listed in
+    the store's `nan_inputs` attr.
     """
     init_time = np.asarray(init_time, dtype="datetime64[ns]")
     idx = check_inputs(model, data, init_time, context if warmup is None else 1, steps)
     start = None if warmup is None else warmup_start(model, idx, warmup)
+    nan = nan_inits(data, idx, context, start)
+    if nan:
+        count = len(set(np.concatenate(list(nan.values()))))
+        what = f"{count} of {idx.size} init times read NaN ({describe(nan)})"
+        if not allow_nan:
+            raise ValueError(f"{what}: their forecasts would be NaN; choose other init times or pass --allow-nan "
+                             "to write them")
+        log.warning("writing NaN forecasts: %s; listed in the store's nan_inputs attr", what)
     channels = [str(c) for c in data["channel"].values]
     lead = time_step(data["time"].values) * np.arange(1, steps + 1)
     template = forecast_template(channels, init_time, lead, data["lat"].values, data["lon"].values, batch_size)
     template.attrs = {k: v if isinstance(v, (str, int, float, bool)) else json.dumps(v)
                       for k, v in {**(attrs or {}), "channels": channels, COMPLETE_ATTR: False}.items()}
+    if nan:
+        template.attrs["nan_inputs"] = json.dumps({c: [label(t) for t in times] for c, times in nan.items()})
     model = model.to(device).eval()
     run = dict(steps=steps, batch_size=batch_size, device=device)
     batches = (context_forecasts(model, data, idx, context=context, **run) if start is None else
@@ -235,8 +255,10 @@ def open_forecast(url: str, storage_options: dict | None = None) -> xr.Dataset:
 
 def open_channels(url: str, channels: str | list, *, dims: DimNames = DimNames(), coarsen: int = 1,
                   storage_options: dict | None = None) -> xr.DataArray:
-    """Lazy (time, channel, lat, lon) from a store, block-averaged by `coarsen` as the training windows are."""
-    return coarsen_grid(select_channels(open_store(url, storage_options), channels, dims), coarsen, "lat", "lon", url)
+    """Lazy (time, channel, lat, lon) from a store, block-averaged by `coarsen` as the training windows are.
+    `dims` may spell latitude/longitude either way (`store_dims`)."""
+    ds = open_store(url, storage_options)
+    return coarsen_grid(select_channels(ds, channels, store_dims(ds, dims)), coarsen, "lat", "lon", url)
 
 
 def init_times(times: np.ndarray, start: str | None, end: str | None, every: str) -> np.ndarray:

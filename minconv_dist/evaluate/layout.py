@@ -77,6 +77,12 @@ def weatherbench2_key(channel: str) -> Key:
     return name, _level(spec.level if spec.level is not None else default_level)
 
 
+def units(channel: str, attrs: dict | None = None) -> str | None:
+    """A channel's units: its CF `units` attr when the store gives one, else ERA5's for its WB2 variable
+    (`VARIABLE_ATTRS`), else None."""
+    return (attrs or {}).get("units") or VARIABLE_ATTRS.get(weatherbench2_key(channel)[0], {}).get("units")
+
+
 def label(channel: str) -> str:
     """The channel as WB2 names it, for tables and plots: `z` -> `geopotential@500`."""
     name, level = weatherbench2_key(channel)

@@ -14,7 +14,8 @@ Two sources, selected by `definition=` in `score`:
   `skipna=False`).
 - "weatherbench": pangeo-data/WeatherBench (v1, Rasp et al. 2020), `src/score.py`: `compute_weighted_rmse`
   and `compute_weighted_acc`, with cos-latitude weights normalised to mean 1 (`cos_latitude_weights`), one
-  mean over time, latitude and longitude together.
+  mean over time, latitude and longitude together. NaNs propagate here too (v1's xarray means skip them,
+  which silently scores the other cases).
 """
 from __future__ import annotations
 
@@ -23,29 +24,12 @@ from typing import Any, Callable, TypeVar
 import numpy as np
 import xarray as xr
 
+from minconv_dist.data.grid import cell_area_weights
 from minconv_dist.evaluate.layout import LAT, LEAD, LON, TIME
 
 X = TypeVar("X", xr.DataArray, xr.Dataset)
 
 SPACE = (LAT, LON)
-
-
-def cell_area_weights(latitude: xr.DataArray) -> xr.DataArray:
-    """Relative area of each latitude row's cells, normalised to mean 1 (WeatherBench2's weights).
-
-    Source: weatherbench2 `weatherbench2/metrics.py`, `get_lat_weights` / `_cell_area_from_latitude`. Cell
-    edges lie halfway between rows and at ±90°, so a row at a pole gets a half-cell; a row's weight is
-    `sin(upper edge) - sin(lower edge)`. Latitude may ascend or descend; the weights follow its order.
-    """
-    degrees = np.asarray(latitude, dtype=float)
-    order = np.argsort(degrees)
-    rows = np.deg2rad(degrees[order])
-    if (np.diff(rows) <= 0).any() or (np.abs(degrees) > 90).any():
-        raise ValueError(f"latitudes must be distinct and within [-90, 90]; got {degrees.tolist()}")
-    edges = np.concatenate([[-np.pi / 2], (rows[:-1] + rows[1:]) / 2, [np.pi / 2]])
-    area = np.empty_like(rows)
-    area[order] = np.diff(np.sin(edges))
-    return latitude.copy(data=area / area.mean())
 
 
 def cos_latitude_weights(latitude: xr.DataArray) -> xr.DataArray:
@@ -124,9 +108,10 @@ def compute_weighted_rmse(forecast: X, truth: X) -> X:
     """WeatherBench v1 RMSE: `sqrt(mean_{time,lat,lon}(w (f - t)²))`, `w` = `cos_latitude_weights`.
 
     Source: WeatherBench `src/score.py`, `compute_weighted_rmse`, applied per lead time as their
-    `evaluate_iterative_forecast` does.
+    `evaluate_iterative_forecast` does. NaN propagate (theirs, xarray's default `skipna`, would score the
+    values left and say nothing).
     """
-    return np.sqrt((cos_latitude_weights(truth[LAT]) * (forecast - truth) ** 2).mean((TIME, *SPACE)))
+    return np.sqrt((cos_latitude_weights(truth[LAT]) * (forecast - truth) ** 2).mean((TIME, *SPACE), skipna=False))
 
 
 def compute_weighted_acc(forecast: X, truth: X, climatology: X) -> X:
@@ -134,13 +119,14 @@ def compute_weighted_acc(forecast: X, truth: X, climatology: X) -> X:
 
     `f' = f - c - mean(f - c)`, `a' = t - c - mean(t - c)` (unweighted means over time, lat and lon),
     `w` = `cos_latitude_weights`. Source: WeatherBench `src/score.py`, `compute_weighted_acc`, where `c` is
-    the truth's mean over time (`da_true.mean('time')`) and the score is taken per lead time.
+    the truth's mean over time (`da_true.mean('time')`) and the score is taken per lead time. NaN propagate,
+    as in `compute_weighted_rmse`.
     """
-    dims = (TIME, *SPACE)
+    dims, keep = (TIME, *SPACE), {"skipna": False}
     w = cos_latitude_weights(truth[LAT])
     fa, a = forecast - climatology, truth - climatology
-    fa, a = fa - fa.mean(dims), a - a.mean(dims)
-    return (w * fa * a).sum(dims) / np.sqrt((w * fa**2).sum(dims) * (w * a**2).sum(dims))
+    fa, a = fa - fa.mean(dims, **keep), a - a.mean(dims, **keep)
+    return (w * fa * a).sum(dims, **keep) / np.sqrt((w * fa**2).sum(dims, **keep) * (w * a**2).sum(dims, **keep))
 
 
 #: definition -> table label -> metric(forecast, truth); "acc" also takes the climatology.

@@ -22,22 +22,25 @@ from typing import Iterator
 
 import fsspec
 
-from minconv_dist.data.store import is_local, local_path, redact
+from minconv_dist.data.store import exists, is_local, local_path, redact
+from minconv_dist.data.store import filesystem as store_filesystem
 
 MARKER = "_COMPLETE"  # last file of an output folder: JSON listing the files it completes
 
 
 def filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec file system of `url` and the path on it; storage options are refused for local paths."""
+    """The fsspec file system of `url` and the path on it, with the timeouts and retries reads have
+    (`store.remote_options`); storage options are refused for local paths."""
     if is_local(url) and storage_options:
         raise ValueError(f"storage options given for the local output {url!r}; they only apply to remote URLs")
-    return fsspec.core.url_to_fs(local_path(url) if is_local(url) else url, **(storage_options or {}))
+    return store_filesystem(local_path(url) if is_local(url) else url, storage_options)
 
 
 def check_target(url: str, storage_options: dict | None = None, overwrite: bool = False) -> None:
-    """Raise FileExistsError if something is at `url` and `overwrite` is off; call before any long work."""
-    fs, path = filesystem(url, storage_options)
-    if fs.exists(path) and not overwrite:
+    """Raise FileExistsError if something is at `url` and `overwrite` is off, or OSError in one line if a remote
+    `url` does not answer within `store.REACH_TIMEOUT_S` (`store.exists`); call before any long work."""
+    filesystem(url, storage_options)  # refuses storage options for a local path
+    if exists(url, storage_options) and not overwrite:
         raise FileExistsError(f"{redact(url)} exists; pass overwrite=True (--overwrite) to replace it")
 
 

@@ -3,6 +3,7 @@ against a truth store beside the baselines, write the table, the skill store and
 (all or nothing), and log them to an MLflow run."""
 from __future__ import annotations
 
+import json
 import logging
 import re
 import tempfile
@@ -13,11 +14,12 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from minconv_dist.data import CLIMATOLOGIES, DimNames, default_store, open_store
+from minconv_dist.data import CLIMATOLOGIES, DimNames, default_store, open_store, parse_channels, store_dims
 from minconv_dist.data.selection import coarsen as coarsen_grid
 from minconv_dist.data.store import redact
 from minconv_dist.evaluate.forecast import open_channels, open_forecast
-from minconv_dist.evaluate.layout import TIME, from_weatherbench2, label, listed_channels, store_channels, to_weatherbench2
+from minconv_dist.evaluate.layout import (TIME, from_weatherbench2, label, listed_channels, store_channels,
+                                          to_weatherbench2, units)
 from minconv_dist.evaluate.metrics import align_truth, match_grid
 from minconv_dist.evaluate.outputs import check_complete, filesystem, publish_folder
 from minconv_dist.evaluate.plots import plot_maps, plot_skill
@@ -45,25 +47,40 @@ def common_fields(forecasts: dict[str, xr.Dataset]) -> dict[str, xr.Dataset]:
     return {name: fc[channels].sel({TIME: inits}) for name, fc in forecasts.items()}
 
 
-def evaluate_stores(forecasts: dict[str, str], *, truth_url: str | None = None, dims: DimNames = DimNames(),
+def recorded_dims(forecast: xr.Dataset) -> DimNames:
+    """The dim names of the store a forecast of ours was made from (its `config` attr's `dims`), else the
+    defaults."""
+    config = forecast.attrs.get("config")
+    dims = (json.loads(config) if isinstance(config, str) else config or {}).get("dims") or {}
+    return DimNames(**dims)
+
+
+def evaluate_stores(forecasts: dict[str, str], *, truth_url: str | None = None, dims: DimNames | None = None,
                     coarsen: int | None = None, storage_options: dict | None = None,
                     forecast_storage_options: dict | None = None, climatology: str = "weatherbench2",
                     climatology_range: tuple[str, str] | None = None, definition: str = "weatherbench",
-                    ) -> tuple[xr.Dataset, dict[str, xr.Dataset], xr.Dataset]:
+                    drop_nan_inits: bool = False) -> tuple[xr.Dataset, dict[str, xr.Dataset], xr.Dataset]:
     """(skill, forecasts in internal channels, truth) for forecast stores {name: url} in the WB2 layout.
 
     The truth defaults to the first forecast's `data_source` (else the embedded store), coarsened as it says
-    (`coarsen` attr); each forecast's WB2 variables are matched to the truth store's channels (`z` is
-    geopotential at 500); all are scored on the variables and init times they share. The climatology
-    baseline needs `climatology_range`."""
+    (`coarsen` attr), in the dim names it records (`recorded_dims`) unless `dims` are given; each forecast's
+    WB2 variables are matched to the truth store's channels (`z` is geopotential at 500); all are scored on the
+    variables and init times they share (`evaluate_forecasts`, `drop_nan_inits`). The climatology baseline
+    needs `climatology_range`."""
     opened = {name: open_forecast(url, forecast_storage_options) for name, url in forecasts.items()}
     first = next(iter(opened.values()))
     url = truth_url or first.attrs.get("data_source") or default_store()
+    if dims is None:
+        dims = recorded_dims(first) if not truth_url and first.attrs.get("data_source") else DimNames()
     coarsen = coarsen or int(first.attrs.get("coarsen", 1))
-    candidates = (listed_channels(first) or []) + store_channels(open_store(url, storage_options), dims)
+    truth_store = open_store(url, storage_options)
+    dims = store_dims(truth_store, dims)  # `lat` or `latitude`, as the truth store spells it
+    candidates = (listed_channels(first) or []) + store_channels(truth_store, dims)
     fields = common_fields({name: from_weatherbench2(fc, candidates) for name, fc in opened.items()})
     channels = list(map(str, next(iter(fields.values())).data_vars))
     truth = as_fields(open_channels(url, channels, dims=dims, coarsen=coarsen, storage_options=storage_options))
+    for channel in channels:  # for the plots: the store's CF units, else ERA5's
+        truth[channel].attrs["units"] = units(channel, truth_store[parse_channels(channel)[0].variable].attrs)
     fields = {name: match_grid(fc, truth, ("forecast", "truth")) for name, fc in fields.items()}
     for fc in fields.values():
         align_truth(fc, truth)  # fail on mismatched grids or times before the climatology pass
@@ -72,7 +89,7 @@ def evaluate_stores(forecasts: dict[str, str], *, truth_url: str | None = None, 
         raw = CLIMATOLOGIES[climatology](url, channels, dims, tuple(climatology_range), storage_options,
                                         progress=False)
         clim = as_fields(coarsen_grid(raw, coarsen, "lat", "lon", url))
-    return evaluate_forecasts(fields, truth, clim, definition), fields, truth
+    return evaluate_forecasts(fields, truth, clim, definition, drop_nan_inits), fields, truth
 
 
 def _safe(channel: str) -> str:
@@ -89,7 +106,8 @@ def render_outputs(skill: xr.Dataset, forecast: xr.Dataset, truth: xr.Dataset, f
     to_frame(skill).to_csv(files[0], index=False)
     to_weatherbench2(skill).to_zarr(folder / "skill.zarr", mode="w", consolidated=True, zarr_format=2)
     for channel in map(str, skill.data_vars):
-        files.append(plot_skill(skill, channel, folder / f"skill_{_safe(channel)}.png"))
+        files.append(plot_skill(skill, channel, folder / f"skill_{_safe(channel)}.png",
+                                unit=truth[channel].attrs.get("units")))
         files.append(plot_maps(forecast, truth, channel, folder / f"maps_{_safe(channel)}.png", map_leads))
     return files
 

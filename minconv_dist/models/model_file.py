@@ -40,8 +40,14 @@ def save_model_file(path: str | os.PathLike, model: Network,
 
 
 def load_model_file(path: str | os.PathLike) -> Network:
-    """The model in eval mode, from a model file."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    """The model in eval mode, from a model file. A file that is not one (garbage, or a pickle that would run code:
+    `weights_only` refuses to build any object but tensors and plain data) is a ValueError naming it."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except Exception as err:  # noqa: BLE001 - garbage makes torch.load raise almost anything
+        raise ValueError(_unreadable(path, err)) from err
     if not isinstance(obj, dict) or obj.get("format") not in READABLE:
         found = obj.get("format", sorted(obj)) if isinstance(obj, dict) else type(obj).__name__
         hint = " (an official-repo checkpoint? use from_official_checkpoint / 'official:PATH')" \
@@ -51,3 +57,17 @@ def load_model_file(path: str | os.PathLike) -> Network:
     model = build_model(**obj["spec"])
     model.load_state_dict(obj["state_dict"])
     return model.eval()
+
+
+def _unreadable(path: str | os.PathLike, err: Exception) -> str:
+    """Why torch.load(weights_only=True) refused `path`, in one line: a pickle that names code to run (a class or
+    function: a crafted file, or a whole pickled model), or something that is no torch file at all."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    detail = " ".join(line.strip() for line in str(err).splitlines() if line.strip()
+                      and not line.strip().startswith(boilerplate))
+    if type(err).__name__ != "UnpicklingError":
+        detail = f"{type(err).__name__}: {detail}".rstrip(": ")
+    if "GLOBAL" in detail.upper():
+        return (f"{path}: refused, not a weights-only model file: loading it would run code ({detail}); nothing "
+                "was run")
+    return f"{path}: not a minconv_dist model file, torch.load(weights_only=True) cannot read it ({detail})"

@@ -6,8 +6,10 @@ fresh local directory, then Ray uploads the ranks' directories into one):
     ds/...                 DeepSpeed engine: module, optimizer shards, LR scheduler   (all ranks)
     latest, zero_to_*.py   DeepSpeed's tag pointer and conversion scripts (never run) (rank 0)
     rng_rank{r}.pt         python / numpy / torch RNG states of rank r, as tensors     (rank r)
-    model.pt               the model file: spec + fp32 master weights, normaliser    (rank 0)
-                           included (minconv_dist.models.model_file: loads without DeepSpeed)
+    ema_rank{r}.pt         rank r's part of the EMA of the weights (optim.ema_decay)   (rank r)
+    model.pt               the model file: spec + fp32 master weights (their EMA with  (rank 0)
+                           optim.ema_decay), normaliser included
+                           (minconv_dist.models.model_file: loads without DeepSpeed)
     config.yaml            the run's config, without storage_options (credentials)    (rank 0)
     position.json          epoch, step in epoch, global step, world size, MLflow run   (rank 0)
     manifest_rank{r}.json  size and sha256 of every file above that rank r wrote       (rank r, last)
@@ -33,7 +35,7 @@ import random
 import shutil
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import numpy as np
@@ -44,6 +46,9 @@ from minconv_dist.data.store import redact_config
 from minconv_dist.models import save_model_file
 from minconv_dist.train import manifest
 from minconv_dist.train.manifest import POSITION, CheckpointError, write_atomic
+
+if TYPE_CHECKING:
+    from minconv_dist.train.ema import WeightEMA
 
 TAG = "ds"
 REQUIRED = ("model.pt", "config.yaml")  # besides position.json and every rank's rng_rank{r}.pt
@@ -92,8 +97,9 @@ def _zero0_masters(optimizer: Any) -> dict[int, torch.Tensor]:
     return {id(p): master for group, masters in zip(low, high) for p, master in zip(group, masters)}
 
 
-def master_weights(engine: Any) -> dict[str, torch.Tensor] | None:
-    """The weights the optimizer updates, in fp32, as a full CPU state dict on rank 0 (None elsewhere).
+def master_weights(engine: Any, ema: WeightEMA | None = None) -> dict[str, torch.Tensor] | None:
+    """The weights the optimizer updates, in fp32, as a full CPU state dict on rank 0 (None elsewhere); with
+    `ema`, their EMA instead (an EMA run's exported model).
 
     Under bf16 the module holds bf16 copies; the fp32 masters live in the optimizer, partitioned across
     ranks under ZeRO. `safe_get_full_fp32_param` (DeepSpeed's API for this) gathers a ZeRO-1/2/3 master;
@@ -104,8 +110,9 @@ def master_weights(engine: Any) -> dict[str, torch.Tensor] | None:
 
     zero0 = _zero0_masters(engine.optimizer)
     state, keep = {}, engine.global_rank == 0
-    for name, param in engine.module.named_parameters():
-        master = safe_get_full_fp32_param(param)  # collective under ZeRO
+    averages = None if ema is None else ema.full()  # collective when the EMA is sharded
+    for i, (name, param) in enumerate(engine.module.named_parameters()):
+        master = averages[i] if averages is not None else safe_get_full_fp32_param(param)  # collective under ZeRO
         if keep:
             state[name] = (zero0.get(id(param), param) if master is None else master).detach().float().cpu()
     if not keep:
@@ -116,7 +123,7 @@ def master_weights(engine: Any) -> dict[str, torch.Tensor] | None:
 
 
 def save(engine: Any, directory: str | Path, *, rank: int, world_size: int, position: dict[str, Any],
-         config: dict[str, Any]) -> None:
+         config: dict[str, Any], ema: WeightEMA | None = None) -> None:
     """Write this rank's part of a checkpoint into a local `directory` (collective: all ranks call it); its
     manifest last."""
     from minconv_dist.train.safe_files import SafeFiles
@@ -124,9 +131,12 @@ def save(engine: Any, directory: str | Path, *, rank: int, world_size: int, posi
     directory = Path(directory)
     engine.checkpoint_engine = SafeFiles()  # DeepSpeed's files too: a temporary name, fsync, rename
     engine.save_checkpoint(str(directory), tag=TAG)
-    weights = master_weights(engine)
+    weights = master_weights(engine, ema)
     with manifest.atomic(directory / f"rng_rank{rank}.pt") as tmp:
         torch.save(_rng_state(), tmp)
+    if ema is not None:
+        with manifest.atomic(directory / f"ema_rank{rank}.pt") as tmp:
+            torch.save(ema.state_dict(), tmp)
     if rank == 0:
         save_model_file(directory / "model.pt", engine.module, state_dict=weights)
         write_atomic(directory / "config.yaml", yaml.safe_dump(redact_config(config), sort_keys=False).encode())
@@ -134,9 +144,11 @@ def save(engine: Any, directory: str | Path, *, rank: int, world_size: int, posi
     manifest.write(directory, rank)
 
 
-def restore(engine: Any, directory: str | Path, *, rank: int, label: str) -> dict[str, Any]:
-    """Load engine, optimizer, scheduler and this rank's RNG states from the local copy `directory` of checkpoint
-    `label`, each file checked against the manifests as it is read; return the saved position."""
+def restore(engine: Any, directory: str | Path, *, rank: int, label: str, ema: WeightEMA | None = None
+            ) -> dict[str, Any]:
+    """Load engine, optimizer, scheduler, this rank's RNG states and its part of the `ema` from the local copy
+    `directory` of checkpoint `label`, each file checked against the manifests as it is read; return the saved
+    position."""
     from minconv_dist.train.safe_files import SafeFiles
 
     directory = Path(directory)
@@ -157,6 +169,8 @@ def restore(engine: Any, directory: str | Path, *, rank: int, label: str) -> dic
     if load_path is None:
         raise CheckpointError(f"{label}: DeepSpeed found no checkpoint under {TAG}/")
     _set_rng_state(files.load(directory / f"rng_rank{rank}.pt"))
+    if ema is not None:
+        ema.load_state_dict(files.load(directory / f"ema_rank{rank}.pt"))
     return position
 
 

@@ -13,10 +13,11 @@ from typing import Annotated, Any, Literal, Union
 
 import yaml
 
-from minconv_dist.data import DimNames
+from minconv_dist.data import DimNames, parse_channels
 from minconv_dist.data.forcings import FORCINGS
 from minconv_dist.data.windows import NAN_POLICIES
 from minconv_dist.models import ARCHS, NORMS, PADDINGS, SEQUENTIAL_ARCHS
+from minconv_dist.train.losses import channel_factors
 
 
 class ConfigError(ValueError):
@@ -30,6 +31,7 @@ class Bounds:
     ge: float | None = None
     gt: float | None = None
     le: float | None = None
+    lt: float | None = None
     length: int | None = None
     min_length: int | None = None
 
@@ -41,12 +43,29 @@ class Bounds:
         if self.min_length is not None:
             _check(key, len(value) >= self.min_length, value, f"a list of at least {self.min_length} values")
         for bound, ok, text in ((self.ge, lambda b: value >= b, ">="), (self.gt, lambda b: value > b, ">"),
-                                (self.le, lambda b: value <= b, "<=")):
+                                (self.le, lambda b: value <= b, "<="), (self.lt, lambda b: value < b, "<")):
             if bound is not None:
                 _check(key, ok(bound), value, f"{text} {bound:g}")
 
 
+@dataclass(frozen=True)
+class Matches:
+    """The form a string field must have, attached to its type: `Annotated[str, Matches(regex, text)]`."""
+
+    regex: str
+    text: str  # what the regex allows, in words, for the error
+
+    def check(self, key: str, value: Any) -> None:
+        if value is not None:
+            _check(key, re.fullmatch(self.regex, value), value, self.text)
+
+
 AtLeast1 = Annotated[int, Bounds(ge=1)]
+# A run name becomes a directory and URL path (run.storage_path/<name>), a Ray metric tag (Ray encodes tags as
+# ASCII: "my run ü" failed in Ray's controller with UnicodeEncodeError) and part of printed commands.
+RunName = Annotated[str, Matches(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", "1-100 ASCII letters, digits, '.', '_' or '-', "
+                                 "starting with a letter or digit (it names a directory, a URL path and a Ray "
+                                 "metric tag, which must be ASCII), e.g. 'my-run-u'")]
 NonNegative = Annotated[float, Bounds(ge=0)]
 Pair = Bounds(length=2)
 Arch = Literal[tuple(sorted(ARCHS))]
@@ -74,8 +93,12 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     url: str | None = None  # None: the embedded synthetic ERA5-like store (minconv_dist.data.default_store)
-    channels: Annotated[list[str], Bounds(min_length=1)] = field(default_factory=lambda: ["z"])
-    dims: DimNames = field(default_factory=DimNames)  # the store's dimension names; dims.sample for trajectories
+    # The defaults fit the embedded store: its prognostic variables, in the WeatherBench2 layout.
+    channels: Annotated[list[str], Bounds(min_length=1)] = field(
+        default_factory=lambda: ["geopotential@500", "temperature@850"])
+    # The store's dimension names; dims.sample for trajectories. lat/lon may be spelled either way: a store with
+    # latitude/longitude (WeatherBench2) instead of lat/lon (WeatherBench v1), or the reverse, is read as it is.
+    dims: DimNames = field(default_factory=DimNames)
     storage_options: dict[str, Any] = field(default_factory=dict)
     stats_path: str | None = None  # NormStats JSON; None: computed over the training split before training
     # Defaults fit the synthetic store (2015-2016); the paper uses 1979-2014 / 2015-2016 (configs/era5_weatherbench.yaml).
@@ -144,6 +167,27 @@ class OptimConfig:
     grad_accum: AtLeast1 = 1
     # >0: the closed loop grows linearly from 1 step to T - k over these many epochs
     curriculum_epochs: Annotated[int, Bounds(ge=0)] = 0
+    # EMA of the weights, decay per optimizer step (docs/training.md, "EMA of the weights"): validation and the
+    # exported model use it, training goes on with the raw weights. null or 0: off; anemoi-training uses 0.999.
+    ema_decay: Annotated[float, Bounds(ge=0, lt=1)] | None = None
+
+
+@dataclass
+class LossConfig:
+    """Weights of the training loss's squared errors (docs/training.md, "The loss"): per latitude row, channel
+    and lead, each normalised to mean 1, so the loss stays on the scale of the plain normalised MSE."""
+
+    # the evaluation's cell-area weights of the latitude rows (WeatherBench2's); null: on when the store's
+    # data.dims.lat is a latitude, uniform otherwise (Navier–Stokes' y); true on a grid without latitude is refused
+    area_weighted: bool | None = None
+    # {variable: weight} (GraphCast's per-variable weights); the variables of data.channels not named weigh 1
+    variable_weights: dict[str, NonNegative] = field(default_factory=dict)
+    # uniform | proportional (GraphCast: level / mean of the trained levels) | {level: weight} (levels not
+    # named weigh 1); channels without a level weigh 1
+    level_weights: Literal["uniform", "proportional"] | dict[int | float, NonNegative] = "uniform"
+    # null: uniform; else one weight per lead 1 .. T - k + 1: lead 1 weighs the k teacher-forced (one-step)
+    # predictions, lead i + 1 the i-th closed-loop step
+    lead_weights: list[NonNegative] | None = None
 
 
 @dataclass
@@ -194,11 +238,15 @@ class TrackingConfig:
     registered_model: str = "minconv-era5"  # "" skips registration
     log_every: AtLeast1 = 10  # micro-steps between metric log lines
     plot: bool = True
+    # outages (docs/training.md, "What survives what"): training never waits for the server
+    timeout_s: AtLeast1 = 10  # an MLflow request taking longer fails (no retries): the server counts as down
+    retry_every_s: NonNegative = 30.0  # during an outage rank 0 offers the server what it spooled this often
+    wait_s: NonNegative = 60.0  # the driver retries (with backoff) creating the run and finishing it this long
 
 
 @dataclass
 class RunConfig:
-    name: str | None = None  # None: "<arch>-<YYYYmmdd-HHMMSS>-<6 hex>" (train/runs.py)
+    name: RunName | None = None  # None: "<arch>-<YYYYmmdd-HHMMSS>-<6 hex>" (train/runs.py)
     storage_path: str = "runs"  # local dir (made absolute) or s3:// / gs:// URI shared by all nodes
     seed: int = 0
     stop_after_steps: AtLeast1 | None = None  # stop early (as if interrupted), checkpointed; --resume continues
@@ -209,13 +257,16 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
-        """Checks across sections: time parallelism (docs/training.md, "Time parallelism")."""
+        """Checks across sections: the loss's weights against the channels and the window, time parallelism
+        (docs/training.md, "Time parallelism")."""
+        self._check_loss()
         S = self.parallel.sequence_parallel
         if S == 1:
             return
@@ -236,6 +287,40 @@ class TrainConfig:
         _check("data.nan_policy", self.data.nan_policy != "skip", self.data.nan_policy,
                f"'raise' or 'fill' {why}: the ranks of a time group must skip the same windows, but each sees only "
                "its block")
+
+    def _check_loss(self) -> None:
+        """loss.* against data.channels and the window (docs/training.md, "The loss")."""
+        loss, d = self.loss, self.data
+        try:
+            specs = parse_channels(d.channels)
+        except ValueError as err:
+            raise ConfigError(f"data.channels: {err}") from err
+        names = [str(c) for c in specs]
+        for variable in loss.variable_weights:
+            if variable not in {c.variable for c in specs}:
+                raise ConfigError(f"loss.variable_weights: {variable} is not a trained channel; channels are {names}")
+        levels = sorted({c.level for c in specs if c.level is not None})
+        if loss.level_weights != "uniform" and not levels:
+            raise ConfigError(f"loss.level_weights: got {loss.level_weights!r}, but no channel is on a pressure level "
+                              f"(variable@level); channels are {names}")
+        if isinstance(loss.level_weights, dict):
+            for level in loss.level_weights:
+                if float(level) not in levels:
+                    raise ConfigError(f"loss.level_weights: level {level:g} is not a trained level; the channels' "
+                                      f"levels are {', '.join(f'{x:g}' for x in levels)}")
+        factors = channel_factors(names, loss.variable_weights, loss.level_weights)
+        if not factors.any():
+            raise ConfigError(f"loss.variable_weights / loss.level_weights: every channel of {names} weighs 0 "
+                              "(variable weight x level weight); the loss would be 0")
+        leads = loss.lead_weights
+        if leads is not None:
+            n = d.sequence_length - d.teacher_steps + 1
+            _check("loss.lead_weights", len(leads) == n, leads, f"{n} weights, one per lead 1 .. T - k + 1 "
+                   f"(data.sequence_length={d.sequence_length}, data.teacher_steps={d.teacher_steps})")
+            _check("loss.lead_weights", any(leads), leads, "at least one weight > 0")
+            _check("loss.lead_weights", leads[0] > 0 or not self.optim.curriculum_epochs, leads,
+                   "a lead-1 weight > 0 with optim.curriculum_epochs > 0 (its first epochs have few closed-loop "
+                   "steps)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -262,7 +347,13 @@ def _convert(key: str, tp: Any, value: Any) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _convert(key, inner[0], value)
+        errors = []
+        for alternative in inner:  # the first that takes the value
+            try:
+                return _convert(key, alternative, value)
+            except ConfigError as err:
+                errors.append(str(err).removeprefix(f"{key}: "))
+        raise ConfigError(f"{key}: " + "; or ".join(errors))
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {[f.name for f in dataclasses.fields(tp)]}, got {value!r}")
@@ -276,7 +367,7 @@ def _convert(key: str, tp: Any, value: Any) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
+        return {_convert(f"{key} key {k!r}", args[0], k): _convert(f"{key}.{k}", args[1], v) for k, v in value.items()}
     if tp is Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):

@@ -1,26 +1,78 @@
-"""MLflow helpers. The driver opens the run (params, config) and logs the final model; rank 0 of
-the workers logs metrics and plots into the same run by id, so no worker needs global MLflow state.
+"""MLflow helpers of the driver: it opens the run (params, config), logs and registers the final model and sets
+the run's status; rank 0 of the workers logs metrics and plots into the same run by id (`train/metric_logger.py`),
+so no worker needs global MLflow state. Every call here is bounded (`http_limits`), so that a server that does
+not answer costs seconds, not MLflow's default minutes of retries.
 """
 from __future__ import annotations
 
+import logging
 import os
+import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import mlflow
 import numpy as np
 import torch
 import yaml
-from matplotlib.figure import Figure
-from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 
 import minconv_dist
 from minconv_dist.data.store import redact_config
+from minconv_dist.tracking_uri import tracking_uri
 from minconv_dist.train.config import flatten
+
+T = TypeVar("T")
+STEP_TAG = "minconv.step"  # on a model version: the global step of the checkpoint it was logged from
+
+
+@contextmanager
+def http_limits(timeout_s: int) -> Iterator[None]:
+    """MLflow's HTTP requests inside the block: `timeout_s` each and no retries (MLflow's defaults, 120 s and 7
+    retries with backoff, take minutes to report a server that is down). MLflow reads them at each request."""
+    limits = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)}
+    previous = {key: os.environ.get(key) for key in limits}
+    os.environ.update(limits)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def with_backoff(action: Callable[[], T], wait_s: float) -> T:
+    """`action()`, tried again after 1, 2, 4, ... s while it raises and `wait_s` seconds have not passed; then
+    its last error."""
+    end, pause = time.monotonic() + wait_s, 1.0
+    while True:
+        try:
+            return action()
+        except Exception:  # noqa: BLE001 - an MLflow server that does not answer raises many kinds
+            left = end - time.monotonic()
+            if left <= 0:
+                raise
+            time.sleep(min(pause, left))
+            pause *= 2
+
+
+def one_line(err: BaseException) -> str:
+    """An error in one line. MLflow's HTTP errors carry the URL and urllib3's retry history: of those, the cause
+    (`ConnectionRefusedError`, a read timeout, ...) is what says why."""
+    text = " ".join(str(err).split())
+    cause = re.search(r"Caused by (\w+)\(", text)
+    if cause:
+        reason = re.search(r"\[Errno -?\d+\] [^'\")]+|Read timed out", text)
+        return f"{cause.group(1)}: {reason.group(0) if reason else 'no answer'}"
+    text = f"{type(err).__name__}: {text}"
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def resolve_uri(uri: str | None) -> str:
@@ -36,63 +88,34 @@ def _artifact_root(uri: str) -> str | None:
     return None
 
 
-def open_run(uri: str, experiment: str, run_name: str, config: dict[str, Any]) -> str:
-    """Create the run with the config as params and as config.yaml, credentials removed. Returns the run id."""
+def open_run(uri: str, experiment: str, run_name: str, config: dict[str, Any],
+             tags: dict[str, str] | None = None) -> str:
+    """Create the run with the config as params and as config.yaml, credentials removed, and `tags` (e.g. which
+    loss weighting `train_loss` has). Returns the run id."""
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=_artifact_root(uri))
-    run = client.create_run(exp_id, run_name=run_name, tags={"minconv.arch": config["model"]["arch"]})
-    safe = redact_config(config)
-    params = {key: str(value) for key, value in flatten(safe).items()}
-    keys = sorted(params)
-    for i in range(0, len(keys), 100):
-        client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, params[k]) for k in keys[i:i + 100]])
-    client.log_text(run.info.run_id, yaml.safe_dump(safe, sort_keys=False), "config.yaml")
+    run = client.create_run(exp_id, run_name=run_name, tags={"minconv.arch": config["model"]["arch"], **(tags or {})})
+    try:
+        safe = redact_config(config)
+        params = {key: str(value) for key, value in flatten(safe).items()}
+        keys = sorted(params)
+        for i in range(0, len(keys), 100):
+            client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, params[k]) for k in keys[i:i + 100]])
+        client.log_text(run.info.run_id, yaml.safe_dump(safe, sort_keys=False), "config.yaml")
+    except KeyboardInterrupt:  # the run exists: it must not stay RUNNING
+        client.set_terminated(run.info.run_id, status="KILLED")
+        raise
     return run.info.run_id
 
 
-class MetricLogger:
-    """Rank 0's handle on the run: batched metrics and forecast plots.
-
-    A worker restarted from a checkpoint replays the steps after it; those steps were logged already (with the
-    same values: the replay is exact), so each metric skips the steps up to the last one the run has of it."""
-
-    def __init__(self, uri: str, run_id: str):
-        self.client, self.run_id = MlflowClient(uri), run_id
-        self.logged_until: dict[str, int] = {}
-
-    def _new(self, key: str, step: int) -> bool:
-        if key not in self.logged_until:  # once per metric and logger: what the run already holds
-            history = self.client.get_metric_history(self.run_id, key)
-            self.logged_until[key] = max((m.step for m in history), default=-1)
-        return step > self.logged_until[key]
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        now = int(time.time() * 1000)
-        fresh = [Metric(k, float(v), now, step) for k, v in metrics.items() if self._new(k, step)]
-        if fresh:
-            self.client.log_batch(self.run_id, metrics=fresh)
-
-    def plot_forecast(self, truth: torch.Tensor, forecast: torch.Tensor, step: int, channel: str) -> None:
-        """truth, forecast: [T, H, W] in physical units; shows the last closed-loop lead time."""
-        t, f = truth[-1].float().numpy(), forecast[-1].float().numpy()
-        fig = Figure(figsize=(12, 3), constrained_layout=True)  # no pyplot: no global backend or figure list
-        axes = fig.subplots(1, 3)
-        lo, hi = np.percentile(t, [1, 99])
-        for ax, img, title, kw in (
-            (axes[0], t, "truth", dict(vmin=lo, vmax=hi)),
-            (axes[1], f, "forecast", dict(vmin=lo, vmax=hi)),
-            (axes[2], f - t, "forecast - truth", dict(cmap="RdBu_r")),
-        ):
-            im = ax.imshow(img, origin="lower", **kw)
-            ax.set_title(f"{channel} {title}")
-            fig.colorbar(im, ax=ax, shrink=0.8)
-        fig.suptitle(f"validation at step {step}, lead {truth.shape[0]} frames")
-        self.client.log_figure(self.run_id, fig, f"plots/forecast_step{step:07d}.png")
-
-
-def finish_run(uri: str, run_id: str, status: str) -> None:
-    MlflowClient(uri).set_terminated(run_id, status=status)
+def set_status(uri: str, run_id: str, status: str) -> None:
+    """RUNNING again (a resume), or the end: FINISHED, KILLED, FAILED."""
+    client = MlflowClient(uri)
+    if status == "RUNNING":
+        client.update_run(run_id, status=status)
+    else:
+        client.set_terminated(run_id, status=status)
 
 
 class PortableModel(torch.nn.Module):
@@ -127,35 +150,60 @@ class PortableModel(torch.nn.Module):
 
 
 @contextmanager
-def _tracking_uri(uri: str) -> Iterator[None]:
-    """MLflow's fluent API (which `log_model` needs) reads a process-wide URI: set it only for the call."""
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
+def _quiet(logger: str) -> Iterator[None]:
+    """`logger` at ERROR for the block: mlflow.pytorch warns that a pickled model runs code when unpickled;
+    our loader (`minconv_dist.evaluate.load_model`) reads the weights-only model file logged beside it."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(previous)
+        log.setLevel(level)
 
 
 def log_model(uri: str, run_id: str, model: torch.nn.Module, example: torch.Tensor,
-              registered_name: str) -> str | None:
-    """Log `model` (pickled: torch.export would freeze the batch size) with an input example and signature,
-    and register it under `registered_name` (skipped when empty). Returns the registered version.
+              model_file: str | os.PathLike) -> tuple[str, str]:
+    """Log `model` with an input example and signature; returns its (model URI, model id).
 
-    The package's source travels with the model (`code_paths`), so it registers and loads whether or not
-    minconv_dist is an installed distribution (under `ray job submit --working-dir` it is plain files).
-    The normalisation statistics are in the weights (the network's normaliser)."""
+    Two forms travel together: the weights-only model file `model_file` (`extra_files/model.pt`, what
+    `minconv_dist.evaluate.load_model` and jobs/forecast.py read with `torch.load(weights_only=True)`), and the
+    pickled network for `mlflow.pytorch.load_model` (unpickling runs code: load it only from a store you trust;
+    pickled because torch.export would freeze the batch size). The package's source travels with the model
+    (`code_paths`), so it logs and loads whether or not minconv_dist is an installed distribution (under
+    `ray job submit --working-dir` it is plain files). The normalisation statistics are in the weights."""
     model = PortableModel(model.eval())
     with torch.no_grad():
         output = model(example).numpy()
     signature = mlflow.models.infer_signature(example.numpy(), output)
-    with _tracking_uri(uri), mlflow.start_run(run_id=run_id):
+    # the run made active: MLflow files a logged model under the active run's experiment (without one, under
+    # the default experiment, whatever run_id says); leaving it ends the run FINISHED, as the caller's next step
+    # (`train/sync.py`: metrics replayed first, registration after) does anyway
+    with tracking_uri(uri), mlflow.start_run(run_id=run_id), _quiet("mlflow.pytorch"):
         info = mlflow.pytorch.log_model(
             model, name="model", serialization_format="pickle", input_example=example.numpy(),
-            signature=signature, registered_model_name=registered_name or None,
+            signature=signature, extra_files=[os.fspath(model_file)],
             metadata={"minconv_dist_version": minconv_dist.__version__},
             code_paths=[os.path.dirname(minconv_dist.__file__)],
             # stated, not inferred: inference re-imports the model in a subprocess (~20 s)
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
         )
-    return None if info.registered_model_version is None else str(info.registered_model_version)
+    return info.model_uri, info.model_id
+
+
+def register(uri: str, run_id: str, model_uri: str, model_id: str, name: str, step: int) -> str:
+    """Register the logged model as a version of `name`; the version. Idempotent: a version of this run at this
+    step (a retry after a reply that was lost) is returned as it is."""
+    client = MlflowClient(uri)
+    for version in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        if version.tags.get(STEP_TAG) == str(step):
+            return str(version.version)
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:
+        if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+    with tracking_uri(uri):  # the registry looks the logged model up through the process-wide URI
+        version = client.create_model_version(name, source=model_uri, run_id=run_id, model_id=model_id,
+                                              tags={STEP_TAG: str(step)})
+    return str(version.version)

@@ -1,37 +1,40 @@
 """`fit(config)`: check everything that can be checked on the driver, then run `worker_loop` on a Ray
-Train `TorchTrainer`, and log + register the final model in MLflow.
+Train `TorchTrainer`, and end the MLflow run: log + register the final model, set its status (`train/sync.py`).
 """
 from __future__ import annotations
 
 import os
 import queue
+import shlex
+import signal
 import sys
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
 import ray.train
-import torch
 from ray.train.torch import TorchTrainer
 
 from minconv_dist.data import (DataError, NormStats, channel_bounds, check_stats, compute_stats, default_store,
-                               open_store, parse_channels)
+                               open_store, parse_channels, store_dims)
 from minconv_dist.data.forcings import check_times
+from minconv_dist.data.grid import is_latitude
 from minconv_dist.data.static import read_static
 from minconv_dist.data.store import is_local, redact
-from minconv_dist.models import load_model_file
-from minconv_dist.train import checkpoint, runs, tracking
+from minconv_dist.train import checkpoint, runs, sync, tracking
 from minconv_dist.train.config import ConfigError, TrainConfig
 from minconv_dist.train.datasets import split_of, window_dataset
 from minconv_dist.train.head import HeadLost, HeadWatch
+from minconv_dist.train.local_ray import ignore_sigint
 from minconv_dist.train.loop import StepCallback, worker_loop
+from minconv_dist.train.losses import LossWeights, loss_weights
 from minconv_dist.train.meter import NonFiniteLossError
 from minconv_dist.train.resume import check_plan, check_unfinished, run_dir, saved_plan
+from minconv_dist.train.spool import Spool, spool_dir
 
 
 class TrainingError(RuntimeError):
@@ -44,9 +47,10 @@ class Interrupted(KeyboardInterrupt):
 
 
 def resume_command(directory: str) -> str:
-    """The command that continues the run in `directory` (the job that is running, or the ERA5 job)."""
+    """The command that continues the run in `directory` (the job that is running, or the ERA5 job), quoted
+    for a POSIX shell."""
     job = sys.argv[0] if sys.argv[0].endswith(".py") and "pytest" not in sys.argv[0] else "jobs/train_era5.py"
-    return f"python {job} --resume {directory}"
+    return shlex.join(["python", job, "--resume", directory])
 
 
 @dataclass
@@ -58,6 +62,7 @@ class FitResult:
     mlflow_uri: str
     mlflow_run_id: str
     model_version: str | None
+    unsynced: str | None = None  # what MLflow does not have yet (it did not answer), for `sync.sync_command`
 
 
 @contextmanager
@@ -78,15 +83,19 @@ def _config_errors(key: str, io_key: str = "data.url") -> Iterator[None]:
         raise ConfigError(f"{key}: {err}") from err
 
 
-def _check_data(cfg: TrainConfig, url: str) -> tuple[NormStats, tuple[int, int], int, int, np.ndarray | None]:
+def _check_data(cfg: TrainConfig, url: str
+                ) -> tuple[NormStats, tuple[int, int], int, int, np.ndarray | None, LossWeights]:
     """Open the store, compute (or load) the stats, size the epoch, read each split's first batch and the static
-    fields, all checked (docs/data.md, "Checks"), so that bad data fail here, before any worker starts."""
+    fields, and weigh the loss on the run's grid, all checked (docs/data.md, "Checks"), so that bad data fail
+    here, before any worker starts. Sets data.dims to the store's spelling of latitude/longitude (`store_dims`),
+    which the workers then use."""
     d = cfg.data
     # a sample store is split by data.<split>_samples, a single series by data.<split>_range
     key = {split: f"data.{split}_{'samples' if d.dims.sample else 'range'}" for split in ("train", "val")}
     bounds = channel_bounds(d.channels, d.bounds)
     with _config_errors("data.url"):
         store = open_store(url, d.storage_options or None)
+        d.dims = store_dims(store, d.dims)  # `lat` or `latitude`, as the store spells it; the workers use it
     if d.forcings:
         with _config_errors("data.forcings"):
             check_times(store[d.dims.time].values, repr(redact(url)))
@@ -123,7 +132,12 @@ def _check_data(cfg: TrainConfig, url: str) -> tuple[NormStats, tuple[int, int],
             static = read_static(static_url, d.static, latitude=ds.latitudes, longitude=ds.longitudes, dims=d.dims,
                                  coarsen=d.coarsen,
                                  storage_options=None if is_local(static_url) else d.storage_options or None)
-    return stats, ds.grid, steps, val_batches, static
+    latitude = ds.latitudes if d.dims.lat in store.coords and is_latitude(store[d.dims.lat]) else None
+    try:
+        weights = loss_weights(cfg, latitude, repr(redact(url)))
+    except ValueError as err:  # names its loss.* key
+        raise ConfigError(str(err)) from err
+    return stats, ds.grid, steps, val_batches, static, weights
 
 
 def _check_durable(cfg: TrainConfig) -> None:
@@ -216,18 +230,6 @@ def _last_good(directory: str) -> str:
     return f"last good checkpoint: {last[0]} (step {last[1]['global_step']})" if last else "no checkpoint"
 
 
-def _finish_within(uri: str, run_id: str, status: str, seconds: float) -> bool:
-    """End the MLflow run if its store answers within `seconds` (MLflow's own retries take minutes)."""
-    done = threading.Event()
-
-    def finish() -> None:
-        tracking.finish_run(uri, run_id, status)
-        done.set()
-
-    threading.Thread(target=finish, name="mlflow-finish", daemon=True).start()
-    return done.wait(seconds)
-
-
 def fit(cfg: TrainConfig, *, resume: str | None = None, callbacks: list[StepCallback] = ()) -> FitResult:
     """Train per `cfg`. `resume`: a run name under run.storage_path (or a run directory) to continue from its
     newest verified checkpoint; `cfg` must then keep the run's saved plan (`resume_config` builds such a
@@ -252,35 +254,83 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, callbacks: list[StepCall
         storage = directory.rsplit("/", 1)[0]
         runs.check_free(directory, name)
     url = cfg.data.url or default_store()
-    stats, grid, steps_per_epoch, val_batches, static = _check_data(cfg, url)
+    stats, grid, steps_per_epoch, val_batches, static, weights = _check_data(cfg, url)
 
     started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(log_to_driver=True)
+    if started_ray:  # a Ray of its own (not one another user started here), unless RAY_ADDRESS names one; its
+        # workers leave a terminal's Ctrl-C to this process, which ends the run first
+        ray.init(address=os.environ.get("RAY_ADDRESS", "local"), log_to_driver=True,
+                 runtime_env={"worker_process_setup_hook": ignore_sigint})
     _check_resources(cfg)
     if not resume:
         runs.claim(directory, name)
 
     uri = tracking.resolve_uri(cfg.tracking.uri)
-    run_id = position.get("mlflow_run_id") or tracking.open_run(uri, cfg.tracking.experiment, name, cfg.to_dict())
-    print(f"[minconv] run {name}: {directory}; MLflow {uri} run {run_id}; {steps_per_epoch} steps/epoch "
+    run_id = position.get("mlflow_run_id") or _open_run(cfg, uri, name, weights)
+    run = _Run(name, directory, storage, Spool(spool_dir(directory), uri, run_id))
+    try:
+        return _train(cfg, run, resume_from, position, url, stats, static, weights, grid, steps_per_epoch,
+                      val_batches, callbacks)
+    except KeyboardInterrupt as err:  # at any moment from here: the run ends KILLED, never RUNNING
+        raise _interrupted(cfg, run, started_ray) from err
+
+
+@dataclass
+class _Run:
+    """The run being trained: where it lives, and, once training is over, the plan of its end (`sync.plan`)."""
+
+    name: str
+    directory: str
+    storage: str
+    spool: Spool
+    ending: dict[str, Any] | None = None
+
+
+def _open_run(cfg: TrainConfig, uri: str, name: str, weights: LossWeights) -> str:
+    """Create the MLflow run, tagged with the loss's weighting, retrying with backoff for tracking.wait_s; a new
+    run needs the server once."""
+    t, tags = cfg.tracking, {"minconv.loss": weights.description}
+    try:
+        with tracking.http_limits(t.timeout_s):
+            return tracking.with_backoff(lambda: tracking.open_run(uri, t.experiment, name, cfg.to_dict(), tags),
+                                         t.wait_s)
+    except Exception as err:  # noqa: BLE001 - a server that does not answer raises many kinds
+        raise ConfigError(f"tracking.uri: MLflow at {redact(uri)} did not answer for tracking.wait_s={t.wait_s:g} s "
+                          f"({tracking.one_line(err)}); a new run is created there before training starts: start "
+                          "the server, or set tracking.uri / MLFLOW_TRACKING_URI") from err
+
+
+def _train(cfg: TrainConfig, run: _Run, resume_from: str | None, position: dict[str, Any], url: str,
+           stats: NormStats, static: np.ndarray | None, weights: LossWeights, grid: tuple[int, int],
+           steps_per_epoch: int, val_batches: int, callbacks: list[StepCallback]) -> FitResult:
+    """Train in the existing MLflow run, then end it: log and register the model, set the status (`sync`)."""
+    name, directory, spool = run.name, run.directory, run.spool
+    uri, run_id, t = spool.uri, spool.server_run_id, cfg.tracking
+    if position:  # a resume: the run is RUNNING again; best effort, one bounded try: its end sets the status
+        with tracking.http_limits(t.timeout_s), suppress(Exception):
+            tracking.set_status(uri, run_id, "RUNNING")
+    print(f"[minconv] run {name}: {directory}; MLflow {redact(uri)} run {run_id}; {steps_per_epoch} steps/epoch "
           f"x {cfg.optim.epochs} epochs on {cfg.parallel.num_workers} workers, ZeRO-{cfg.parallel.zero_stage}",
+          flush=True)
+    ema = f"; validated and exported: EMA of the weights, decay {cfg.optim.ema_decay}" if cfg.optim.ema_decay else ""
+    print(f"[minconv] train_loss / val_loss: {weights.description}{ema}; train_mse / val_mse: plain normalised MSE",
           flush=True)
     p = cfg.parallel
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={
             "config": cfg.to_dict(), "url": url, "stats": asdict(stats), "static": static,
-            "steps_per_epoch": steps_per_epoch,
-            "val_batches": val_batches, "mlflow_uri": uri, "mlflow_run_id": run_id, "resume_from": resume_from,
-            "run_dir": directory, "callbacks": list(callbacks),
+            "loss_weights": asdict(weights), "steps_per_epoch": steps_per_epoch, "val_batches": val_batches,
+            "mlflow_uri": uri, "mlflow_run_id": run_id, "resume_from": resume_from, "run_dir": directory,
+            "callbacks": list(callbacks),
         },
         scaling_config=ray.train.ScalingConfig(num_workers=p.num_workers, use_gpu=p.use_gpu,
                                                resources_per_worker=worker_resources(cfg),
                                                placement_strategy=p.placement.upper()),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=p.max_failures), callbacks=[_StopOnDeterministicError()],
+            name=name, storage_path=run.storage,
+            failure_config=ray.train.FailureConfig(max_failures=p.max_failures),
+            callbacks=[_StopOnDeterministicError()],
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.checkpoint.keep, checkpoint_score_attribute="val_loss",
                 checkpoint_score_order="min"),
@@ -288,20 +338,16 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, callbacks: list[StepCall
     )
     try:
         result = _fit_beside_main_thread(trainer, HeadWatch(ray.get_runtime_context().gcs_address))
-    except KeyboardInterrupt as err:  # Ctrl-C: end the MLflow run, stop the Ray this call started, say how to go on
-        tracking.finish_run(uri, run_id, "KILLED")
-        if started_ray:
-            ray.shutdown()
-        raise Interrupted(f"run {name} interrupted; MLflow run {run_id} ended as KILLED; continue with: "
-                          f"{resume_command(directory)}") from err
-    except HeadLost as err:  # the MLflow server may have gone with the head: its run is ended if it answers
-        ended = _finish_within(uri, run_id, "FAILED", seconds=10)
-        raise HeadLost(f"run {name} stopped: {err}; MLflow run {run_id} "
-                       f"{'ended as FAILED' if ended else 'could not be ended (no answer): the resume ends it'}; "
-                       f"{_last_good(directory)}; on a new cluster, continue with: {resume_command(directory)}") from None
+    except HeadLost as err:  # the MLflow server may have gone with the head: one bounded try to end its run
+        unsynced = sync.finish_run(spool, sync.plan("FAILED"), timeout_s=t.timeout_s, wait_s=0)
+        status = f"not updated ({unsynced}): the resume ends it" if unsynced else "ended as FAILED"
+        raise HeadLost(f"run {name} stopped: {err}; MLflow run {run_id} {status}; {_last_good(directory)}; on a new "
+                       f"cluster, continue with: {resume_command(directory)}") from None
     except ray.train.TrainingFailedError as err:
-        tracking.finish_run(uri, run_id, "FAILED")
+        unsynced = sync.finish_run(spool, sync.plan("FAILED"), timeout_s=t.timeout_s, wait_s=0)
         where = _last_good(directory)
+        if unsynced:
+            where += f"; MLflow did not answer, later: {sync.sync_command(directory)}"
         cause = _worker_cause(err)
         if isinstance(cause, DataError):
             raise TrainingError(f"run {name} stopped on bad data (not retried): {cause}; {where}; after fixing "
@@ -312,13 +358,50 @@ def fit(cfg: TrainConfig, *, resume: str | None = None, callbacks: list[StepCall
     last = checkpoint.latest(directory)
     if last is None:
         raise TrainingError(f"run {name} finished without a verified checkpoint in {directory}")
-    with ray.train.Checkpoint(last[0]).as_directory() as local:
-        model = load_model_file(Path(local) / "model.pt")
-    example = torch.cat([model.normalizer.denormalize(torch.zeros(1, cfg.data.sequence_length, model.in_channels, *grid)),
-                         torch.zeros(1, cfg.data.sequence_length, len(model.forcings), *grid)], dim=2)
-    version = tracking.log_model(uri, run_id, model, example, cfg.tracking.registered_model)
-    tracking.finish_run(uri, run_id, "FINISHED")
-    metrics = dict(result.metrics or {}) or {"global_step": last[1]["global_step"]}
-    print(f"[minconv] done: checkpoint {last[0]}; model {cfg.tracking.registered_model or '(not registered)'}"
-          f" version {version}; view with: mlflow ui --backend-store-uri {uri}", flush=True)
-    return FitResult(name, directory, last[0], metrics, uri, run_id, version)
+    step = last[1]["global_step"]
+    if not last[1].get("finished"):  # run.stop_after_steps: stopped, not finished; its resume registers the model
+        run.ending = sync.plan("KILLED")
+    else:
+        run.ending = sync.plan("FINISHED", last[0], step, t.registered_model, (cfg.data.sequence_length, grid))
+    unsynced = sync.finish_run(spool, run.ending, timeout_s=t.timeout_s, wait_s=t.wait_s)
+    version = (run.ending.get("model") or {}).get("version")
+    metrics = dict(result.metrics or {}) or {"global_step": step}
+    view = f"view with: mlflow ui --backend-store-uri {shlex.quote(uri)}"
+    if unsynced:
+        view = (f"MLflow does not have {unsynced}; kept in {spool.directory}; when it answers: "
+                f"{sync.sync_command(directory)}")
+    if run.ending["status"] == "KILLED":
+        print(f"[minconv] stopped at step {step} (run.stop_after_steps): checkpoint {last[0]}; MLflow run "
+              f"{run_id} KILLED, nothing registered; continue with: {resume_command(directory)}; {view}", flush=True)
+    else:
+        print(f"[minconv] done: checkpoint {last[0]}; model {t.registered_model or '(not registered)'} version "
+              f"{version}; {view}", flush=True)
+    return FitResult(name, directory, last[0], metrics, uri, run_id, version, unsynced)
+
+
+def _interrupted(cfg: TrainConfig, run: _Run, started_ray: bool) -> Interrupted:
+    """Ctrl-C: mark the run KILLED (one bounded try), stop the Ray this call started, say how to go on. Ray's
+    workers ignore the terminal's SIGINT (`local_ray.ignore_sigint`): nothing fails under this cleanup, and a
+    second Ctrl-C does not cut it short."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:
+        killed = sync.finish_run(run.spool, sync.plan("KILLED"), timeout_s=cfg.tracking.timeout_s, wait_s=0)
+        if run.ending is not None:  # training was over: the sync command ends the run as planned
+            run.spool.save_target(run.ending)
+        if started_ray:
+            ray.shutdown()
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+    status = f"MLflow run {run.spool.server_run_id} ended as KILLED"
+    if killed:
+        status = f"MLflow run {run.spool.server_run_id} not updated, {killed}; {sync.sync_command(run.directory)} " \
+                 "updates it"
+    if run.ending is not None:
+        return Interrupted(f"run {run.name} interrupted while ending; {status}; finish with: "
+                           f"{sync.sync_command(run.directory)}")
+    if checkpoint.latest(run.directory) is None:
+        return Interrupted(f"run {run.name} interrupted before its first checkpoint; {status}; nothing to resume: "
+                           "start a new run")
+    return Interrupted(f"run {run.name} interrupted; {status}; continue with: {resume_command(run.directory)}")
