@@ -26,14 +26,6 @@ import psutil
 LOCAL_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
-def ignore_sigint() -> None:
-    """Ray's `worker_process_setup_hook` for a Ray that a job starts itself (`fit`): its workers are in the job's
-    process group, so a terminal's Ctrl-C (SIGINT to the whole group) would kill them while the driver is still
-    ending the run; they ignore it (so do their data-loader processes, which inherit it), and the driver, which
-    gets it too, stops them after marking the run KILLED. Ray's own daemons block SIGINT already."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:

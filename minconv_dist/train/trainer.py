@@ -29,12 +29,12 @@ from minconv_dist.train import checkpoint, runs, sync, tracking
 from minconv_dist.train.config import ConfigError, TrainConfig
 from minconv_dist.train.datasets import split_of, window_dataset
 from minconv_dist.train.head import HeadLost, HeadWatch
-from minconv_dist.train.local_ray import ignore_sigint
 from minconv_dist.train.loop import StepCallback, worker_loop
 from minconv_dist.train.losses import LossWeights, loss_weights
 from minconv_dist.train.meter import NonFiniteLossError
 from minconv_dist.train.resume import check_plan, check_unfinished, run_dir, saved_plan
 from minconv_dist.train.spool import Spool, spool_dir
+from minconv_dist.worker_setup import ignore_sigint
 
 
 class TrainingError(RuntimeError):
@@ -381,7 +381,7 @@ def _train(cfg: TrainConfig, run: _Run, resume_from: str | None, position: dict[
 
 def _interrupted(cfg: TrainConfig, run: _Run, started_ray: bool) -> Interrupted:
     """Ctrl-C: mark the run KILLED (one bounded try), stop the Ray this call started, say how to go on. Ray's
-    workers ignore the terminal's SIGINT (`local_ray.ignore_sigint`): nothing fails under this cleanup, and a
+    workers ignore the terminal's SIGINT (`worker_setup.ignore_sigint`): nothing fails under this cleanup, and a
     second Ctrl-C does not cut it short."""
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
