@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,15 +54,31 @@ class LocalHead:
         return JobSubmissionClient(self.address, headers={"Authorization": f"Bearer {token}"})
 
     def processes(self) -> list[psutil.Process]:
-        """This head's processes: every one whose command line names its temp dir."""
-        found = []
-        for proc in psutil.process_iter(["cmdline"]):
-            try:
-                if any(self.temp_dir in part for part in proc.info["cmdline"] or []):
-                    found.append(proc)
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-        return found
+        """This head's processes, and those of the nodes it started."""
+        return processes_under(self.temp_dir)
+
+
+def processes_under(temp_dir: str) -> list[psutil.Process]:
+    """The Ray daemons (GCS, raylets, agents) of a Ray whose temp dir is `temp_dir`: every process whose command line
+    names it."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp_dir in part for part in proc.info["cmdline"] or []):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def stop(procs: list[psutil.Process], grace_s: float = 15) -> None:
+    """SIGTERM `procs`, then SIGKILL those still there after `grace_s`."""
+    for proc in procs:
+        with suppress(psutil.NoSuchProcess):
+            proc.send_signal(signal.SIGTERM)
+    for proc in psutil.wait_procs(procs, timeout=grace_s)[1]:
+        with suppress(psutil.NoSuchProcess):
+            proc.kill()
 
 
 @contextmanager
@@ -81,19 +97,17 @@ def local_ray_head(num_cpus: int, num_gpus: int = 0, env: dict[str, str] | None 
                RAY_TMPDIR=temp_dir, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     head = LocalHead(f"http://127.0.0.1:{dashboard}", env, temp_dir, f"127.0.0.1:{port}")
     try:
-        subprocess.run(
+        started = subprocess.run(
             [ray_executable(), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
              f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}", "--include-dashboard=true",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
              f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
              f"--temp-dir={temp_dir}", "--disable-usage-stats", *args],
-            env=env, check=True, capture_output=True, timeout=180,
+            env=env, capture_output=True, text=True, timeout=180,
         )
+        if started.returncode:
+            raise RuntimeError(f"ray start --head failed (exit {started.returncode}): {started.stderr[-3000:]}")
         yield head
     finally:
-        procs = head.processes()
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in psutil.wait_procs(procs, timeout=15)[1]:
-            proc.kill()
+        stop(head.processes())
         shutil.rmtree(temp_dir, ignore_errors=True)
