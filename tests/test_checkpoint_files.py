@@ -173,6 +173,24 @@ def test_a_restarted_worker_falls_back_from_the_checkpoint_ray_hands_it(good, tm
         checkpoint.usable(newer, str(run))
 
 
+def test_a_restarted_worker_takes_a_newer_checkpoint_than_ray_registered(good, tmp_path, capsys):
+    """Ray registers a checkpoint once it has polled every rank's report of it: a worker lost just after reporting
+    leaves Ray one checkpoint behind (or on none), though storage holds a newer complete one. The restart takes
+    the newest verified one, in one line; a new run's empty directory gives nothing to restore."""
+    run = tmp_path / "run"
+    shutil.copytree(good, run)
+    newer, older = str(run / "checkpoint_000004"), str(run / "checkpoint_000002")
+    for registered in (older, None):
+        assert checkpoint.usable(registered, str(run)) == newer
+        assert capsys.readouterr().out == (
+            "[minconv] restoring checkpoint_000004 (step 4): the last checkpoint Ray registered is "
+            f"{'checkpoint_000002' if registered else 'none'} (a worker was lost before Ray took every rank's report "
+            "of the newer one)\n")
+    (run / "checkpoint_000004" / "manifest_rank0.json").unlink()  # what an upload cut short leaves: not newer
+    assert checkpoint.usable(older, str(run)) == older and capsys.readouterr().out == ""
+    assert checkpoint.usable(None, str(tmp_path / "new-run")) is None
+
+
 def test_a_perturbed_size_fails_the_check(good):
     """The size check is exact: one byte more is as wrong as half the file."""
     ckpt, name = good / "checkpoint_000004", "ds/mp_rank_00_model_states.pt"

@@ -41,6 +41,12 @@ def test_defaults_yaml_and_overrides(tmp_path):
     ("parallel.use_gpu=maybe", "parallel.use_gpu: expected bool"),
     ("optim", "expected key=value"),
     ("data.train_samples=[0, 8]", r"data.train_samples: got \[0, 8\], expected null unless data.dims.sample"),
+    ("parallel.placement=strict_spread", r"parallel.placement: got 'strict_spread', expected one of \['pack', 'spread'\]"),
+    ("parallel.worker_resources={GPU: 1}", r"parallel.worker_resources: got \{'GPU': 1.0\}, expected a mapping of custom "
+                                           r"resource names \(not CPU or GPU"),
+    ("parallel.worker_resources={spot: 0}", r"parallel.worker_resources: got \{'spot': 0.0\}"),
+    ("parallel.worker_resources=[spot]", r"parallel.worker_resources: expected a mapping"),
+    ("checkpoint.preemption_grace_s=-1", r"checkpoint.preemption_grace_s: got -1.0, expected >= 0"),
     ("run.name=my run ü", r"run.name: got 'my run ü', expected 1-100 ASCII letters, digits, '.', '_' or '-'"),
     ("run.name=-resume", r"run.name: got '-resume', expected .* starting with a letter or digit"),
     ("run.name=a/b", r"run.name: got 'a/b', expected"),
@@ -138,6 +144,11 @@ def test_cluster_yaml_passes_rays_validator(name):
         validate_config(prepare_config(broken))
     gpu_types = [t for t in config["available_node_types"].values() if t["resources"].get("GPU")]
     assert gpu_types and config["available_node_types"][config["head_node_type"]]["resources"].get("GPU", 0) == 0
+    # a spot / preemptible worker type, kept off unless a job asks for its `spot` resource (docs/cluster.md)
+    (spot,) = [t for t in gpu_types if t["resources"].get("spot")]
+    market = spot["node_config"].get("InstanceMarketOptions", {}).get("MarketType") or \
+        spot["node_config"].get("scheduling", [{}])[0].get("preemptible")
+    assert market in ("spot", True) and spot["resources"]["spot"] == spot["resources"]["GPU"]
     assert not any(k in (ROOT / "cluster" / name).read_text().lower() for k in ("secret_access_key", "private_key\":"))
 
 

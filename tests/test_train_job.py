@@ -207,3 +207,15 @@ def test_local_head_listens_on_loopback_only_and_wants_its_token(local_cluster):
     without = subprocess.run([ray_executable(), "job", "list", f"--address={address}"], env=stranger,
                              capture_output=True, text=True, timeout=60)
     assert without.returncode != 0 and "token" in without.stderr.lower()
+
+
+def test_the_workers_setup_hook_leaves_torch_unloaded():
+    """Ray runs the hook `fit` gives a Ray of its own on each worker before it sets the worker's OMP_NUM_THREADS
+    (per task): a hook whose import loads torch left each worker one thread per core (2 here instead of 1, so a
+    job's last bits differed from an in-process fit's; 48 on a 48-core node)."""
+    from minconv_dist.train import trainer
+
+    code = f"import sys, {trainer.ignore_sigint.__module__}; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 0 and out.stdout.strip() == "False", (trainer.ignore_sigint.__module__, out.stderr[-2000:])

@@ -220,22 +220,27 @@ def latest(run_dir: str, on_skip: Callable[[str], None] | None = None) -> tuple[
     return None
 
 
-def usable(candidate: str, run_dir: str) -> str:
-    """`candidate` (the checkpoint Ray restarts from) if it verifies, else the newest one under `run_dir` that
-    does, saying so in one line."""
-    fs, path = fsspec.core.url_to_fs(candidate)
-    fs.invalidate_cache()
-    try:
-        manifest.verify(fs, path, REQUIRED)
-        return candidate
-    except CheckpointError as err:
-        problem = err
-    found, name = latest(run_dir), PurePosixPath(path).name
+def usable(candidate: str | None, run_dir: str) -> str | None:
+    """What a worker group continues from: the newest checkpoint under `run_dir` that verifies (None: there is none,
+    a new run), said in one line when it is not `candidate`, the one Ray hands a restarted group (or --resume's).
+    Either `candidate` does not verify, or Ray is behind: it registers a checkpoint only once it has polled every
+    rank's report of it, so a worker lost just after a checkpoint leaves Ray on the one before (or on none), which
+    would redo steps for nothing."""
+    skipped: list[str] = []
+    found = latest(run_dir, on_skip=skipped.append)
+    name = PurePosixPath(fsspec.core.url_to_fs(candidate)[1]).name if candidate else None
+    problem = next((line.split(": ", 1)[1] for line in skipped if line.startswith(f"skipped {name}: ")), None)
     if found is None:
-        raise CheckpointError(f"{name} cannot be restored ({problem}) and no other checkpoint under {run_dir} "
-                              "verifies")
-    print(f"[minconv] skipped {name}: {problem}; restoring {PurePosixPath(found[0]).name} "
-          f"(step {found[1]['global_step']})", flush=True)
+        if candidate:
+            raise CheckpointError(f"{name} cannot be restored ({problem}) and no other checkpoint under {run_dir} "
+                                  "verifies")
+        return None
+    if PurePosixPath(found[0]).name == name:
+        return candidate
+    chosen = f"{PurePosixPath(found[0]).name} (step {found[1]['global_step']})"
+    print(f"[minconv] skipped {name}: {problem}; restoring {chosen}" if problem else
+          f"[minconv] restoring {chosen}: the last checkpoint Ray registered is {name or 'none'} (a worker was lost "
+          "before Ray took every rank's report of the newer one)", flush=True)
     return found[0]
 
 

@@ -62,6 +62,7 @@ def main(description: str, preset: Path | None = None, argv: list[str] | None = 
     local = {} if "RAY_ADDRESS" in os.environ else LOCAL_ONLY  # a Ray of the job's own: on loopback only
     for key, value in {**WORKER_PRINT, **local, **({} if args.debug else QUIET)}.items():
         os.environ.setdefault(key, value)
+    from minconv_dist.train.head import HeadLost
     from minconv_dist.train.meter import NonFiniteLossError
     from minconv_dist.train.trainer import Interrupted, TrainingError, fit  # imports Ray (and DeepSpeed, torch)
 
@@ -83,9 +84,13 @@ def main(description: str, preset: Path | None = None, argv: list[str] | None = 
     except KeyboardInterrupt:  # before the MLflow run existed: nothing to continue
         print("\ninterrupted before training started", file=sys.stderr)
         return 130
-    except (ConfigError, TrainingError, NonFiniteLossError) as err:
+    except (ConfigError, TrainingError, NonFiniteLossError, HeadLost) as err:
         if args.debug:
             raise
         print(f"error: {err}", file=sys.stderr)
+        if isinstance(err, HeadLost):  # Ray's client would hang the exit for a minute, then abort the process
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
         return 2 if isinstance(err, ConfigError) else 1
     return 0

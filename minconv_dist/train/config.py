@@ -210,10 +210,24 @@ class ParallelConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU (gloo)
     max_failures: Annotated[int, Bounds(ge=-1)] = 2  # -1: retry forever
     allow_autoscale: bool = False  # True: do not refuse a request larger than the cluster is now
+    # Ray Train's placement of the workers: pack (as few nodes as fit them: faster collectives) or spread (one per
+    # node where there are enough: a lost node takes fewer workers with it). Both are soft: a restart after a
+    # node is lost uses the nodes that are left (docs/cluster.md).
+    placement: Literal["pack", "spread"] = "pack"
+    # Custom Ray resources each worker asks for besides CPU and GPU, e.g. {spot: 1} for the cluster YAMLs' spot
+    # workers, or {accelerator: 1} for the fake-GPU nodes of the autoscaling test (docs/cluster.md).
+    worker_resources: dict[str, float] = field(default_factory=dict)
     # S: ranks that split each window in time (Min cells only; docs/training.md, "Time parallelism"). The workers
     # form num_workers / S data-parallel groups of S consecutive ranks; each rank reads one block of the
     # data.teacher_steps frames and the group's last rank runs the closed loop.
     sequence_parallel: AtLeast1 = 1
+
+    def __post_init__(self) -> None:
+        _check("parallel.worker_resources", all(
+            isinstance(k, str) and k not in ("CPU", "GPU") and isinstance(v, (int, float)) and not isinstance(v, bool)
+            and v > 0 for k, v in self.worker_resources.items()), self.worker_resources,
+            "a mapping of custom resource names (not CPU or GPU: those are parallel.cpus_per_worker and "
+            "parallel.gpus_per_worker) to amounts > 0")
 
 
 @dataclass
@@ -221,6 +235,10 @@ class CheckpointConfig:
     val_every: AtLeast1 = 50  # micro-steps between validation + checkpoint (and one at the end)
     val_batches: AtLeast1 = 4  # per worker
     keep: AtLeast1 = 2  # best N checkpoints by val_loss (plus the latest)
+    # SIGTERM (a spot node's preemption notice) gives a worker this long before it is killed: it trains on to the
+    # next checkpoint if that fits in the time, then leaves; else it leaves at once and the run restarts from
+    # the last checkpoint. 0: leave at once (docs/cluster.md, "Spot workers").
+    preemption_grace_s: NonNegative = 20.0
 
 
 @dataclass

@@ -12,8 +12,8 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,14 +24,6 @@ import psutil
 # loopback only (without it Ray 2.60 binds them to every interface, whatever --node-ip-address says). Ray
 # reads it when first imported, so it goes into the environment of the processes that start Ray.
 LOCAL_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-
-
-def ignore_sigint() -> None:
-    """Ray's `worker_process_setup_hook` for a Ray that a job starts itself (`fit`): its workers are in the job's
-    process group, so a terminal's Ctrl-C (SIGINT to the whole group) would kill them while the driver is still
-    ending the run; they ignore it (so do their data-loader processes, which inherit it), and the driver, which
-    gets it too, stops them after marking the run KILLED. Ray's own daemons block SIGINT already."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def free_port() -> int:
@@ -52,6 +44,7 @@ class LocalHead:
     address: str  # the dashboard / job server, e.g. http://127.0.0.1:8265
     env: dict[str, str]  # the environment for `ray job submit` (token included)
     temp_dir: str
+    gcs_address: str  # what `ray status --address` and drivers (RAY_ADDRESS) connect to
 
     def job_client(self) -> Any:
         """A JobSubmissionClient that shows the head's token itself (Ray reads RAY_AUTH_* once per process)."""
@@ -61,21 +54,40 @@ class LocalHead:
         return JobSubmissionClient(self.address, headers={"Authorization": f"Bearer {token}"})
 
     def processes(self) -> list[psutil.Process]:
-        """This head's processes: every one whose command line names its temp dir."""
-        found = []
-        for proc in psutil.process_iter(["cmdline"]):
-            try:
-                if any(self.temp_dir in part for part in proc.info["cmdline"] or []):
-                    found.append(proc)
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-        return found
+        """This head's processes, and those of the nodes it started."""
+        return processes_under(self.temp_dir)
+
+
+def processes_under(temp_dir: str) -> list[psutil.Process]:
+    """The Ray daemons (GCS, raylets, agents) of a Ray whose temp dir is `temp_dir`: every process whose command line
+    names it."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(temp_dir in part for part in proc.info["cmdline"] or []):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def stop(procs: list[psutil.Process], grace_s: float = 15) -> None:
+    """SIGTERM `procs`, then SIGKILL those still there after `grace_s`."""
+    for proc in procs:
+        with suppress(psutil.NoSuchProcess):
+            proc.send_signal(signal.SIGTERM)
+    for proc in psutil.wait_procs(procs, timeout=grace_s)[1]:
+        with suppress(psutil.NoSuchProcess):
+            proc.kill()
 
 
 @contextmanager
-def local_ray_head(num_cpus: int, num_gpus: int = 0, env: dict[str, str] | None = None) -> Iterator[LocalHead]:
-    """`ray start --head` on 127.0.0.1 with `num_cpus` / `num_gpus`, yielding where to submit jobs and the
-    environment (token included) that a job client needs."""
+def local_ray_head(num_cpus: int, num_gpus: int = 0, env: dict[str, str] | None = None, port: int | None = None,
+                   args: Sequence[str] = ()) -> Iterator[LocalHead]:
+    """`ray start --head` on 127.0.0.1 with `num_cpus` / `num_gpus`, its GCS on `port` (default: a free one) and
+    `args` (more `ray start` flags), yielding where to submit jobs and the environment (token included) that a job
+    client needs. Every process of the head, and of nodes it starts (an autoscaler's), is stopped by PID."""
+    port = port or free_port()
     temp_dir = tempfile.mkdtemp(prefix="mcr", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     token = Path(temp_dir) / "auth_token"
     token.write_text(secrets.token_hex(32))
@@ -83,21 +95,19 @@ def local_ray_head(num_cpus: int, num_gpus: int = 0, env: dict[str, str] | None 
     dashboard = free_port()
     env = dict(os.environ if env is None else env, **LOCAL_ONLY, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token),
                RAY_TMPDIR=temp_dir, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    head = LocalHead(f"http://127.0.0.1:{dashboard}", env, temp_dir)
+    head = LocalHead(f"http://127.0.0.1:{dashboard}", env, temp_dir, f"127.0.0.1:{port}")
     try:
-        subprocess.run(
-            [ray_executable(), "start", "--head", f"--port={free_port()}", "--node-ip-address=127.0.0.1",
+        started = subprocess.run(
+            [ray_executable(), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
              f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}", "--include-dashboard=true",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
              f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-             f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-            env=env, check=True, capture_output=True, timeout=180,
+             f"--temp-dir={temp_dir}", "--disable-usage-stats", *args],
+            env=env, capture_output=True, text=True, timeout=180,
         )
+        if started.returncode:
+            raise RuntimeError(f"ray start --head failed (exit {started.returncode}): {started.stderr[-3000:]}")
         yield head
     finally:
-        procs = head.processes()
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in psutil.wait_procs(procs, timeout=15)[1]:
-            proc.kill()
+        stop(head.processes())
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from minconv_dist.data import NormStats
-from minconv_dist.train import checkpoint
+from minconv_dist.train import checkpoint, preemption
 from minconv_dist.train.config import TrainConfig, build_config
 from minconv_dist.train.datasets import build_network, window_dataset
 from minconv_dist.train.ema import WeightEMA
@@ -56,6 +56,13 @@ def teacher_steps_at(cfg: TrainConfig, epoch: int) -> int:
     if cfg.optim.curriculum_epochs and closed > 1:
         closed = min(closed, 1 + (closed - 1) * epoch // cfg.optim.curriculum_epochs)
     return T - closed
+
+
+def next_checkpoint(cfg: TrainConfig, done: int, last_step: int) -> int:
+    """The step of the first checkpoint after step `done`: the next validation, the last step or the early stop."""
+    stop = cfg.run.stop_after_steps
+    return min((done // cfg.checkpoint.val_every + 1) * cfg.checkpoint.val_every, last_step,
+               *([stop] if stop and stop > done else []))
 
 
 def on_device(batch: Tensor | list[Tensor], device: torch.device) -> tuple[Tensor, Tensor | None]:
@@ -157,15 +164,16 @@ class Progress:
 
 def restore(engine: Any, meter: LossMeter, resume_from: str | None, run_dir: str, rank: int,
             device: torch.device, ema: WeightEMA | None) -> dict[str, int]:
-    """The position to continue from: Ray's checkpoint after a worker restart, else `--resume`'s, else the start.
-    Rank 0 verifies it (falling back to the newest verified one) and every rank restores that one."""
+    """The position to continue from: the newest verified checkpoint of the run (Ray's after a worker restart unless
+    Ray is behind or its does not verify; `--resume`'s), else the start. Rank 0 chooses (`checkpoint.usable`) and
+    every rank restores that one, its EMA of the weights included."""
     position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
     given = ray.train.get_checkpoint()
     candidate = f"{run_dir}/{PurePosixPath(given.path).name}" if given else resume_from
-    if candidate is None:
-        return position
     chosen = [checkpoint.usable(candidate, run_dir) if rank == 0 else None]
     dist.broadcast_object_list(chosen, src=0, device=device)
+    if chosen[0] is None:
+        return position
     with ray.train.Checkpoint(chosen[0]).as_directory() as directory:
         saved = checkpoint.restore(engine, directory, rank=rank, label=PurePosixPath(chosen[0]).name, ema=ema)
     if rank == 0:  # the epoch's loss sum so far is global: one rank carries it
@@ -217,6 +225,7 @@ def _train(loop_config: dict[str, Any], closing: ExitStack) -> None:
     position = restore(engine, meter, loop_config.get("resume_from"), loop_config["run_dir"], rank, device, ema)
     logger = closing.enter_context(metric_logger(cfg, loop_config)) if rank == 0 else None
     progress = Progress(logger, d.batch_size * world // S, last_step, position["global_step"])
+    guard = preemption.Guard(cfg.checkpoint.preemption_grace_s, rank, position["global_step"])
     while position["epoch"] < cfg.optim.epochs:
         epoch, k = position["epoch"], teacher_steps_at(cfg, position["epoch"])
         train_ds.set_epoch(epoch)
@@ -226,6 +235,7 @@ def _train(loop_config: dict[str, Any], closing: ExitStack) -> None:
             step = position["global_step"] + 1
             for callback in callbacks:
                 callback(engine, step, rank)
+            guard.check(step - 1, next_checkpoint(cfg, step - 1, last_step))  # after SIGTERM: stay, or leave
             x, forcings = on_device(batch, device)
             value, mse = train_step(engine, x, k, d.input_noise, time, forcings, loss, ema)
             meter.update(value, step)
@@ -240,6 +250,7 @@ def _train(loop_config: dict[str, Any], closing: ExitStack) -> None:
                 position["epoch"], position["step_in_epoch"] = epoch + 1, 0
             final = step in (last_step, cfg.run.stop_after_steps)
             if final or step % cfg.checkpoint.val_every == 0:
+                guard.begin_checkpoint()
                 summary = meter.summary()  # never checkpoint weights that a non-finite loss has touched
                 # every validation reads the same first windows, in a resumed or restarted run too (an
                 # in-process dataset otherwise goes on from where the last validation's islice stopped)
@@ -259,6 +270,7 @@ def _train(loop_config: dict[str, Any], closing: ExitStack) -> None:
                     "train_mse": mse_meter.summary()["last"], "val_loss": val_loss, "val_mse": val_mse,
                     "final": int(final)}, loop_config["run_dir"])
                 progress.restart_clock(step)
+                guard.checkpointed(step)  # after SIGTERM: leave now that the checkpoint is written
             if final:
                 return
 

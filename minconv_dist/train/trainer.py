@@ -28,12 +28,13 @@ from minconv_dist.data.store import is_local, redact
 from minconv_dist.train import checkpoint, runs, sync, tracking
 from minconv_dist.train.config import ConfigError, TrainConfig
 from minconv_dist.train.datasets import split_of, window_dataset
-from minconv_dist.train.local_ray import ignore_sigint
+from minconv_dist.train.head import HeadLost, HeadWatch
 from minconv_dist.train.loop import StepCallback, worker_loop
 from minconv_dist.train.losses import LossWeights, loss_weights
 from minconv_dist.train.meter import NonFiniteLossError
 from minconv_dist.train.resume import check_plan, check_unfinished, run_dir, saved_plan
 from minconv_dist.train.spool import Spool, spool_dir
+from minconv_dist.worker_setup import ignore_sigint
 
 
 class TrainingError(RuntimeError):
@@ -154,23 +155,28 @@ def _check_durable(cfg: TrainConfig) -> None:
                           "temporary copy of the working dir; set sqlite:////abs/path/mlflow.db or http://<server>")
 
 
+def worker_resources(cfg: TrainConfig) -> dict[str, float]:
+    """What each Ray Train worker asks for: CPUs, GPUs when used, and parallel.worker_resources."""
+    p = cfg.parallel
+    return {"CPU": p.cpus_per_worker, **({"GPU": p.gpus_per_worker} if p.use_gpu else {}), **p.worker_resources}
+
+
 def _check_resources(cfg: TrainConfig) -> None:
     p = cfg.parallel
-    need = {"CPU": p.num_workers * p.cpus_per_worker}
-    if p.use_gpu:
-        need["GPU"] = p.num_workers * p.gpus_per_worker
+    need = {k: p.num_workers * v for k, v in worker_resources(cfg).items()}
     have = ray.cluster_resources()
     short = {k: (v, have.get(k, 0)) for k, v in need.items() if v > have.get(k, 0)}
     if short and not p.allow_autoscale:
         wanted = ", ".join(f"{k}: need {n:g}, cluster has {h:g}" for k, (n, h) in short.items())
         raise ConfigError(f"parallel: the Ray cluster cannot fit {p.num_workers} workers ({wanted}); lower "
-                          "parallel.num_workers / cpus_per_worker / gpus_per_worker, or set "
+                          "parallel.num_workers / cpus_per_worker / gpus_per_worker / worker_resources, or set "
                           "parallel.allow_autoscale=true on an autoscaling cluster")
 
 
-def _fit_beside_main_thread(trainer: TorchTrainer) -> ray.train.Result:
+def _fit_beside_main_thread(trainer: TorchTrainer, head: HeadWatch) -> ray.train.Result:
     """`trainer.fit()` on a daemon thread. On the main thread Ray Train takes SIGINT itself, and its abort ends
-    the process without a word about the run; here Ctrl-C stays a KeyboardInterrupt of ours (see `fit`)."""
+    the process without a word about the run; here Ctrl-C stays a KeyboardInterrupt of ours (see `fit`). The main
+    thread watches the Ray head meanwhile (`HeadLost`)."""
     outcome: queue.Queue = queue.Queue()
 
     def run() -> None:
@@ -180,8 +186,14 @@ def _fit_beside_main_thread(trainer: TorchTrainer) -> ray.train.Result:
             outcome.put((None, err))
 
     threading.Thread(target=run, name="ray-train-fit", daemon=True).start()
-    result, error = outcome.get()
+    while True:
+        try:
+            result, error = outcome.get(timeout=head.probe_s)
+            break
+        except queue.Empty:
+            head.check()
     if error is not None:
+        head.confirm()  # a lost head shows first as a Ray error of the call to the controller, which lives there
         raise error
     return result
 
@@ -212,6 +224,11 @@ def _worker_cause(err: ray.train.TrainingFailedError) -> BaseException:
         return err
     failure = failures[min(failures)]
     return getattr(failure, "cause", None) or failure
+
+
+def _last_good(directory: str) -> str:
+    last = checkpoint.latest(directory)
+    return f"last good checkpoint: {last[0]} (step {last[1]['global_step']})" if last else "no checkpoint"
 
 
 def fit(cfg: TrainConfig, *, resume: str | None = None, callbacks: list[StepCallback] = ()) -> FitResult:
@@ -300,7 +317,6 @@ def _train(cfg: TrainConfig, run: _Run, resume_from: str | None, position: dict[
     print(f"[minconv] train_loss / val_loss: {weights.description}{ema}; train_mse / val_mse: plain normalised MSE",
           flush=True)
     p = cfg.parallel
-    resources = {"CPU": p.cpus_per_worker, **({"GPU": p.gpus_per_worker} if p.use_gpu else {})}
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={
@@ -310,7 +326,8 @@ def _train(cfg: TrainConfig, run: _Run, resume_from: str | None, position: dict[
             "callbacks": list(callbacks),
         },
         scaling_config=ray.train.ScalingConfig(num_workers=p.num_workers, use_gpu=p.use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=worker_resources(cfg),
+                                               placement_strategy=p.placement.upper()),
         run_config=ray.train.RunConfig(
             name=name, storage_path=run.storage,
             failure_config=ray.train.FailureConfig(max_failures=p.max_failures),
@@ -321,11 +338,15 @@ def _train(cfg: TrainConfig, run: _Run, resume_from: str | None, position: dict[
         ),
     )
     try:
-        result = _fit_beside_main_thread(trainer)
+        result = _fit_beside_main_thread(trainer, HeadWatch(ray.get_runtime_context().gcs_address))
+    except HeadLost as err:  # the MLflow server may have gone with the head: one bounded try to end its run
+        unsynced = sync.finish_run(spool, sync.plan("FAILED"), timeout_s=t.timeout_s, wait_s=0)
+        status = f"not updated ({unsynced}): the resume ends it" if unsynced else "ended as FAILED"
+        raise HeadLost(f"run {name} stopped: {err}; MLflow run {run_id} {status}; {_last_good(directory)}; on a new "
+                       f"cluster, continue with: {resume_command(directory)}") from None
     except ray.train.TrainingFailedError as err:
         unsynced = sync.finish_run(spool, sync.plan("FAILED"), timeout_s=t.timeout_s, wait_s=0)
-        last = checkpoint.latest(directory)
-        where = f"last good checkpoint: {last[0]} (step {last[1]['global_step']})" if last else "no checkpoint"
+        where = _last_good(directory)
         if unsynced:
             where += f"; MLflow did not answer, later: {sync.sync_command(directory)}"
         cause = _worker_cause(err)
@@ -361,7 +382,7 @@ def _train(cfg: TrainConfig, run: _Run, resume_from: str | None, position: dict[
 
 def _interrupted(cfg: TrainConfig, run: _Run, started_ray: bool) -> Interrupted:
     """Ctrl-C: mark the run KILLED (one bounded try), stop the Ray this call started, say how to go on. Ray's
-    workers ignore the terminal's SIGINT (`local_ray.ignore_sigint`): nothing fails under this cleanup, and a
+    workers ignore the terminal's SIGINT (`worker_setup.ignore_sigint`): nothing fails under this cleanup, and a
     second Ctrl-C does not cut it short."""
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
