@@ -6,11 +6,11 @@ x[:, 1:T+1] by mean squared error over all frames, channels and grid points, in 
 normaliser, weighted per latitude row, channel and lead as `loss.*` says (`train/losses.py`; uniform weights:
 the paper's plain MSE, which is logged beside it as train_mse / val_mse). With `loss.kind: crps` each window is
 read by M members, each with its own input noise, and the loss is their almost-fair CRPS (train_mse / val_mse:
-the MSE of the ensemble mean; validation draws its noise from a generator seeded afresh each time). With `parallel.sequence_parallel` =
-S > 1 each rank holds one time block of the window and its share of that loss (`train/time_parallel.py`). With
-`data.forcings` the loader gives each window's forcings [B, T+1, F, H, W] beside it, and the model reads frame t
-(or, in the closed loop, its prediction of frame t) with the forcings of frame t. With `optim.ema_decay`,
-validation and the checkpoints' model.pt use the EMA of the weights (`train/ema.py`).
+the MSE of the ensemble mean; validation draws its noise from a generator seeded afresh each time). With
+`parallel.sequence_parallel` = S > 1 each rank holds one time block of the window and its share of that loss
+(`train/time_parallel.py`). With `data.forcings` the loader gives each window's forcings [B, T+1, F, H, W] beside
+it, and the model reads frame t (or, in the closed loop, its prediction of frame t) with the forcings of frame t.
+With `optim.ema_decay`, validation and the checkpoints' model.pt use the EMA of the weights (`train/ema.py`).
 
 A step queues its work on the device and returns: losses stay on the device (`LossMeter`), and the host
 reads them only on log, validation and epoch-end steps, where the ranks reduce them in one collective.
