@@ -214,9 +214,13 @@ def _train(loop_config: dict[str, Any], closing: ExitStack) -> None:
                                        world_size=world // S,
                                        frames=None if time is None else time.frames(d.teacher_steps))
                         for split in ("train", "val"))
+    # each loader draws its iterators' base seed from a generator of its own, not from torch's default one: the
+    # input noise's stream then holds the noise alone, and a resume (whose extra validation and mid-epoch iterator
+    # would otherwise draw from it) continues it exactly. The windows' order has its own seeds (data/windows.py).
     train_loader, val_loader = (
         torch.utils.data.DataLoader(ds, batch_size=d.batch_size, drop_last=True, pin_memory=device.type == "cuda",
-                                    num_workers=d.loader_workers if ds is train_ds else 0)
+                                    num_workers=d.loader_workers if ds is train_ds else 0,
+                                    generator=torch.Generator().manual_seed(cfg.run.seed))
         for ds in (train_ds, val_ds))
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
     steps_per_epoch = loop_config["steps_per_epoch"]
