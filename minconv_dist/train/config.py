@@ -198,6 +198,11 @@ class LossConfig:
     # null: uniform; else one weight per lead 1 .. T - k + 1: lead 1 weighs the k teacher-forced (one-step)
     # predictions, lead i + 1 the i-th closed-loop step
     lead_weights: list[NonNegative] | None = None
+    # mse: the weighted squared error; crps: the almost-fair CRPS (anemoi's AFCRPS) of loss.members predictions
+    # per window, each from its own Gaussian noise of std data.input_noise (> 0) on the inputs, with these weights
+    kind: Literal["mse", "crps"] = "mse"
+    members: Annotated[int, Bounds(ge=2)] | None = None  # M, with loss.kind=crps (the model runs M x batch_size)
+    alpha: Annotated[float, Bounds(gt=0, le=1)] = 0.95  # AFCRPS: 1 is the fair CRPS; anemoi's default 0.95
 
 
 @dataclass
@@ -322,6 +327,14 @@ class TrainConfig:
         if not factors.any():
             raise ConfigError(f"loss.variable_weights / loss.level_weights: every channel of {names} weighs 0 "
                               "(variable weight x level weight); the loss would be 0")
+        if loss.kind == "crps":
+            _check("loss.members", loss.members is not None, loss.members,
+                   "an int >= 2 with loss.kind='crps' (the ensemble's size)")
+            _check("data.input_noise", d.input_noise > 0, d.input_noise,
+                   "> 0 with loss.kind='crps': the members differ by their input noise (0: identical members)")
+        else:
+            _check("loss.members", loss.members is None, loss.members,
+                   f"null with loss.kind={loss.kind!r} (an ensemble is trained with loss.kind=crps)")
         leads = loss.lead_weights
         if leads is not None:
             n = d.sequence_length - d.teacher_steps + 1

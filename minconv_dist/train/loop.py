@@ -4,11 +4,13 @@ Loss: a window x holds T + 1 raw frames [B, T+1, C, H, W]. The model reads x[:, 
 (frames 0..k-1 teacher-forced, then T - k closed-loop steps) and its T outputs are compared with
 x[:, 1:T+1] by mean squared error over all frames, channels and grid points, in the units of the model's
 normaliser, weighted per latitude row, channel and lead as `loss.*` says (`train/losses.py`; uniform weights:
-the paper's plain MSE, which is logged beside it as train_mse / val_mse). With `parallel.sequence_parallel` =
-S > 1 each rank holds one time block of the window and its share of that loss (`train/time_parallel.py`). With
-`data.forcings` the loader gives each window's forcings [B, T+1, F, H, W] beside it, and the model reads frame t
-(or, in the closed loop, its prediction of frame t) with the forcings of frame t. With `optim.ema_decay`,
-validation and the checkpoints' model.pt use the EMA of the weights (`train/ema.py`).
+the paper's plain MSE, which is logged beside it as train_mse / val_mse). With `loss.kind: crps` each window is
+read by M members, each with its own input noise, and the loss is their almost-fair CRPS (train_mse / val_mse:
+the MSE of the ensemble mean; validation draws its noise from a generator seeded afresh each time). With
+`parallel.sequence_parallel` = S > 1 each rank holds one time block of the window and its share of that loss
+(`train/time_parallel.py`). With `data.forcings` the loader gives each window's forcings [B, T+1, F, H, W] beside
+it, and the model reads frame t (or, in the closed loop, its prediction of frame t) with the forcings of frame t.
+With `optim.ema_decay`, validation and the checkpoints' model.pt use the EMA of the weights (`train/ema.py`).
 
 A step queues its work on the device and returns: losses stay on the device (`LossMeter`), and the host
 reads them only on log, validation and epoch-end steps, where the ranks reduce them in one collective.
@@ -35,7 +37,7 @@ from minconv_dist.train.config import TrainConfig, build_config
 from minconv_dist.train.datasets import build_network, window_dataset
 from minconv_dist.train.ema import WeightEMA
 from minconv_dist.train.engine import build_engine
-from minconv_dist.train.losses import PLAIN_MSE, LossWeights, WeightedMSE
+from minconv_dist.train.losses import PLAIN_MSE, LossWeights, WeightedMSE, training_loss
 from minconv_dist.train.meter import LossMeter
 from minconv_dist.train.metric_logger import MetricLogger
 from minconv_dist.train.spool import Spool, spool_dir
@@ -73,23 +75,29 @@ def on_device(batch: Tensor | list[Tensor], device: torch.device) -> tuple[Tenso
 
 
 def normalized_mse(engine: Any, x: Tensor, teacher_steps: int, input_noise: float = 0.0,
-                   time: TimeSplit | None = None, forcings: Tensor | None = None, loss: WeightedMSE | None = None
-                   ) -> tuple[Tensor, Tensor, Tensor]:
+                   time: TimeSplit | None = None, forcings: Tensor | None = None, loss: WeightedMSE | None = None,
+                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The loss of x: [B, T+1, C, H, W] (raw): MSE of the T predictions against the next frames, both
     normalised by the model's own statistics, weighted by `loss` (None: plain); the plain MSE (detached); and the
-    predictions [B, T, C, H, W]. Input noise is in normalised units too. time: x is this rank's block
+    predictions [M·B, T, C, H, W]. With M = `loss.members` > 1 the inputs are repeated M times along B, member-major,
+    before the noise, so each member gets its own. Input noise is in normalised units too, drawn from `generator`
+    (None: torch's default, whose state the checkpoints keep). time: x is this rank's block
     `time.frames(teacher_steps)` of the window, and the losses its share. forcings: those of x's frames
     [B, T+1, F, H, W] (None without forcings)."""
-    normalize = engine.module.normalizer.normalize
-    inputs = x[:, :-1]
+    normalize, loss = engine.module.normalizer.normalize, loss or PLAIN_MSE
+    inputs, members = x[:, :-1], loss.members
+    if members > 1:
+        inputs = inputs.repeat(members, *(1,) * (inputs.ndim - 1))
+        forcings = None if forcings is None else forcings.repeat(members, *(1,) * (forcings.ndim - 1))
     if input_noise:
-        inputs = inputs + input_noise * engine.module.normalizer.std.view(-1, 1, 1) * torch.randn_like(inputs)
+        noise = torch.randn(inputs.shape, generator=generator, dtype=inputs.dtype, device=inputs.device)
+        inputs = inputs + input_noise * engine.module.normalizer.std.view(-1, 1, 1) * noise
     k, group, weight, first = teacher_steps, None, 1.0, 0
     if time is not None:
         first, stop = time.teacher_frames(teacher_steps)
         k, group, weight = stop - first, time.group, time.share(inputs.shape[1])
     pred = engine(inputs, teacher_steps=k, time_group=group, forcings=None if forcings is None else forcings[:, :-1])
-    value, mse = (loss or PLAIN_MSE)(normalize(pred), normalize(x[:, 1:]), teacher_steps, first)
+    value, mse = loss(normalize(pred), normalize(x[:, 1:]), teacher_steps, first)
     return value * weight, mse * weight, pred
 
 
@@ -107,16 +115,19 @@ def train_step(engine: Any, x: Tensor, teacher_steps: int, input_noise: float, t
 
 
 def validate(engine: Any, loader: torch.utils.data.DataLoader, batches: int, teacher_steps: int,
-             device: torch.device, time: TimeSplit | None = None, loss: WeightedMSE | None = None
-             ) -> tuple[float, float, tuple[Tensor, Tensor]]:
+             device: torch.device, time: TimeSplit | None = None, loss: WeightedMSE | None = None,
+             input_noise: float = 0.0, seed: int = 0) -> tuple[float, float, tuple[Tensor, Tensor]]:
     """Mean validation loss and plain MSE over `batches` batches of every rank (collective), and rank-local
-    (truth, forecast) of the first window (its time block, `time`), [T, C, H, W] each in physical units, for a plot."""
+    (truth, forecast) of the first window (its time block, `time`; member 0), [T, C, H, W] each in physical
+    units, for a plot. input_noise: an ensemble's perturbations, drawn from a generator seeded with `seed` + rank
+    at each call, so every validation sees the same members and training's random stream is left as it was."""
     engine.eval()
     total = torch.zeros(2, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed + dist.get_rank()) if input_noise else None
     with torch.no_grad():
         for i, batch in enumerate(islice(loader, batches)):
             x, forcings = on_device(batch, device)
-            value, mse, pred = normalized_mse(engine, x, teacher_steps, time=time, forcings=forcings, loss=loss)
+            value, mse, pred = normalized_mse(engine, x, teacher_steps, input_noise, time, forcings, loss, generator)
             total += torch.stack([value, mse])
             if i == 0:
                 first = (x[0, 1:], pred[0])
@@ -211,15 +222,20 @@ def _train(loop_config: dict[str, Any], closing: ExitStack) -> None:
                                        world_size=world // S,
                                        frames=None if time is None else time.frames(d.teacher_steps))
                         for split in ("train", "val"))
+    # each loader draws its iterators' base seed from a generator of its own, not from torch's default one: the
+    # input noise's stream then holds the noise alone, and a resume (whose extra validation and mid-epoch iterator
+    # would otherwise draw from it) continues it exactly. The windows' order has its own seeds (data/windows.py).
     train_loader, val_loader = (
         torch.utils.data.DataLoader(ds, batch_size=d.batch_size, drop_last=True, pin_memory=device.type == "cuda",
-                                    num_workers=d.loader_workers if ds is train_ds else 0)
+                                    num_workers=d.loader_workers if ds is train_ds else 0,
+                                    generator=torch.Generator().manual_seed(cfg.run.seed))
         for ds in (train_ds, val_ds))
     torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
     steps_per_epoch = loop_config["steps_per_epoch"]
     last_step = cfg.optim.epochs * steps_per_epoch
     engine = build_engine(cfg, build_network(cfg, stats, train_ds.grid, loop_config.get("static")), last_step, bf16)
-    loss = WeightedMSE(LossWeights(**loop_config["loss_weights"]), d.sequence_length, device)
+    loss = training_loss(cfg, LossWeights(**loop_config["loss_weights"]), device)
+    val_noise = d.input_noise if loss.members > 1 else 0.0  # an ensemble is validated as one
     ema = WeightEMA(engine, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
     meter, mse_meter = LossMeter(device), LossMeter(device)  # the loss as trained, and the plain MSE beside it
     position = restore(engine, meter, loop_config.get("resume_from"), loop_config["run_dir"], rank, device, ema)
@@ -257,7 +273,8 @@ def _train(loop_config: dict[str, Any], closing: ExitStack) -> None:
                 val_ds.load_state_dict({**val_ds.state_dict(), "position": 0})
                 with ema.applied() if ema is not None else nullcontext():  # validate the EMA weights
                     val_loss, val_mse, (truth, forecast) = validate(engine, val_loader, loop_config["val_batches"],
-                                                                    d.teacher_steps, device, time, loss)
+                                                                    d.teacher_steps, device, time, loss,
+                                                                    val_noise, cfg.run.seed)
                 progress.log_validation(step, val_loss, val_mse)
                 if logger is not None and cfg.tracking.plot:
                     logger.plot_forecast(truth[:, 0].cpu(), forecast[:, 0].cpu(), step, stats.channels[0])

@@ -1,4 +1,5 @@
-"""The training loss: a squared error weighted per latitude row, channel and lead (docs/training.md, "The loss").
+"""The training loss: a squared error weighted per latitude row, channel and lead (docs/training.md, "The loss"),
+or (`loss.kind: crps`) the almost-fair CRPS of an ensemble with the same weights.
 
 Over predictions p and targets y of the prognostic channels, both normalised by the model's normaliser,
 [B, T, C, H, W]:
@@ -13,6 +14,9 @@ factor uniform the loss is the plain normalised MSE, and with any of them it sta
   GraphCast's `normalized_level_weights`; or an explicit map), divided by their mean over the channels;
 - lead_t: the weight of prediction t's lead, max(1, t - k + 2) for k teacher-forced frames, divided by its mean
   over the T predictions (so it is renormalised when a curriculum changes k).
+
+With `loss.kind: crps` the squared error is replaced by the pointwise almost-fair CRPS of M members (`afcrps`),
+weighted and averaged the same way.
 
 This module is pure arithmetic: its checks raise ValueError naming the config key; the config and the driver
 turn them into ConfigError.
@@ -109,13 +113,42 @@ def loss_weights(cfg: TrainConfig, latitude: Sequence[float] | None, where: str)
              "channels " + (", ".join(f"{n} {w:.3g}" for n, w in zip(names, channels))
                             if not np.allclose(channels, 1) else "uniform"),
              f"leads {leads}" if leads is not None else "uniform leads"]
-    description = ("plain normalised MSE" if rows is None and leads is None and np.allclose(channels, 1)
-                   else "weighted normalised MSE: " + "; ".join(parts))
+    uniform = rows is None and leads is None and np.allclose(channels, 1)
+    if loss.kind == "crps":
+        description = (f"almost-fair CRPS (AFCRPS) of {loss.members} members (input noise "
+                       f"{cfg.data.input_noise:g}), alpha {loss.alpha:g}: " + ("uniform weights" if uniform
+                                                                           else "; ".join(parts)))
+    else:
+        description = "plain normalised MSE" if uniform else "weighted normalised MSE: " + "; ".join(parts)
     return LossWeights(None if rows is None else rows.tolist(), channels.tolist(), leads, description)
+
+
+def afcrps(members: Tensor, target: Tensor, alpha: float) -> Tensor:
+    """The almost-fair CRPS of an ensemble `members` [M, ...] against `target` [...], point by point, in fp32
+    (anemoi's AFCRPS: anemoi-core training/src/anemoi/training/losses/kcrps.py, `CRPS`, formerly
+    `AlmostFairKernelCRPS`; Lang et al. 2024, AIFS-CRPS):
+
+        afCRPS = mean_j |x_j - y| - (1 - eps) / (2 M (M - 1)) · sum_{j,k} |x_j - x_k|,   eps = (1 - alpha) / M
+
+    alpha = 1 is the fair (unbiased) CRPS, alpha = 0 the standard ensemble CRPS. The fair score is blind to how
+    far apart members that bracket the truth are (for M = 2 it is 0 whenever y lies between them); alpha < 1
+    mixes in a little of the standard score, which is not. The pair sum comes from the sorted members,
+    sum_{j,k} |x_j - x_k| = 2 sum_i (2i - M + 1) x_(i) (i = 0 .. M-1), so it holds M fields, not M²."""
+    M = members.shape[0]
+    if M < 2:
+        raise ValueError(f"loss.members: got {M}, expected >= 2 (a CRPS needs an ensemble)")
+    x, y = members.float(), target.float()
+    skill = (x - y).abs().mean(dim=0)
+    rank = torch.arange(M, device=x.device, dtype=x.dtype).view(M, *(1,) * (x.ndim - 1))
+    pairs = 2 * ((2 * rank - M + 1) * x.sort(dim=0).values).sum(dim=0)
+    eps = (1 - alpha) / M
+    return skill - (1 - eps) / (2 * M * (M - 1)) * pairs
 
 
 class WeightedMSE:
     """`LossWeights` on a device: call it with normalised predictions and targets [B, n, C, H, W]."""
+
+    members = 1  # predictions per window (`WeightedAFCRPS`: the ensemble's M)
 
     def __init__(self, weights: LossWeights | None, sequence_length: int, device: torch.device | str = "cpu"):
         self.weights, self.sequence_length, self.device = weights, sequence_length, torch.device(device)
@@ -139,10 +172,39 @@ class WeightedMSE:
         if self.uniform:
             loss = F.mse_loss(pred, target)
             return loss, loss.detach()
-        n = pred.shape[1]
-        squared = (pred.float() - target.float()).square().mean(dim=(0, 4))  # [n, C, H]: no weight varies in B, W
+        value = self.weighted_mean((pred.float() - target.float()).square(), teacher_steps, first)
+        return value, F.mse_loss(pred.detach(), target)
+
+    def weighted_mean(self, pointwise: Tensor, teacher_steps: int, first: int = 0) -> Tensor:
+        """The weighted mean of a pointwise loss [B, n, C, H, W] of predictions first .. first + n - 1."""
+        if self.uniform:
+            return pointwise.mean()
+        n = pointwise.shape[1]
         weights = self.lead(teacher_steps)[first:first + n].view(n, 1, 1) * self.space
-        return (squared * weights).mean(), F.mse_loss(pred.detach(), target)
+        return (pointwise.mean(dim=(0, 4)) * weights).mean()  # [n, C, H]: no weight varies in B, W
+
+
+class WeightedAFCRPS(WeightedMSE):
+    """`afcrps` of M members with the weights of `LossWeights`: call it with normalised predictions
+    [M·B, n, C, H, W], member-major (member m of window b at m·B + b), and targets [B, n, C, H, W]; the second
+    value is the plain MSE of the ensemble mean (detached)."""
+
+    def __init__(self, weights: LossWeights | None, sequence_length: int, members: int, alpha: float,
+                 device: torch.device | str = "cpu"):
+        super().__init__(weights, sequence_length, device)
+        self.members, self.alpha = members, alpha
+
+    def __call__(self, pred: Tensor, target: Tensor, teacher_steps: int, first: int = 0) -> tuple[Tensor, Tensor]:
+        members = pred.unflatten(0, (self.members, -1))
+        score = self.weighted_mean(afcrps(members, target, self.alpha), teacher_steps, first)
+        return score, F.mse_loss(members.detach().float().mean(dim=0), target.float())
+
+
+def training_loss(cfg: TrainConfig, weights: LossWeights, device: torch.device | str = "cpu") -> WeightedMSE:
+    """The loss `cfg.loss.kind` asks for, with `weights`, on `device`."""
+    if cfg.loss.kind == "crps":
+        return WeightedAFCRPS(weights, cfg.data.sequence_length, cfg.loss.members, cfg.loss.alpha, device)
+    return WeightedMSE(weights, cfg.data.sequence_length, device)
 
 
 PLAIN_MSE = WeightedMSE(None, 0)  # the paper's loss: no weights

@@ -314,8 +314,9 @@ def _train(cfg: TrainConfig, run: _Run, resume_from: str | None, position: dict[
           f"x {cfg.optim.epochs} epochs on {cfg.parallel.num_workers} workers, ZeRO-{cfg.parallel.zero_stage}",
           flush=True)
     ema = f"; validated and exported: EMA of the weights, decay {cfg.optim.ema_decay}" if cfg.optim.ema_decay else ""
-    print(f"[minconv] train_loss / val_loss: {weights.description}{ema}; train_mse / val_mse: plain normalised MSE",
-          flush=True)
+    mse = " of the ensemble mean" if cfg.loss.kind == "crps" else ""
+    print(f"[minconv] train_loss / val_loss: {weights.description}{ema}; train_mse / val_mse: plain normalised "
+          f"MSE{mse}", flush=True)
     p = cfg.parallel
     trainer = TorchTrainer(
         worker_loop,
