@@ -8,6 +8,7 @@ import glob
 import pytest
 import torch
 import torch.distributed as dist
+from deepspeed.comm import comm as ds_comm
 
 from minconv_dist.models import build_model
 from minconv_dist.models.network import residual_norm
@@ -25,7 +26,9 @@ COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_sca
 
 @pytest.fixture(scope="module")
 def process_group(tmp_path_factory):
-    """A one-rank gloo group for this module only (DeepSpeed needs one), torn down afterwards."""
+    """A one-rank gloo group for this module only (DeepSpeed needs one), torn down afterwards through DeepSpeed,
+    which then also forgets the clone of the world it cached: left behind, that clone made the next module's
+    engines fail with "Group ... is not registered" (test_checkpoint_files, then this module, in one session)."""
     assert not dist.is_initialized()
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port())}
@@ -35,7 +38,10 @@ def process_group(tmp_path_factory):
         store = tmp_path_factory.mktemp("pg") / "store"
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
         yield
-        dist.destroy_process_group()
+        if ds_comm.cdb is not None:  # DeepSpeed's comm was set up by an engine
+            ds_comm.destroy_process_group()
+        else:
+            dist.destroy_process_group()
 
 
 @pytest.fixture
