@@ -160,7 +160,7 @@ def test_ray_job_with_two_time_ranks_trains_as_one_worker(tiny_store, tmp_path):
         losses = [m.value for m in sorted(history, key=lambda m: m.step)]
         return losses, result.metrics["val_loss"], load_model_file(f"{result.checkpoint}/model.pt")
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a Ray found here
     try:
         split = job("split", "parallel.num_workers=2", "parallel.sequence_parallel=2")
         whole = job("whole", "parallel.num_workers=1")

@@ -80,7 +80,7 @@ def store(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a Ray found here
     yield
     ray.shutdown()
 
