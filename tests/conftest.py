@@ -18,6 +18,21 @@ os.environ.update(LOCAL_ONLY)
 TINY = {"start": "2015-01-01", "end": "2015-01-11", "freq": "1h", "chunks": 6}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def no_leaked_ray_address():
+    """A module that leaves RAY_ADDRESS in this process's environment makes every later `ray.init(num_cpus=...)`
+    join that cluster, or fail ("When connecting to an existing cluster, num_cpus and num_gpus must not be
+    provided"): this fails the module that leaked it instead, and restores the variable."""
+    before = os.environ.get("RAY_ADDRESS")
+    yield
+    after = os.environ.get("RAY_ADDRESS")
+    if after != before:
+        os.environ.pop("RAY_ADDRESS", None)
+        if before is not None:
+            os.environ["RAY_ADDRESS"] = before
+        pytest.fail(f"this module left RAY_ADDRESS={after!r} in the environment (it was {before!r})")
+
+
 @pytest.fixture(scope="session")
 def s3_options():
     """storage_options for a moto server started here; stopped after the session."""

@@ -1,6 +1,6 @@
 """`python tests/held_job.py STEP MARKER [jobs/train_era5.py arguments]`: the ERA5 training job as users run it,
 plus one StepCallback: every rank of every attempt appends `rank first_step node_id pid time` to MARKER before
-global step STEP and waits there for good (the test then kills nodes, and the Ray head, under it). Run from the
+global step STEP and waits there for good (the test then kills the Ray head under it). Run from the
 repository root."""
 import functools
 import os
