@@ -35,7 +35,8 @@ def test_normstats_save_load(tmp_path, s3_bucket, s3_options):
     stats = NormStats(["z", "t2m"], [54000.0, 280.0], [3300.0, 20.0])
     path = tmp_path / "stats.json"
     stats.save(str(path))
-    assert json.loads(path.read_text()) == {"channels": ["z", "t2m"], "mean": [54000.0, 280.0], "std": [3300.0, 20.0]}
+    assert json.loads(path.read_text()) == {"channels": ["z", "t2m"], "mean": [54000.0, 280.0], "std": [3300.0, 20.0],
+                                            "tendency_std": None}
     assert NormStats.load(str(path)) == stats
     url = f"s3://{s3_bucket}/model/stats.json"
     stats.save(url, s3_options)

@@ -27,11 +27,14 @@ from minconv_dist.data.store import DimNames, is_local, local_path, redact, remo
 
 @dataclass
 class NormStats:
-    """Per-channel mean and std; `channels` are channel spec strings such as `geopotential@500`."""
+    """Per-channel mean and std; `channels` are channel spec strings such as `geopotential@500`.
+    `tendency_std`: the std of one time step's change, x(t+1) - x(t), per channel (what a model that predicts
+    tendencies scales its output by: `models.normalizer.TendencyNormalizer`); None in files written before it."""
 
     channels: list[str]
     mean: list[float]
     std: list[float]
+    tendency_std: list[float] | None = None
 
     def __post_init__(self) -> None:
         if not (len(self.channels) == len(self.mean) == len(self.std)):
@@ -40,6 +43,11 @@ class NormStats:
         bad = [c for c, s in zip(self.channels, self.std) if not (np.isfinite(s) and s > 0)]
         if bad or not np.all(np.isfinite(self.mean)):
             raise ValueError(f"NormStats: non-finite mean or non-positive std for channels {bad or self.channels}")
+        if self.tendency_std is not None:
+            bad = [c for c, s in zip(self.channels, self.tendency_std) if not (np.isfinite(s) and s > 0)]
+            if bad or len(self.tendency_std) != len(self.channels):
+                raise ValueError(f"NormStats: tendency_std needs one finite value > 0 per channel, got "
+                                 f"{self.tendency_std} for {self.channels}")
 
     def save(self, url: str, storage_options: dict | None = None) -> None:
         """Write JSON; locally through a temporary file and a rename, so a reader never sees half a file."""
@@ -59,7 +67,9 @@ class NormStats:
         with fsspec.open(url, "r", **remote_options(url, storage_options)) as f:
             try:
                 raw = json.load(f)
-                return cls(channels=list(raw["channels"]), mean=list(raw["mean"]), std=list(raw["std"]))
+                tendency = raw.get("tendency_std")
+                return cls(channels=list(raw["channels"]), mean=list(raw["mean"]), std=list(raw["std"]),
+                           tendency_std=None if tendency is None else list(tendency))
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise ValueError(f"{redact(url)!r} is not a NormStats JSON file: {err}") from err
 
@@ -71,7 +81,9 @@ def compute_stats(url_or_ds: str | xr.Dataset, channels: str | list, dims: DimNa
                   reader: str = "auto") -> NormStats:
     """Mean and (population) std per channel over (sample,) time, lat and lon, in float64, in one dask pass
     that also checks every frame (`checks.check_frames`: finite, NaN only if `allow_nan`, inside `bounds`,
-    default `channel_bounds(channels)`); NaN are left out of the statistics.
+    default `channel_bounds(channels)`); NaN are left out of the statistics. The same pass gives the std of
+    the change from one time step to the next (`tendency_std`; within each sample of a sample store), on the
+    store's own grid: a coarsened model's changes are a little smoother.
 
     `sample_range=(start, stop)` restricts a sample store to its training trajectories, as `time_range` does
     the training period of a single series."""
@@ -80,12 +92,28 @@ def compute_stats(url_or_ds: str | xr.Dataset, channels: str | list, dims: DimNa
     data = da.data if dims.sample else da.data[None]  # [sample, time, channel, lat, lon]
     data = data.rechunk({3: -1, 4: -1})  # whole frames per task
     sums = dask.array.map_blocks(frame_sums, data, drop_axis=4, chunks=data.chunks[:3] + ((5,),), dtype=np.float64)
+    change = data[:, 1:] - data[:, :-1]
+    change_sums = dask.array.map_blocks(frame_sums, change, drop_axis=4, chunks=change.chunks[:3] + ((5,),),
+                                        dtype=np.float64)
     with ProgressBar() if progress else nullcontext():
-        sums = sums.compute()
+        sums, change_sums = dask.compute(sums, change_sums)
     url = url_or_ds if isinstance(url_or_ds, str) else "the dataset"
     frames = Frames.of_sums(sums, da["time"].values, da["sample"].values if dims.sample else None)
     check_frames(frames, channels, channel_bounds(channels) if bounds is None else bounds, url, allow_nan=allow_nan)
     count = da.sizes["lat"] * da.sizes["lon"] * frames.low.shape[0] - frames.nans.sum(axis=0)
     mean = sums[..., 3].sum(axis=(0, 1)) / count
     std = np.sqrt(np.maximum(sums[..., 4].sum(axis=(0, 1)) / count - mean**2, 0.0))
-    return NormStats(channels=[str(s) for s in parse_channels(channels)], mean=mean.tolist(), std=std.tolist())
+    return NormStats(channels=[str(s) for s in parse_channels(channels)], mean=mean.tolist(), std=std.tolist(),
+                     tendency_std=_change_std(change_sums, da.sizes["lat"] * da.sizes["lon"]))
+
+
+def _change_std(sums: np.ndarray, cells: int) -> list[float] | None:
+    """Per channel, the population std of the step changes from their `frame_sums` [S, T - 1, C, 5] over frames
+    of `cells` values; None where there is no change to measure (a split of one frame, or a channel that never
+    changes: a model cannot scale its output by zero)."""
+    count = cells * sums.shape[0] * sums.shape[1] - sums[..., 2].sum(axis=(0, 1))
+    if sums.shape[1] == 0 or np.any(count <= 0):
+        return None
+    mean = sums[..., 3].sum(axis=(0, 1)) / count
+    std = np.sqrt(np.maximum(sums[..., 4].sum(axis=(0, 1)) / count - mean**2, 0.0))
+    return std.tolist() if np.all(std > 0) else None

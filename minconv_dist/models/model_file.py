@@ -1,12 +1,13 @@
 """The model file: a network's spec and its weights, normalisation statistics included (they are buffers of
 the network's normaliser), so the file alone forecasts in physical units.
 
-    torch.save({"format": "minconv_dist.model/3",
+    torch.save({"format": "minconv_dist.model/4",
                 "spec": model.spec,                 # build_model(**spec) rebuilds it, forcings and static included
-                "state_dict": model.state_dict()})  # weights, normalizer.mean / .std, static.values / .mean / .std
+                "state_dict": model.state_dict()})  # weights, normalizer.mean / .std (/ .tendency_std),
+                                                    # static.values / .mean / .std
 
-Format 3 added the spec's `forcings` and `static` (the input channels that are not predicted); format 2 files,
-which have neither, still load.
+Format 3 added the spec's `forcings` and `static` (the input channels that are not predicted), format 4 its
+`predict` ("state" or "tendency"); format 2 and 3 files, which lack them, still load (as "state" models).
 
 Training writes it into every checkpoint (`model.pt`), the forecast job reads it. Only tensors, lists,
 strings and numbers, so `torch.load(weights_only=True)` reads it. (A training checkpoint is a different
@@ -21,8 +22,8 @@ import torch
 from minconv_dist.models.network import Network
 from minconv_dist.models.registry import build_model
 
-FORMAT = "minconv_dist.model/3"
-READABLE = ("minconv_dist.model/2", FORMAT)
+FORMAT = "minconv_dist.model/4"
+READABLE = ("minconv_dist.model/2", "minconv_dist.model/3", FORMAT)
 
 
 def save_model_file(path: str | os.PathLike, model: Network,

@@ -16,6 +16,10 @@ tensors the caller computes from each frame's valid time; the network knows noth
 (`static`: buffers of the network, normalised by their own statistics); the decoder predicts the C prognostic
 channels. Every frame is read with the forcings of its own valid time, also in the closed loop, where the frame
 read is the previous prediction: a forecast needs the forcings of its future valid times, never future data.
+
+What the decoder predicts (`predict`): "state", the next frame itself (the paper's and the official code's), or
+"tendency", the change from the frame read, in units of the change's own std (`TendencyNormalizer`): the frame
+read is added back in float32, so the state a closed loop carries from step to step stays float32 under bf16.
 """
 from __future__ import annotations
 
@@ -26,9 +30,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minconv_dist.models.normalizer import Normalizer, StaticFields
+from minconv_dist.models.normalizer import Normalizer, StaticFields, TendencyNormalizer
 
 NORMS = ("layer", "group")  # LayerNorm over [H, W] (the paper's), or GroupNorm(1, hidden) (grid-free)
+PREDICTS = ("state", "tendency")  # the next frame (the paper's), or its change from the frame read
 
 State = list[Any]  # one entry per layer: a tensor, or (h, c) for ConvLSTM
 
@@ -64,7 +69,9 @@ class Network(nn.Module):
     `channels` names the prognostic channels (e.g. `geopotential@500`), read and predicted; their statistics are
     buffers of `normalizer` (identity until set), so a model file carries them with the weights. `forcings` names
     the forcing channels the caller passes with every frame (e.g. `toa_insolation`), `static` the fixed fields
-    (buffers of `static`, set with `static.set_fields`; they need `grid`); both are read, not predicted."""
+    (buffers of `static`, set with `static.set_fields`; they need `grid`); both are read, not predicted.
+    predict="tendency": the decoder predicts each step's change (set its std with
+    `normalizer.set_tendency_std`), else the next frame."""
 
     def __init__(
         self,
@@ -77,16 +84,20 @@ class Network(nn.Module):
         decode_cell_output: bool = False,
         forcings: Sequence[str] = (),
         static: Sequence[str] = (),
+        predict: str = "state",
     ):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; expected one of {NORMS}")
+        if predict not in PREDICTS:
+            raise ValueError(f"unknown predict {predict!r}; expected one of {PREDICTS}")
         if norm == "layer" and grid is None:
             raise ValueError("norm='layer' normalises over [H, W] and needs grid=(H, W)")
         if static and grid is None:
             raise ValueError(f"static fields {list(static)} are [S, H, W] buffers and need grid=(H, W)")
         in_channels = len(channels)
-        self.normalizer = Normalizer(channels)
+        self.predict = predict
+        self.normalizer = TendencyNormalizer(channels) if predict == "tendency" else Normalizer(channels)
         self.in_channels = in_channels
         self.forcings = [str(f) for f in forcings]
         self.static = StaticFields(static, tuple(grid)) if static else None
@@ -138,18 +149,21 @@ class Network(nn.Module):
     def _inputs(self, z: Tensor, forcings: Tensor | None) -> Tensor:
         """What the encoder reads: normalised prognostic z [..., C, H, W], the forcings [..., F, H, W] of its
         frames, the normalised static fields; in the network's dtype."""
-        parts = [z]
+        dtype = self.decoder.weight.dtype
+        parts = [z.to(dtype)]
         if forcings is not None:
-            parts.append(forcings.to(z.dtype))
+            parts.append(forcings.to(dtype))
         if self.static is not None:
-            static = self.static.normalized().to(z.dtype)
+            static = self.static.normalized().to(dtype)
             parts.append(static.expand(*z.shape[:-3], *static.shape))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-3)
 
     def _layers(self, x: Tensor, state: State | None, parallel: bool, time_group=None,
                 forcings: Tensor | None = None) -> tuple[Tensor, State]:
         """One pass through encoder, cells and decoder; x: normalised [B, T, C, H, W] (parallel) or [B, C, H, W],
-        forcings: those of x's frames, [B, T, F, H, W] or [B, F, H, W] (None without forcings)."""
+        forcings: those of x's frames, [B, T, F, H, W] or [B, F, H, W] (None without forcings). Returns the
+        normalised next frames: the decoder's output, or with predict="tendency" x plus the decoded change (in
+        at least float32)."""
         z = _per_frame(self.encoder, self._inputs(x, forcings))
         new_state: State = []
         for layer, (cell, norm) in enumerate(zip(self.cells, self.norms)):
@@ -157,11 +171,12 @@ class Network(nn.Module):
             out, s = cell(z, previous, time_group) if parallel else cell.step(z, previous)
             z = self.residual_norm(norm, z, out)
             new_state.append(s)
-        return _per_frame(self.decoder, out if self.decode_cell_output else z), new_state
+        y = _per_frame(self.decoder, out if self.decode_cell_output else z)
+        return (self.normalizer.next_frame(x, y) if self.predict == "tendency" else y), new_state
 
     def _normalized(self, x: Tensor) -> Tensor:
-        """Physical inputs -> normalised, in the network's dtype (the normalising itself in >= float32)."""
-        return self.normalizer.normalize(x).to(self.decoder.weight.dtype)
+        """Physical inputs -> normalised, in at least float32 (`_inputs` casts what the encoder reads)."""
+        return self.normalizer.normalize(x)
 
     def _closed_loop(self, y: Tensor, state: State, steps: int, forcings: Tensor | None
                      ) -> tuple[list[Tensor], State]:

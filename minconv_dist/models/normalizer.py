@@ -22,11 +22,15 @@ class Normalizer(nn.Module):
         self.register_buffer("mean", torch.zeros(len(self.channels)))
         self.register_buffer("std", torch.ones(len(self.channels)))
 
+    def _check_stats(self, **stats: Tensor) -> None:
+        for name, value in stats.items():
+            if value.shape != self.mean.shape:
+                raise ValueError(f"{name} for {value.numel()} channels, the model has {len(self.channels)} "
+                                 f"({self.channels})")
+
     def set_stats(self, mean: Sequence[float], std: Sequence[float]) -> "Normalizer":
         mean_t, std_t = torch.as_tensor(mean, dtype=torch.float64), torch.as_tensor(std, dtype=torch.float64)
-        if mean_t.shape != self.mean.shape or std_t.shape != self.std.shape:
-            raise ValueError(f"statistics for {mean_t.numel()} / {std_t.numel()} channels, the model has "
-                             f"{len(self.channels)} ({self.channels})")
+        self._check_stats(mean=mean_t, std=std_t)
         if not (torch.isfinite(mean_t).all() and torch.isfinite(std_t).all() and (std_t > 0).all()):
             raise ValueError(f"statistics must be finite with std > 0, got mean {mean_t.tolist()}, std {std_t.tolist()}")
         with torch.no_grad():
@@ -38,8 +42,9 @@ class Normalizer(nn.Module):
         """Follow device moves and casts up to float64, but never down to a 16-bit dtype."""
         probe = fn(torch.zeros((), dtype=self.mean.dtype, device=self.mean.device))
         dtype = probe.dtype if probe.dtype in (torch.float32, torch.float64) else self.mean.dtype
-        self.mean = self.mean.to(probe.device, dtype)
-        self.std = self.std.to(probe.device, dtype)
+        for name, buffer in self._buffers.items():
+            if buffer is not None:
+                self._buffers[name] = buffer.to(probe.device, dtype)
         return self
 
     def _shaped(self, x: Tensor) -> tuple[Tensor, Tensor, torch.dtype]:
@@ -56,6 +61,38 @@ class Normalizer(nn.Module):
     def denormalize(self, x: Tensor) -> Tensor:
         mean, std, dtype = self._shaped(x)
         return x.to(dtype) * std + mean
+
+
+class TendencyNormalizer(Normalizer):
+    """A normaliser for a network that predicts the change of its inputs over one step (GraphCast's and
+    anemoi-training's residual prediction): the network's output d is the step's change in units of its own
+    per-channel std, `tendency_std` (of x(t+1) - x(t) over the training split), so the next frame is
+
+        x(t+1) = x(t) + tendency_std * d,  in normalised units  z(t+1) = z(t) + (tendency_std / std) * d.
+
+    The model starts near persistence and spends its capacity on the change, which for hourly frames is a few
+    hundredths of a field's std. `next_frame` adds in at least float32: in bf16 a normalised z500 of 2 is
+    resolved to 0.016, about an hour's change, so a bf16 state would lose the tendency."""
+
+    def __init__(self, channels: Sequence[str]):
+        super().__init__(channels)
+        self.register_buffer("tendency_std", torch.ones(len(self.channels)))
+
+    def set_tendency_std(self, tendency_std: Sequence[float]) -> "TendencyNormalizer":
+        value = torch.as_tensor(tendency_std, dtype=torch.float64)
+        self._check_stats(tendency_std=value)
+        if not (torch.isfinite(value).all() and (value > 0).all()):
+            raise ValueError(f"tendency_std must be finite and > 0, got {value.tolist()}")
+        with torch.no_grad():
+            self.tendency_std.copy_(value)
+        return self
+
+    def next_frame(self, z: Tensor, d: Tensor) -> Tensor:
+        """z(t) + (tendency_std / std) * d: the normalised next frame from the normalised frame z [..., C, H, W]
+        and the network's output d of the same shape, in at least float32."""
+        _, std, dtype = self._shaped(z)
+        scale = (self.tendency_std.to(dtype).view(-1, 1, 1) / std)
+        return z.to(dtype) + scale * d.to(dtype)
 
 
 class StaticFields(Normalizer):
@@ -79,11 +116,6 @@ class StaticFields(Normalizer):
         self.set_stats(values.flatten(1).mean(dim=1), torch.where(std > 0, std, torch.ones_like(std)))
         with torch.no_grad():
             self.values.copy_(values)
-        return self
-
-    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> "StaticFields":
-        super()._apply(fn, recurse)
-        self.values = self.values.to(self.mean.device, self.mean.dtype)
         return self
 
     def normalized(self) -> Tensor:

@@ -36,6 +36,7 @@ def build_model(
     chunk_size: int | None = None,
     forcings: Sequence[str] = (),
     static: Sequence[str] = (),
+    predict: str = "state",
 ) -> Network:
     """Build one of `ARCHS`: `layers` cells of `hidden_size` channels (equal sizes: each layer adds a residual).
 
@@ -45,7 +46,8 @@ def build_model(
     activation memory grows with the chunk rather than with T (exact gradients; long sequences).
     forcings: names of the forcing channels the model reads with every frame (`minconv_dist.data.forcings`
     computes them); static: names of its fixed input fields (buffers, set with `model.static.set_fields`; they
-    need `grid`). Both are inputs only: the model predicts `channels`.
+    need `grid`). Both are inputs only: the model predicts `channels`. predict: "state" (the next frame, the
+    paper's) or "tendency" (its change from the frame read, `Network`).
     """
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(ARCHS)}")
@@ -64,11 +66,12 @@ def build_model(
     cells = [ARCHS[arch](hidden_size, padding, scan_method, chunk_size) for _ in range(layers)]
     model = Network(
         cells, names, hidden_size, norm=norm, grid=grid, tanh_encoder=tanh_encoder,
-        decode_cell_output=arch == "convgru", forcings=forcings, static=static,
+        decode_cell_output=arch == "convgru", forcings=forcings, static=static, predict=predict,
     )
     # What rebuilds this model elsewhere (model files, MLflow, the forecast job): plain values only.
     model.spec = dict(
         arch=arch, channels=names, hidden_size=hidden_size, layers=layers, padding=padding, norm=norm,
         grid=list(grid) if grid is not None else None, tanh_encoder=tanh_encoder, forcings=forcings, static=static,
+        predict=predict,
     )
     return model

@@ -17,7 +17,7 @@ from minconv_dist.data import DimNames, parse_channels
 from minconv_dist.data.forcings import FORCINGS
 from minconv_dist.data.store import READERS, resolve_reader
 from minconv_dist.data.windows import NAN_POLICIES
-from minconv_dist.models import ARCHS, NORMS, PADDINGS, SEQUENTIAL_ARCHS
+from minconv_dist.models import ARCHS, NORMS, PADDINGS, PREDICTS, SEQUENTIAL_ARCHS
 from minconv_dist.train.losses import channel_factors
 
 
@@ -89,6 +89,9 @@ class ModelConfig:
     # torch.compile each layer's residual add + post-norm (Network.fuse_residual_norm): 1.15x the bf16 step on
     # a GPU; the first steps pay the compile (seconds to a minute).
     fuse_norm: bool = False
+    # What the decoder predicts (docs/models.md, "State or tendency"): state, the next frame (the paper's); or
+    # tendency, its change from the frame read in units of the change's std (GraphCast's, anemoi's).
+    predict: Literal[PREDICTS] = "state"
 
 
 @dataclass

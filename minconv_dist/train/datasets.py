@@ -44,8 +44,10 @@ def build_network(cfg: TrainConfig, stats: NormStats, grid: tuple[int, int], sta
     m, d = cfg.model, cfg.data
     model = build_model(m.arch, stats.channels, m.hidden_size, m.layers, padding=m.padding, norm=m.norm,
                         grid=grid, tanh_encoder=m.tanh_encoder, scan_method=m.scan_method, chunk_size=m.chunk_size,
-                        forcings=forcing_channels(d.forcings), static=d.static)
+                        forcings=forcing_channels(d.forcings), static=d.static, predict=m.predict)
     model.normalizer.set_stats(stats.mean, stats.std)
+    if m.predict == "tendency":
+        model.normalizer.set_tendency_std(stats.tendency_std)
     if d.static:
         model.static.set_fields(static)
     if m.fuse_norm:

@@ -110,6 +110,10 @@ def _check_data(cfg: TrainConfig, url: str
             raise ConfigError(f"data.stats_path: statistics for channels {stats.channels}, data.channels are "
                               f"{channels}")
         check_stats(stats, bounds, f"{redact(url)!r} {key['train']}={getattr(d, key['train'][5:])}")
+    if cfg.model.predict == "tendency" and stats.tendency_std is None:
+        raise ConfigError(f"{'data.stats_path' if d.stats_path else key['train']}: model.predict=tendency needs "
+                          "the std of each channel's step change (tendency_std), and these statistics have none "
+                          "(written before it, or a split without two consecutive frames)")
     world = cfg.parallel.num_workers // cfg.parallel.sequence_parallel  # data-parallel groups share the windows
     per_rank = {}
     for split in ("train", "val"):
