@@ -66,7 +66,8 @@ def budget(steps: int, cpu: bool) -> list[str]:
 
 
 def slug(row: str) -> str:
-    return row.strip("+").replace("/", "_")
+    """The row as a run name: "+forcings/static" -> "forcings_static", "all+tendency" -> "all-tendency"."""
+    return row.strip("+").replace("/", "_").replace("+", "-")
 
 
 def train_rows(s: Session, rows: list[str], steps: int, cpu: bool) -> None:
