@@ -68,6 +68,7 @@ def test_each_stream_walks_its_own_stretch_in_time_order(tiny_store, lookup, wor
             ds = stateful_windows(tiny_store, rank)
             ds.set_epoch(epoch)
             got = batches_of(ds, workers)
+            assert [len(b) for b in got] == [2] * per_stream, "every batch holds one window of each stream"
             starts = first_frames(got, lookup)
             assert starts.shape == (per_stream, 2) and len(ds) == starts.size
             assert (np.diff(starts, axis=0) == T).all(), f"rank {rank}: a stream skipped or reordered a window"
