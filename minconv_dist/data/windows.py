@@ -24,6 +24,17 @@ above then applies unchanged to the window indices.
 Forcings (`forcings=[channel names]`, `data/forcings.py`): computed per read run from its frames' valid times
 and the coarsened grid, cut into windows the way the data are, and yielded beside them: `(window, forcings)`.
 
+Stateful windows (`stateful=True`, stride = window - 1 = T: window i+1's first frame is window i's last, so its
+first input frame follows window i's last input frame): each rank reads `batch_size` = B *streams*, and batch n's
+element j continues batch n-1's element j. The N windows of the split, in time order, are cut into R x B
+contiguous stretches of L = N // (R B) windows each; stream j of rank r walks stretch r B + j in time order, one
+window per batch, never shuffled. The N - L R B spare windows are left out, before the first stretch and after
+the last one in proportions drawn per epoch (seeded with seed, epoch; 0 before it without `shuffle`), so the cuts
+between windows stay on the same frames and the stretches shift a little from epoch to epoch. With W loader
+workers, worker w yields the batches n = w, w + W, ... (each the B streams' n-th windows), so the DataLoader's
+round-robin delivers them in step order and the resume below applies unchanged. A single time series only (no
+sample dim: a stretch would cross trajectories) and no NaN skipping (it would break the streams' alignment).
+
 Resume: `position` counts the windows the rank has consumed this epoch. A DataLoader with `W` workers
 and `batch_size` `B` takes whole batches round-robin from the workers (in order); from `position`,
 `W` and `B`, each worker works out how many of its own windows were consumed and skips them, and
@@ -133,6 +144,9 @@ class WindowDataset(torch.utils.data.IterableDataset):
     reader: how blocks are fetched and decoded, one of `store.READERS` (default "auto": with the fast-io extra, zarrs
     for local stores and obstore for s3://; `store.resolve_reader`). Loader workers forked after either started
     read with zarr-python: their threads do not survive a fork.
+
+    stateful: `batch_size` streams per rank, each a stretch of the series in time order at stride `window - 1`
+    (module docstring); `streams(epoch)` gives the plan, batch n's element j continuing batch n-1's.
     """
 
     def __init__(self, url: str, channels: str | list, window: int, *, stride: int = 1,
@@ -142,7 +156,7 @@ class WindowDataset(torch.utils.data.IterableDataset):
                  fill_values: Sequence[float] | None = None, shuffle_buffer: int = 1024, batch_size: int = 1,
                  max_read_amplification: float = 1.05, prefetch: int = 2,
                  bounds: Sequence[Range | None] | None = None, frames: tuple[int, int] | None = None,
-                 forcings: Sequence[str] = (), reader: str = "auto") -> None:
+                 forcings: Sequence[str] = (), reader: str = "auto", stateful: bool = False) -> None:
         super().__init__()
         if nan_policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy={nan_policy!r}: expected one of {NAN_POLICIES}")
@@ -152,6 +166,10 @@ class WindowDataset(torch.utils.data.IterableDataset):
             raise ValueError(f"max_read_amplification={max_read_amplification}: must be > 1")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} outside world_size={world_size}")
+        if stateful and (stride != window - 1 or dims.sample or nan_policy == "skip"):
+            raise ValueError(f"stateful windows walk one time series in steps of window - 1 = {window - 1} frames: "
+                             f"got stride={stride}, dims.sample={dims.sample!r}, nan_policy={nan_policy!r} (need "
+                             f"stride={window - 1}, no sample dim, nan_policy 'raise' or 'fill')")
         self.frames = (0, window) if frames is None else (int(frames[0]), int(frames[1]))
         if not 0 <= self.frames[0] < self.frames[1] <= window:
             raise ValueError(f"frames={frames}: expected [first, stop) with 0 <= first < stop <= window={window}")
@@ -166,7 +184,7 @@ class WindowDataset(torch.utils.data.IterableDataset):
         self.window, self.stride, self.coarsen = window, stride, coarsen
         self.shuffle, self.seed, self.nan_policy = shuffle, seed, nan_policy
         self.shuffle_buffer, self.batch_size, self.prefetch = shuffle_buffer, batch_size, prefetch
-        self.rank, self.world_size, self.bounds = rank, world_size, bounds
+        self.rank, self.world_size, self.bounds, self.stateful = rank, world_size, bounds, stateful
         self._sources = [Source(url, spec, dims, storage_options, allow_nan=nan_policy != "raise")
                          for spec in self.specs]
         self._opened: tuple[int, list[xr.DataArray]] | None = None  # (process id, `_layers`)
@@ -186,8 +204,10 @@ class WindowDataset(torch.utils.data.IterableDataset):
         self.n_windows = int(self.windows_per_sample * (self._s1 - self._s0))  # a Python int: it reaches JSON
         if sample_range is not None:
             where += f" samples {self._s0}:{self._s1}"
-        if self.n_windows < world_size:
-            raise ValueError(f"{self.n_windows} windows in {where} cannot be shared by {world_size} ranks")
+        streams = world_size * batch_size if stateful else world_size
+        if self.n_windows < streams:
+            raise ValueError(f"{self.n_windows} windows in {where} cannot be shared by {streams} "
+                             f"{'streams (ranks x batch_size)' if stateful else 'ranks'}")
         samples, starts = self._locate(np.arange(self.n_windows))
         self.times = all_times[starts]
         self.samples = first[dims.sample].values[samples] if dims.sample else None
@@ -207,6 +227,8 @@ class WindowDataset(torch.utils.data.IterableDataset):
 
     # ---- planning (no data read) ----
     def __len__(self) -> int:
+        if self.stateful:
+            return self.n_windows // (self.world_size * self.batch_size) * self.batch_size
         return self.n_windows // self.world_size
 
     def _layers(self) -> list[xr.DataArray]:
@@ -235,8 +257,19 @@ class WindowDataset(torch.utils.data.IterableDataset):
         """Block id of each window: its sample chunk x its run of time chunks, so blocks align with chunks."""
         return samples // self._sample_chunk * self._time_blocks + starts // self.block
 
+    def streams(self, epoch: int) -> np.ndarray:
+        """Stateful windows: indices (into `self.times`) of this rank's windows `[L, B]`, row n the batch of step n,
+        column j stream j (one contiguous stretch in time order)."""
+        per_stream = len(self) // self.batch_size
+        spare = self.n_windows - per_stream * self.world_size * self.batch_size
+        before = int(np.random.default_rng([self.seed, epoch]).integers(spare + 1)) if self.shuffle else 0
+        firsts = before + (self.rank * self.batch_size + np.arange(self.batch_size)) * per_stream
+        return firsts[None, :] + np.arange(per_stream)[:, None]
+
     def _rank_windows(self, epoch: int) -> np.ndarray:
-        """Indices (into `self.times`) of this rank's windows, in block order."""
+        """Indices (into `self.times`) of this rank's windows, in block order (stateful: in step order)."""
+        if self.stateful:
+            return self.streams(epoch).ravel()
         block_of = self._block_of(*self._locate(np.arange(self.n_windows)))
         blocks = np.unique(block_of)
         if self.shuffle:
@@ -250,6 +283,8 @@ class WindowDataset(torch.utils.data.IterableDataset):
 
     def worker_plan(self, epoch: int, worker: int, num_workers: int) -> np.ndarray:
         """Window indices worker `worker` of `num_workers` yields this epoch, in order, before resume."""
+        if self.stateful:  # whole batches, every num_workers-th: the round-robin delivers them in step order
+            return self.streams(epoch)[worker::num_workers].ravel()
         piece = np.array_split(self._rank_windows(epoch), num_workers)[worker]
         if not self.shuffle:
             return piece

@@ -5,6 +5,9 @@ Semantics follow the official implementation:
 - `forward(x, teacher_steps=k)`: frames 0..k-1 are read teacher-forced (Min cells: in parallel), then
   T-k closed-loop steps each feed back the previous prediction. Output t predicts frame t+1.
 - Closed loop uses each cell's step form, continuing from the state the teacher-forced part left.
+- Stateful training (`forward(x, state=s, return_carry=True)`): the window starts from the carried state s and
+  also returns the carry for the next window, the state after all T input frames read teacher-forced (`carry`),
+  detached: no gradient flows into the window before.
 - Time parallelism (`forward(..., time_group=g)`): x is one time block of a window split over the ranks of g;
   the Min cells exchange their carry-in states (exact, forward and backward), the per-frame encoder, norms
   and decoder need nothing, and the closed loop runs on g's last rank from the window's final state.
@@ -23,7 +26,7 @@ read is added back in float32, so the state a closed loop carries from step to s
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -49,6 +52,11 @@ class GridLayerNorm(nn.LayerNorm):
         flat = F.layer_norm(x.flatten(-2), (x.shape[-2] * x.shape[-1],), self.weight.flatten(),
                             self.bias.flatten(), self.eps)
         return flat.view_as(x)
+
+
+def map_state(state: State, fn: Callable[[Tensor], Tensor]) -> State:
+    """`fn` applied to every tensor of a state (a tensor or an (h, c) tuple per layer)."""
+    return [tuple(fn(t) for t in s) if isinstance(s, tuple) else fn(s) for s in state]
 
 
 def _per_frame(module: nn.Module, x: Tensor) -> Tensor:
@@ -193,10 +201,14 @@ class Network(nn.Module):
         return None if forcings is None else forcings[:, start:stop]
 
     def forward(self, x: Tensor, teacher_steps: int | None = None, time_group=None,
-                forcings: Tensor | None = None) -> Tensor:
+                forcings: Tensor | None = None, state: State | None = None, return_carry: bool = False
+                ) -> Tensor | tuple[Tensor, State]:
         """x: [B, T, C, H, W] -> predictions [B, T, C, H, W] (k = teacher_steps, default T), physical units,
         in at least float32. forcings: [B, T, F, H, W], those of x's frames (the closed loop reads predictions
         of frames k..T-1 with forcings[:, k:]); None for a model without forcings.
+
+        state: where the window starts (None: each cell's initial state), e.g. the carry of the window before.
+        return_carry: also return the carry for the next window, `(predictions, carry(x, k, state after k))`.
 
         time_group: x is this rank's block of a window split in time over the group's ranks (in rank order),
         and k counts the block's teacher-forced frames. Only the last rank may run closed-loop steps (k < T):
@@ -210,10 +222,24 @@ class Network(nn.Module):
         if time_group is not None and k < T and dist.get_rank(time_group) < dist.get_world_size(time_group) - 1:
             raise ValueError(f"teacher_steps={k} < T={T} on time rank {dist.get_rank(time_group)}: only the last "
                              "rank of a time group runs the closed loop")
-        y, state = self._layers(self._normalized(x[:, :k]), None, parallel=True, time_group=time_group,
+        if time_group is not None and (state is not None or return_carry):
+            raise ValueError("a carried state (state=, return_carry=) is not supported with time_group")
+        y, state = self._layers(self._normalized(x[:, :k]), state, parallel=True, time_group=time_group,
                                 forcings=self._frames(forcings, 0, k))
         preds, _ = self._closed_loop(y[:, -1], state, T - k, self._frames(forcings, k))
-        return self.normalizer.denormalize(torch.cat([y, *(p.unsqueeze(1) for p in preds)], dim=1))
+        out = self.normalizer.denormalize(torch.cat([y, *(p.unsqueeze(1) for p in preds)], dim=1))
+        return (out, self.carry(x, k, state, forcings)) if return_carry else out
+
+    def carry(self, x: Tensor, teacher_steps: int, state: State, forcings: Tensor | None = None) -> State:
+        """The state after all T frames of x [B, T, C, H, W] read teacher-forced, from `state`, the state after
+        its first k = teacher_steps; detached. With k < T the closed loop read predictions of frames k..T-1, so
+        the carry reads the frames themselves, in one parallel pass without autograd (`warm_states`): the next
+        window continues from the truth."""
+        state = map_state(state, Tensor.detach)
+        if teacher_steps < x.shape[1]:
+            with torch.no_grad():
+                _, state = self.warm_states(x[:, teacher_steps:], [], state, self._frames(forcings, teacher_steps))
+        return state
 
     def rollout(self, context: Tensor, steps: int, state: State | None = None, forcings: Tensor | None = None
                 ) -> tuple[Tensor, State]:

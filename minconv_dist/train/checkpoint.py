@@ -7,6 +7,8 @@ fresh local directory, then Ray uploads the ranks' directories into one):
     latest, zero_to_*.py   DeepSpeed's tag pointer and conversion scripts (never run) (rank 0)
     rng_rank{r}.pt         python / numpy / torch RNG states of rank r, as tensors     (rank r)
     ema_rank{r}.pt         rank r's part of the EMA of the weights (optim.ema_decay)   (rank r)
+    carry_rank{r}.pt       the state rank r's streams carry to their next windows       (rank r)
+                           (data.stateful; train/carry.py)
     model.pt               the model file: spec + fp32 master weights (their EMA with  (rank 0)
                            optim.ema_decay), normaliser included
                            (minconv_dist.models.model_file: loads without DeepSpeed)
@@ -48,6 +50,7 @@ from minconv_dist.train import manifest
 from minconv_dist.train.manifest import POSITION, CheckpointError, write_atomic
 
 if TYPE_CHECKING:
+    from minconv_dist.train.carry import Carry
     from minconv_dist.train.ema import WeightEMA
 
 TAG = "ds"
@@ -123,7 +126,7 @@ def master_weights(engine: Any, ema: WeightEMA | None = None) -> dict[str, torch
 
 
 def save(engine: Any, directory: str | Path, *, rank: int, world_size: int, position: dict[str, Any],
-         config: dict[str, Any], ema: WeightEMA | None = None) -> None:
+         config: dict[str, Any], ema: WeightEMA | None = None, carry: Carry | None = None) -> None:
     """Write this rank's part of a checkpoint into a local `directory` (collective: all ranks call it); its
     manifest last."""
     from minconv_dist.train.safe_files import SafeFiles
@@ -137,6 +140,9 @@ def save(engine: Any, directory: str | Path, *, rank: int, world_size: int, posi
     if ema is not None:
         with manifest.atomic(directory / f"ema_rank{rank}.pt") as tmp:
             torch.save(ema.state_dict(), tmp)
+    if carry is not None:
+        with manifest.atomic(directory / f"carry_rank{rank}.pt") as tmp:
+            torch.save(carry.state_dict(), tmp)
     if rank == 0:
         save_model_file(directory / "model.pt", engine.module, state_dict=weights)
         write_atomic(directory / "config.yaml", yaml.safe_dump(redact_config(config), sort_keys=False).encode())
@@ -144,11 +150,11 @@ def save(engine: Any, directory: str | Path, *, rank: int, world_size: int, posi
     manifest.write(directory, rank)
 
 
-def restore(engine: Any, directory: str | Path, *, rank: int, label: str, ema: WeightEMA | None = None
-            ) -> dict[str, Any]:
-    """Load engine, optimizer, scheduler, this rank's RNG states and its part of the `ema` from the local copy
-    `directory` of checkpoint `label`, each file checked against the manifests as it is read; return the saved
-    position."""
+def restore(engine: Any, directory: str | Path, *, rank: int, label: str, ema: WeightEMA | None = None,
+            carry: Carry | None = None) -> dict[str, Any]:
+    """Load engine, optimizer, scheduler, this rank's RNG states, its part of the `ema` and its `carry` from the
+    local copy `directory` of checkpoint `label`, each file checked against the manifests as it is read; return the
+    saved position."""
     from minconv_dist.train.safe_files import SafeFiles
 
     directory = Path(directory)
@@ -171,6 +177,8 @@ def restore(engine: Any, directory: str | Path, *, rank: int, label: str, ema: W
     _set_rng_state(files.load(directory / f"rng_rank{rank}.pt"))
     if ema is not None:
         ema.load_state_dict(files.load(directory / f"ema_rank{rank}.pt"))
+    if carry is not None:
+        carry.load_state_dict(files.load(directory / f"carry_rank{rank}.pt"), engine.device)
     return position
 
 

@@ -137,6 +137,11 @@ class DataConfig:
     forcings: list[str] = field(default_factory=list)
     static: list[str] = field(default_factory=list)
     static_url: str | None = None
+    # Stateful truncated training (docs/training.md, "Stateful training"): each worker trains batch_size streams,
+    # each a stretch of the training series in time order, window after window (data.stride must equal
+    # data.sequence_length); a window starts from the state the one before it ended in, carried without its
+    # gradient, and saved in the checkpoints. Validation stays stateless.
+    stateful: bool = False
 
     def __post_init__(self) -> None:
         _check("data.teacher_steps", self.teacher_steps <= self.sequence_length, self.teacher_steps,
@@ -160,6 +165,15 @@ class DataConfig:
             else:
                 _check(f"data.{key}", value is not None and 0 <= value[0] < value[1], value,
                        f"[start, stop) sample indices with 0 <= start < stop (data.dims.sample={self.dims.sample!r})")
+        if self.stateful:
+            why = "with data.stateful=true"
+            _check("data.stride", self.stride == self.sequence_length, self.stride,
+                   f"data.sequence_length={self.sequence_length} {why}: each window starts where the one before "
+                   "ended")
+            _check("data.dims.sample", self.dims.sample is None, self.dims.sample,
+                   f"null {why}: a stream walks one time series, and would cross independent trajectories")
+            _check("data.nan_policy", self.nan_policy != "skip", self.nan_policy,
+                   f"'raise' or 'fill' {why}: a skipped window would break its stream")
         if self.dims.sample is not None:
             (t0, t1), (v0, v1) = self.train_samples, self.val_samples
             _check("data.val_samples", v1 <= t0 or v0 >= t1, self.val_samples,
@@ -282,10 +296,15 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self) -> None:
-        """Checks across sections: the loss's weights against the channels and the window, time parallelism
-        (docs/training.md, "Time parallelism")."""
+        """Checks across sections: the loss's weights against the channels and the window, stateful training and
+        time parallelism (docs/training.md, "Stateful training", "Time parallelism")."""
         self._check_loss()
         S = self.parallel.sequence_parallel
+        if self.data.stateful:
+            _check("parallel.sequence_parallel", S == 1, S,
+                   "1 with data.stateful=true: the carry would have to enter at a time group's first rank")
+            _check("loss.kind", self.loss.kind == "mse", self.loss.kind,
+                   "'mse' with data.stateful=true: the carry holds one state per window, not per member")
         if S == 1:
             return
         key, why = "parallel.sequence_parallel", f"with parallel.sequence_parallel={S}"

@@ -19,7 +19,8 @@ def split_of(cfg: TrainConfig, split: str) -> dict[str, tuple | None]:
 def window_dataset(cfg: TrainConfig, url: str, stats: NormStats, split: str, *, rank: int,
                    world_size: int, frames: tuple[int, int] | None = None) -> WindowDataset:
     """Raw windows of T + 1 frames of `split` for data-parallel rank `rank` of `world_size`: training windows
-    shuffled at `data.stride`, validation windows in order and disjoint (stride T + 1). NaN are filled with the
+    shuffled at `data.stride` (with `data.stateful`, in `data.batch_size` streams in time order at stride T),
+    validation windows in order and disjoint (stride T + 1). NaN are filled with the
     training means when `data.nan_policy` is "fill"; every block is checked against the channels' plausible
     ranges. frames: [first, stop) of each window, the time block of a rank of a time group (`TimeSplit.frames`).
     With `data.forcings`, each item is a pair (window, its forcings)."""
@@ -32,7 +33,7 @@ def window_dataset(cfg: TrainConfig, url: str, stats: NormStats, split: str, *, 
         nan_policy=d.nan_policy, fill_values=stats.mean if d.nan_policy == "fill" else None,
         max_read_amplification=d.max_read_amplification,
         bounds=channel_bounds(d.channels, d.bounds),  # every block a worker reads is range-checked too
-        frames=frames, forcings=forcing_channels(d.forcings), reader=d.reader,
+        frames=frames, forcings=forcing_channels(d.forcings), reader=d.reader, stateful=d.stateful and train,
     )
 
 

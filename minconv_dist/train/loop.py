@@ -11,6 +11,8 @@ the MSE of the ensemble mean; validation draws its noise from a generator seeded
 (`train/time_parallel.py`). With `data.forcings` the loader gives each window's forcings [B, T+1, F, H, W] beside
 it, and the model reads frame t (or, in the closed loop, its prediction of frame t) with the forcings of frame t.
 With `optim.ema_decay`, validation and the checkpoints' model.pt use the EMA of the weights (`train/ema.py`).
+With `data.stateful` each window starts from the state its stream's window before ended in (`train/carry.py`),
+reset at each epoch's start and saved with every checkpoint; validation stays stateless.
 
 A step queues its work on the device and returns: losses stay on the device (`LossMeter`), and the host
 reads them only on log, validation and epoch-end steps, where the ranks reduce them in one collective.
@@ -33,6 +35,7 @@ from torch import Tensor
 
 from minconv_dist.data import NormStats
 from minconv_dist.train import checkpoint, preemption
+from minconv_dist.train.carry import Carry
 from minconv_dist.train.config import TrainConfig, build_config
 from minconv_dist.train.datasets import build_network, window_dataset
 from minconv_dist.train.ema import WeightEMA
@@ -76,14 +79,16 @@ def on_device(batch: Tensor | list[Tensor], device: torch.device) -> tuple[Tenso
 
 def normalized_mse(engine: Any, x: Tensor, teacher_steps: int, input_noise: float = 0.0,
                    time: TimeSplit | None = None, forcings: Tensor | None = None, loss: WeightedMSE | None = None,
-                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                   generator: torch.Generator | None = None, carry: Carry | None = None
+                   ) -> tuple[Tensor, Tensor, Tensor]:
     """The loss of x: [B, T+1, C, H, W] (raw): MSE of the T predictions against the next frames, both
     normalised by the model's own statistics, weighted by `loss` (None: plain); the plain MSE (detached); and the
     predictions [M·B, T, C, H, W]. With M = `loss.members` > 1 the inputs are repeated M times along B, member-major,
     before the noise, so each member gets its own. Input noise is in normalised units too, drawn from `generator`
     (None: torch's default, whose state the checkpoints keep). time: x is this rank's block
     `time.frames(teacher_steps)` of the window, and the losses its share. forcings: those of x's frames
-    [B, T+1, F, H, W] (None without forcings)."""
+    [B, T+1, F, H, W] (None without forcings). carry: the window starts from `carry.state`, which then becomes the
+    state after its T input frames (stateful training)."""
     normalize, loss = engine.module.normalizer.normalize, loss or PLAIN_MSE
     inputs, members = x[:, :-1], loss.members
     if members > 1:
@@ -96,17 +101,22 @@ def normalized_mse(engine: Any, x: Tensor, teacher_steps: int, input_noise: floa
     if time is not None:
         first, stop = time.teacher_frames(teacher_steps)
         k, group, weight = stop - first, time.group, time.share(inputs.shape[1])
-    pred = engine(inputs, teacher_steps=k, time_group=group, forcings=None if forcings is None else forcings[:, :-1])
+    forcings = None if forcings is None else forcings[:, :-1]
+    if carry is None:
+        pred = engine(inputs, teacher_steps=k, time_group=group, forcings=forcings)
+    else:
+        pred, carry.state = engine(inputs, teacher_steps=k, forcings=forcings, state=carry.state, return_carry=True)
     value, mse = loss(normalize(pred), normalize(x[:, 1:]), teacher_steps, first)
     return value * weight, mse * weight, pred
 
 
 def train_step(engine: Any, x: Tensor, teacher_steps: int, input_noise: float, time: TimeSplit | None = None,
-               forcings: Tensor | None = None, loss: WeightedMSE | None = None, ema: WeightEMA | None = None
-               ) -> tuple[Tensor, Tensor]:
+               forcings: Tensor | None = None, loss: WeightedMSE | None = None, ema: WeightEMA | None = None,
+               carry: Carry | None = None) -> tuple[Tensor, Tensor]:
     """One forward, backward and optimizer step on x: [B, T+1, C, H, W] (or this rank's block of it, `time`)
-    and its forcings, then the `ema` update; returns the (weighted) loss and the plain MSE, on the device."""
-    value, mse, _ = normalized_mse(engine, x, teacher_steps, input_noise, time, forcings, loss)
+    and its forcings, from and updating `carry` (stateful), then the `ema` update; returns the (weighted) loss and
+    the plain MSE, on the device."""
+    value, mse, _ = normalized_mse(engine, x, teacher_steps, input_noise, time, forcings, loss, carry=carry)
     engine.backward(value)
     engine.step()
     if ema is not None:
@@ -174,10 +184,10 @@ class Progress:
 
 
 def restore(engine: Any, meter: LossMeter, resume_from: str | None, run_dir: str, rank: int,
-            device: torch.device, ema: WeightEMA | None) -> dict[str, int]:
+            device: torch.device, ema: WeightEMA | None, carry: Carry | None) -> dict[str, int]:
     """The position to continue from: the newest verified checkpoint of the run (Ray's after a worker restart unless
     Ray is behind or its does not verify; `--resume`'s), else the start. Rank 0 chooses (`checkpoint.usable`) and
-    every rank restores that one, its EMA of the weights included."""
+    every rank restores that one, its EMA of the weights and its carry included."""
     position = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
     given = ray.train.get_checkpoint()
     candidate = f"{run_dir}/{PurePosixPath(given.path).name}" if given else resume_from
@@ -186,7 +196,8 @@ def restore(engine: Any, meter: LossMeter, resume_from: str | None, run_dir: str
     if chosen[0] is None:
         return position
     with ray.train.Checkpoint(chosen[0]).as_directory() as directory:
-        saved = checkpoint.restore(engine, directory, rank=rank, label=PurePosixPath(chosen[0]).name, ema=ema)
+        saved = checkpoint.restore(engine, directory, rank=rank, label=PurePosixPath(chosen[0]).name, ema=ema,
+                                   carry=carry)
     if rank == 0:  # the epoch's loss sum so far is global: one rank carries it
         meter.load(saved.get("epoch_loss_total", 0.0), saved.get("epoch_loss_count", 0.0))
         print(f"[minconv] resumed at epoch {saved['epoch']} step {saved['global_step']}", flush=True)
@@ -237,8 +248,10 @@ def _train(loop_config: dict[str, Any], closing: ExitStack) -> None:
     loss = training_loss(cfg, LossWeights(**loop_config["loss_weights"]), device)
     val_noise = d.input_noise if loss.members > 1 else 0.0  # an ensemble is validated as one
     ema = WeightEMA(engine, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
+    carry = Carry() if d.stateful else None
     meter, mse_meter = LossMeter(device), LossMeter(device)  # the loss as trained, and the plain MSE beside it
-    position = restore(engine, meter, loop_config.get("resume_from"), loop_config["run_dir"], rank, device, ema)
+    position = restore(engine, meter, loop_config.get("resume_from"), loop_config["run_dir"], rank, device, ema,
+                       carry)
     logger = closing.enter_context(metric_logger(cfg, loop_config)) if rank == 0 else None
     progress = Progress(logger, d.batch_size * world // S, last_step, position["global_step"])
     guard = preemption.Guard(cfg.checkpoint.preemption_grace_s, rank, position["global_step"])
@@ -253,7 +266,9 @@ def _train(loop_config: dict[str, Any], closing: ExitStack) -> None:
                 callback(engine, step, rank)
             guard.check(step - 1, next_checkpoint(cfg, step - 1, last_step))  # after SIGTERM: stay, or leave
             x, forcings = on_device(batch, device)
-            value, mse = train_step(engine, x, k, d.input_noise, time, forcings, loss, ema)
+            if carry is not None and position["step_in_epoch"] == 0:
+                carry.reset()  # each epoch's first batch starts every stream's stretch (WindowDataset.streams)
+            value, mse = train_step(engine, x, k, d.input_noise, time, forcings, loss, ema, carry)
             meter.update(value, step)
             mse_meter.update(mse, step)
             position["step_in_epoch"], position["global_step"] = position["step_in_epoch"] + 1, step
@@ -285,7 +300,7 @@ def _train(loop_config: dict[str, Any], closing: ExitStack) -> None:
                 report(engine, rank, world, saved, cfg, ema, {
                     "epoch": position["epoch"], "step": step, "train_loss": summary["last"],
                     "train_mse": mse_meter.summary()["last"], "val_loss": val_loss, "val_mse": val_mse,
-                    "final": int(final)}, loop_config["run_dir"])
+                    "final": int(final)}, loop_config["run_dir"], carry)
                 progress.restart_clock(step)
                 guard.checkpointed(step)  # after SIGTERM: leave now that the checkpoint is written
             if final:
@@ -293,13 +308,13 @@ def _train(loop_config: dict[str, Any], closing: ExitStack) -> None:
 
 
 def report(engine: Any, rank: int, world: int, position: dict[str, Any], cfg: TrainConfig, ema: WeightEMA | None,
-           metrics: dict[str, float], run_dir: str) -> None:
+           metrics: dict[str, float], run_dir: str, carry: Carry | None = None) -> None:
     """Write this rank's part of a checkpoint into a fresh local folder and report it to Ray (collective). A write
     or upload that fails (a full disk) is a `StorageError`, which ends the run without Ray's retries."""
     try:
         with tempfile.TemporaryDirectory(prefix="minconv-ckpt-", ignore_cleanup_errors=True) as local:
             checkpoint.save(engine, Path(local), rank=rank, world_size=world, position=position, config=cfg.to_dict(),
-                            ema=ema)
+                            ema=ema, carry=carry)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local))
     except OSError as err:
         raise checkpoint.write_failure(err, run_dir, position["global_step"]) from err
