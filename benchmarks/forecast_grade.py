@@ -18,18 +18,16 @@ import argparse
 import datetime
 import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.gpu_e2e import Session  # noqa: E402
+from benchmarks.row_runs import evaluate, forecast_rows, run_name, table, train_rows  # noqa: E402
 from minconv_dist.train.local_ray import local_ray_head  # noqa: E402
 
 FORCINGS = "data.forcings=[local_solar_time, day_of_year, toa_insolation, cos_latitude, longitude]"
@@ -65,86 +63,6 @@ def budget(steps: int, cpu: bool) -> list[str]:
             "tracking.plot=false", *(["parallel.precision=fp32"] if cpu else [])]
 
 
-def slug(row: str) -> str:
-    """The row as a run name: "+forcings/static" -> "forcings_static", "all+tendency" -> "all-tendency"."""
-    return row.strip("+").replace("/", "_").replace("+", "-")
-
-
-def train_rows(s: Session, rows: list[str], steps: int, cpu: bool) -> None:
-    """Train the rows not yet registered, all at once: each job's worker gets an equal share of the GPU (a row
-    is too small to fill an H200; sharing changes the time a row takes, not what it computes)."""
-    todo = [row for row in rows if not s.version(f"fg-{slug(row)}")]
-    for row in sorted(set(rows) - set(todo), key=rows.index):
-        print(f"[fg] {row}: already trained (models:/{s.registered}/{s.version(f'fg-{slug(row)}')})", flush=True)
-    share = [] if cpu or not todo else [f"parallel.gpus_per_worker={1 / len(todo):.4f}"]
-    start, jobs = time.perf_counter(), {}
-    for row in todo:
-        jobs[row], _, _ = s.submit(s.settings(f"fg-{slug(row)}", *budget(steps, cpu), *ROWS[row], *share), wait=False)
-    failed = []
-    while jobs:
-        time.sleep(5)
-        for row, job in list(jobs.items()):
-            status = s.status(job)
-            if status in ("SUCCEEDED", "FAILED", "STOPPED"):
-                del jobs[row]
-                print(f"[fg] {row}: {status} after {time.perf_counter() - start:.0f} s, val_mse "
-                      f"{s.metric(f'fg-{slug(row)}', 'val_mse')}", flush=True)
-                if status != "SUCCEEDED":
-                    print(s.client().get_job_logs(job)[-3000:], flush=True)
-                    failed.append(row)
-    if failed:
-        raise SystemExit(f"training rows {failed} failed")
-
-
-def forecast_rows(s: Session, rows: list[str], cpu: bool, init_every: str, steps: int) -> list[Path]:
-    """One `jobs/forecast.py` per row, all at once (each is small); the rows whose forecast store exists are kept."""
-    env = dict(s.head.env, MLFLOW_TRACKING_URI=s.mlflow)
-    stores, running, start = [], {}, time.perf_counter()
-    for row in rows:
-        out = s.work / f"forecast_{slug(row)}.zarr"
-        stores.append(out)
-        if out.exists():
-            continue
-        version = s.version(f"fg-{slug(row)}")
-        args = [sys.executable, "jobs/forecast.py", "--model", f"models:/{s.registered}/{version}", "--out", str(out),
-                "--coarsen", "2", "--init-start", TEST[0], "--init-end", TEST[1], "--init-every", init_every,
-                "--steps", str(steps), "--context", "20", "--batch-size", "16", "--device", "cpu" if cpu else "cuda"]
-        running[row] = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        text=True)
-    for row, proc in running.items():
-        output, _ = proc.communicate()
-        print(f"[fg] forecast {row}: rc {proc.returncode} after {time.perf_counter() - start:.0f} s", flush=True)
-        if proc.returncode:
-            raise SystemExit(f"forecast of row {row} failed:\n{output[-3000:]}")
-    return stores
-
-
-def evaluate(s: Session, rows: list[str], stores: list[Path]) -> pd.DataFrame:
-    out = s.work / "eval"
-    args = [sys.executable, "jobs/evaluate.py", "--forecast", *map(str, stores), "--name", *rows,
-            "--definition", "weatherbench2", "--climatology-range", "2015-01-01", "2015-12-31", "--out", str(out),
-            "--map-leads", "24", "72", "120", "--overwrite"]
-    subprocess.run(args, cwd=ROOT, env=dict(os.environ), check=True, capture_output=True, text=True)
-    return pd.read_csv(out / "metrics.csv")
-
-
-def table(metrics: pd.DataFrame, sources: list[str]) -> str:
-    """Markdown: a row per (source, variable), WB2 RMSE then ACC at LEADS_H; persistence and climatology last."""
-    wanted = metrics[metrics.lead_time_h.isin(LEADS_H) & metrics.metric.isin(["weighted_rmse", "acc"])]
-    lines = ["| source | variable | " + " | ".join(f"RMSE {h} h" for h in LEADS_H) + " | "
-             + " | ".join(f"ACC {h} h" for h in LEADS_H) + " |", "|---|---|" + "---|" * 2 * len(LEADS_H)]
-    for channel in sorted(wanted.channel.unique()):
-        for source in [*sources, "persistence", "climatology"]:
-            cells = wanted[(wanted.source == source) & (wanted.channel == channel)]
-            if cells.empty:
-                continue
-            value = {(m, h): v for m, h, v in zip(cells.metric, cells.lead_time_h, cells.value)}
-            rmse = [f"{value.get(('weighted_rmse', h), float('nan')):.4g}" for h in LEADS_H]
-            acc = [f"{value.get(('acc', h), float('nan')):.3f}" for h in LEADS_H]
-            lines.append(f"| {source} | {channel} | " + " | ".join(rmse + acc) + " |")
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True, help="MLflow store, runs and forecasts (reused)")
@@ -165,13 +83,17 @@ def main() -> None:
         s = Session(head, gpus, workers, args.work)
         s.registered = "forecast-grade"
         if not args.evaluate_only:
-            train_rows(s, args.rows, args.steps, args.cpu)
+            train_rows(s, {row: [*budget(args.steps, args.cpu), *ROWS[row]] for row in args.rows}, "fg", args.cpu)
         if args.train_only:
             return
-        rows = [row for row in ROWS if s.version(f"fg-{slug(row)}")]
-        stores = forecast_rows(s, rows, args.cpu, args.init_every, args.lead_steps)
-    metrics = evaluate(s, rows, stores)
-    print(table(metrics, rows), flush=True)
+        rows = [row for row in ROWS if s.version(run_name(row, "fg"))]
+        forecast = ["--coarsen", "2", "--init-start", TEST[0], "--init-end", TEST[1], "--init-every", args.init_every,
+                    "--steps", str(args.lead_steps), "--context", "20", "--batch-size", "16",
+                    "--device", "cpu" if args.cpu else "cuda"]
+        stores = forecast_rows(s, {row: (run_name(row, "fg"), forecast) for row in rows})
+    metrics = evaluate(s, rows, stores, "--climatology-range", "2015-01-01", "2015-12-31", "--map-leads", "24", "72",
+                       "120")
+    print(table(metrics, rows, LEADS_H), flush=True)
     if os.environ.get("OUT"):
         shutil.copytree(args.work / "eval", Path(os.environ["OUT"]) / "forecast_grade", dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("*.zarr"))

@@ -17,7 +17,7 @@ from minconv_dist.train.config import ConfigError, TrainConfig, build_config, ex
 # Keys (or sections, ending in ".") a resume may change.
 MAY_CHANGE = ("tracking.", "data.storage_options", "data.reader", "data.bounds", "run.name", "run.storage_path",
               "run.stop_after_steps", "parallel.max_failures", "parallel.allow_autoscale", "parallel.placement",
-              "parallel.worker_resources", "checkpoint.keep", "checkpoint.preemption_grace_s", "optim.epochs")
+              "parallel.worker_resources", "parallel.cpus_per_worker", "parallel.gpus_per_worker", "checkpoint.keep", "checkpoint.preemption_grace_s", "optim.epochs")
 
 
 class RunFinished(Exception):

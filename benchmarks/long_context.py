@@ -1,0 +1,130 @@
+"""Issue 24's experiment: do long training windows, stateful training, and a warm-up over the whole record make
+better forecasts than the default window?
+
+One store with the atmosphere's time scales (the embedded store's model, docs/data.md, over 2010-2016 at 16x32,
+so that a year-long window fits in a split): MinConvGRU with the forecast-grade recipe
+(configs/era5_forecast_grade.yaml) trained on windows of T = 24, 168, 720 and 8760 hours (the last in time chunks,
+`model.chunk_size`) and on stateful windows of 24 (`data.stateful`: the state carried from window to window),
+each with 4 closed-loop steps and **the same number of frames seen** (`--frames`, 629k by default: what
+`forecast_grade.py` gives its T = 24 rows); batches shrink with T (16, 4, 1, 1) and so do the optimiser steps.
+Every model forecasts 15 days from the same init times twice: with `--context T` (its training window) and with
+`--warmup all` (one pass over the record from 2010). One `jobs/evaluate.py --definition weatherbench2` scores
+them all beside persistence and the climatology of the training years. Prints the table (WB2 RMSE and ACC at
+1-15 days per variable) and leaves the skill-vs-lead plots in the work folder's eval/ (and $OUT/long_context).
+
+    python benchmarks/long_context.py --work /tmp/lc             # on the GPU machine; run again to continue
+    python benchmarks/long_context.py --work /tmp/lc --rows T=24 T=168 --cpu --frames 4000 --lead-steps 48
+                                                                 # 2 gloo CPU workers, small (a check)
+
+Rows train at once on shares of the GPU; a row cut off by a device call's time limit resumes from its newest
+checkpoint when the script runs again on the same warm machine (`row_runs.train_rows`).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.gpu_e2e import Session  # noqa: E402
+from benchmarks.row_runs import evaluate, forecast_rows, run_name, table, train_rows  # noqa: E402
+from minconv_dist.data import write_synthetic_era5  # noqa: E402
+from minconv_dist.train.config import flatten  # noqa: E402
+from minconv_dist.train.local_ray import local_ray_head  # noqa: E402
+
+PERIOD = ("2010-01-01", "2017-01-01")  # the store, [start, end)
+TRAIN = ("2010-01-01", "2014-12-31")  # 43824 hours
+VAL = ("2015-01-01", "2016-03-31")  # longer than a year: one validation window of T = 8760 + 1 frames
+TEST = ("2016-04-08", "2016-12-10")  # init times; 15 days after the last stay inside the store
+LEADS_H = (24, 72, 120, 168, 240, 360)
+CLOSED_LOOP = 4  # closed-loop steps of every training window (data.teacher_steps = T - 4)
+# row -> (T, windows per batch, extra settings)
+ROWS: dict[str, tuple[int, int, list[str]]] = {
+    "T=24": (24, 16, []),
+    "stateful T=24": (24, 16, ["data.stateful=true"]),
+    "T=168": (168, 4, []),
+    "T=720": (720, 1, []),
+    "T=8760": (8760, 1, ["model.chunk_size=730"]),
+}
+
+
+def recipe() -> list[str]:
+    """configs/era5_forecast_grade.yaml as `--set` values: the recipe of the forecast-grade table."""
+    values = yaml.safe_load((ROOT / "configs" / "era5_forecast_grade.yaml").read_text())
+    return [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+            for key, value in flatten(values).items()]
+
+
+def schedule(row: str, frames: int, cpu: bool) -> list[str]:
+    """A row's windows and budget: `frames` frames seen in all (optimiser steps = frames / (batch x T)), in 3
+    epochs, or in as many as a stateful row needs (its epoch walks each stream once: hours / (T x batch x ranks)
+    steps at most)."""
+    T, batch, extra = ROWS[row]
+    steps = max(1, frames // (batch * T))
+    stateful = "data.stateful=true" in extra
+    hours = (datetime.date.fromisoformat(TRAIN[1]) - datetime.date.fromisoformat(TRAIN[0])).days * 24 + 24
+    most = max(1, hours // (T * batch * (2 if cpu else 1))) if stateful else steps  # steps an epoch can hold
+    epochs = max(3, math.ceil(steps / most)) if steps >= 3 else 1
+    per_epoch = math.ceil(steps / epochs)
+    return [f"data.sequence_length={T}", f"data.teacher_steps={T - CLOSED_LOOP}", f"data.batch_size={batch}",
+            f"data.stride={T if stateful else 1}", f"optim.epochs={epochs}", f"optim.steps_per_epoch={per_epoch}",
+            f"checkpoint.val_every={per_epoch}", "checkpoint.val_batches=2", "tracking.log_every=20",
+            "tracking.plot=false", *(["parallel.precision=fp32"] if cpu else []), *extra]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, required=True, help="store, MLflow, runs and forecasts (reused)")
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
+    parser.add_argument("--frames", type=int, default=16 * 24 * 1638, help="frames seen by every row")
+    parser.add_argument("--cpu", action="store_true", help="2 gloo CPU workers in fp32 instead of 1 GPU")
+    parser.add_argument("--train-only", action="store_true", help="train the rows, forecast nothing")
+    parser.add_argument("--init-every", default="6D", help="spacing of the test init times")
+    parser.add_argument("--lead-steps", type=int, default=360, help="forecast length in hours")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    device = "CPU (gloo, 2 workers)" if args.cpu else torch.cuda.get_device_name(0)
+    print(f"# long context: `{' '.join(sys.argv)}`, {device}, torch {torch.__version__}, "
+          f"{datetime.date.today().isoformat()}", flush=True)
+    store = args.work / "era5_2010-2016_16x32.zarr"
+    if not store.exists():
+        write_synthetic_era5(str(store), start=PERIOD[0], end=PERIOD[1], nlat=16, nlon=32, chunks=240,
+                             layout="weatherbench2")
+    data = [f"data.url={store}", "data.coarsen=1", f"data.train_range=[{TRAIN[0]}, {TRAIN[1]}]",
+            f"data.val_range=[{VAL[0]}, {VAL[1]}]", "model.arch=minconvgru"]
+    gpus, workers = (0, 2) if args.cpu else (1, 1)
+    with local_ray_head(num_cpus=2 if args.cpu else 12, num_gpus=gpus) as head:
+        s = Session(head, gpus, workers, args.work)
+        s.registered = "long-context"
+        train_rows(s, {row: [*data, *recipe(), *schedule(row, args.frames, args.cpu)] for row in args.rows}, "lc",
+                   args.cpu)
+        if args.train_only:
+            return
+        common = ["--data", str(store), "--init-start", TEST[0], "--init-end", TEST[1], "--init-every",
+                  args.init_every, "--steps", str(args.lead_steps), "--batch-size", "8",
+                  "--device", "cpu" if args.cpu else "cuda"]
+        forecasts = {}
+        for row in args.rows:
+            forecasts[f"{row}, context {ROWS[row][0]}"] = (run_name(row, "lc"), [*common, "--context", str(ROWS[row][0])])
+            forecasts[f"{row}, warmup all"] = (run_name(row, "lc"), [*common, "--warmup", "all"])
+        stores = forecast_rows(s, forecasts)
+    labels = list(forecasts)
+    metrics = evaluate(s, labels, stores, "--truth", str(store), "--climatology-range", *TRAIN,
+                       "--map-leads", "24", "120", "360")
+    print(table(metrics, labels, LEADS_H), flush=True)
+    if os.environ.get("OUT"):
+        shutil.copytree(args.work / "eval", Path(os.environ["OUT"]) / "long_context", dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("*.zarr"))
+
+
+if __name__ == "__main__":
+    main()

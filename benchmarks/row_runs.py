@@ -1,0 +1,110 @@
+"""What the results benchmarks (`forecast_grade.py`, `long_context.py`) share: train a table's rows as
+`ray job submit` jobs all at once on shares of one GPU, forecast from each registered model all at once, score
+every forecast in one `jobs/evaluate.py --definition weatherbench2` beside persistence and climatology, and print
+the table. Each step skips what the work folder already holds, so a table can be built over several device calls
+on one warm machine: a row whose run was cut off (the call's time ran out) resumes from its newest checkpoint."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.gpu_e2e import Session  # noqa: E402
+from minconv_dist.train.checkpoint import latest  # noqa: E402
+
+
+def run_name(row: str, prefix: str) -> str:
+    """The row as a run (or file) name: ("+forcings/static", "fg") -> "fg-forcings-static", ("stateful T=24",
+    "lc") -> "lc-stateful-T-24"."""
+    return f"{prefix}-" + re.sub(r"[^A-Za-z0-9.]+", "-", row).strip("-")
+
+
+def train_rows(s: Session, rows: dict[str, list[str]], prefix: str, cpu: bool) -> None:
+    """Train the rows (row -> `--set` values) not yet registered, all at once: each job's worker gets an equal
+    share of the GPU (a row of these sizes is too small to fill an H200; sharing changes the time a row takes,
+    not what it computes). A row whose run has a checkpoint but no registered model is resumed (`--resume`)."""
+    todo = [row for row in rows if not s.version(run_name(row, prefix))]
+    for row in rows:
+        if row not in todo:
+            print(f"[rows] {row}: already trained (models:/{s.registered}/{s.version(run_name(row, prefix))})",
+                  flush=True)
+    share = [] if cpu or not todo else [f"parallel.gpus_per_worker={1 / len(todo):.4f}"]
+    start, jobs = time.perf_counter(), {}
+    for row in todo:
+        name = run_name(row, prefix)
+        resume = name if latest(f"{s.work}/runs/{name}") else None
+        if resume:  # the saved plan, on this call's share of the GPU (a resume may change where it runs)
+            print(f"[rows] {row}: resuming {name} from its newest checkpoint", flush=True)
+        jobs[row], _, _ = s.submit(s.settings(name, *([] if resume else rows[row]), *share), resume=resume,
+                                   wait=False)
+    failed = []
+    while jobs:
+        time.sleep(5)
+        for row, job in list(jobs.items()):
+            status = s.status(job)
+            if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+                del jobs[row]
+                print(f"[rows] {row}: {status} after {time.perf_counter() - start:.0f} s, val_mse "
+                      f"{s.metric(run_name(row, prefix), 'val_mse')}", flush=True)
+                if status != "SUCCEEDED":
+                    print(s.client().get_job_logs(job)[-3000:], flush=True)
+                    failed.append(row)
+    if failed:
+        raise SystemExit(f"training rows {failed} failed")
+
+
+def forecast_rows(s: Session, forecasts: dict[str, tuple[str, list[str]]]) -> list[Path]:
+    """One `jobs/forecast.py` per label (label -> (run name, its arguments but --model and --out)), all at once
+    (each is small); a label whose forecast store exists is kept. Returns the stores in the labels' order."""
+    env = dict(s.head.env, MLFLOW_TRACKING_URI=s.mlflow)
+    stores, running, start = [], {}, time.perf_counter()
+    for label, (name, args) in forecasts.items():
+        out = s.work / f"forecast_{run_name(label, 'f')}.zarr"
+        stores.append(out)
+        if out.exists():  # a forecast store is written all or nothing
+            continue
+        command = [sys.executable, "jobs/forecast.py", "--model", f"models:/{s.registered}/{s.version(name)}",
+                   "--out", str(out), *args]
+        running[label] = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True)
+    for label, proc in running.items():
+        output, _ = proc.communicate()
+        print(f"[rows] forecast {label}: rc {proc.returncode} after {time.perf_counter() - start:.0f} s", flush=True)
+        if proc.returncode:
+            raise SystemExit(f"forecast {label} failed:\n{output[-3000:]}")
+    return stores
+
+
+def evaluate(s: Session, labels: list[str], stores: list[Path], *args: str) -> pd.DataFrame:
+    """`jobs/evaluate.py --definition weatherbench2` of every store (named by its label) beside persistence and
+    the climatology; the evaluation's extra `args`; its metrics.csv."""
+    out = s.work / "eval"
+    command = [sys.executable, "jobs/evaluate.py", "--forecast", *map(str, stores), "--name", *labels,
+               "--definition", "weatherbench2", "--out", str(out), "--overwrite", *args]
+    subprocess.run(command, cwd=ROOT, env=dict(os.environ), check=True, capture_output=True, text=True)
+    return pd.read_csv(out / "metrics.csv")
+
+
+def table(metrics: pd.DataFrame, sources: list[str], leads_h: tuple[int, ...]) -> str:
+    """Markdown: a row per (source, variable), WB2 RMSE then ACC at `leads_h`; persistence and climatology last."""
+    wanted = metrics[metrics.lead_time_h.isin(leads_h) & metrics.metric.isin(["weighted_rmse", "acc"])]
+    lines = ["| source | variable | " + " | ".join(f"RMSE {h} h" for h in leads_h) + " | "
+             + " | ".join(f"ACC {h} h" for h in leads_h) + " |", "|---|---|" + "---|" * 2 * len(leads_h)]
+    for channel in sorted(wanted.channel.unique()):
+        for source in [*sources, "persistence", "climatology"]:
+            cells = wanted[(wanted.source == source) & (wanted.channel == channel)]
+            if cells.empty:
+                continue
+            value = {(m, h): v for m, h, v in zip(cells.metric, cells.lead_time_h, cells.value)}
+            rmse = [f"{value.get(('weighted_rmse', h), float('nan')):.4g}" for h in leads_h]
+            acc = [f"{value.get(('acc', h), float('nan')):.3f}" for h in leads_h]
+            lines.append(f"| {source} | {channel} | " + " | ".join(rmse + acc) + " |")
+    return "\n".join(lines)
