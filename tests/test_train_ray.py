@@ -228,7 +228,8 @@ def test_resume_keeps_the_saved_plan(change, match, store, workdir, reference):
     """A resume starts from the run's config.yaml; changes that would break exactness are refused before Ray."""
     where = f"run.storage_path={workdir}/runs"
     assert resume_config("zero0", None, [where]) == tiny(store, workdir, "zero0")  # no flags: the saved plan
-    resume_config("zero0", None, [where, "tracking.log_every=2", "run.stop_after_steps=4", "optim.epochs=5"])
+    resume_config("zero0", None, [where, "tracking.log_every=2", "run.stop_after_steps=4", "optim.epochs=5",
+                                  "parallel.gpus_per_worker=0.25", "parallel.cpus_per_worker=2"])  # where it runs
     with pytest.raises(ConfigError, match=match):
         resume_config("zero0", None, [where, change])
 
