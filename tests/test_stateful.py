@@ -13,8 +13,6 @@ import numpy as np
 import pytest
 import ray
 import torch
-import torch.distributed as dist
-from deepspeed.comm import comm as ds_comm
 from torch.utils.data import DataLoader
 
 from minconv_dist.data import NormStats, WindowDataset, open_store, write_synthetic_era5
@@ -23,9 +21,9 @@ from minconv_dist.train import ConfigError, fit, load_config
 from minconv_dist.train.carry import Carry
 from minconv_dist.train.datasets import window_dataset
 from minconv_dist.train.engine import build_engine
-from minconv_dist.train.local_ray import free_port
 from minconv_dist.train.loop import train_step
 from minconv_dist.train.safe_files import torch_load
+from tests.test_train_step import process_group  # noqa: F401 - a fixture (its teardown forgets DeepSpeed's world)
 
 pytestmark = pytest.mark.timeout(600)
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the callback below reaches the Ray workers
@@ -162,24 +160,6 @@ def test_the_carry_is_the_state_after_the_true_frames(arch):
 
 
 # ---- training steps, ZeRO 0-3 in one process ----
-
-@pytest.fixture(scope="module")
-def process_group(tmp_path_factory):
-    """A one-rank gloo group for this module's engines (as tests/test_train_step.py sets one up)."""
-    assert not dist.is_initialized()
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port())}
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        dist.init_process_group("gloo", init_method=f"file://{tmp_path_factory.mktemp('pg') / 'store'}", rank=0,
-                                world_size=1)
-        yield
-        if ds_comm.cdb is not None:
-            ds_comm.destroy_process_group()
-        else:
-            dist.destroy_process_group()
-
 
 def test_train_steps_carry_the_state_under_every_zero_stage(process_group):
     """Three stateful steps per ZeRO stage (the engine hands the carry through, detached): the same losses and carry
