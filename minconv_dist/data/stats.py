@@ -100,20 +100,26 @@ def compute_stats(url_or_ds: str | xr.Dataset, channels: str | list, dims: DimNa
     url = url_or_ds if isinstance(url_or_ds, str) else "the dataset"
     frames = Frames.of_sums(sums, da["time"].values, da["sample"].values if dims.sample else None)
     check_frames(frames, channels, channel_bounds(channels) if bounds is None else bounds, url, allow_nan=allow_nan)
-    count = da.sizes["lat"] * da.sizes["lon"] * frames.low.shape[0] - frames.nans.sum(axis=0)
-    mean = sums[..., 3].sum(axis=(0, 1)) / count
-    std = np.sqrt(np.maximum(sums[..., 4].sum(axis=(0, 1)) / count - mean**2, 0.0))
+    cells = da.sizes["lat"] * da.sizes["lon"]
+    mean, std = _mean_std(sums, cells)
     return NormStats(channels=[str(s) for s in parse_channels(channels)], mean=mean.tolist(), std=std.tolist(),
-                     tendency_std=_change_std(change_sums, da.sizes["lat"] * da.sizes["lon"]))
+                     tendency_std=_change_std(change_sums, cells))
+
+
+def _mean_std(sums: np.ndarray, cells: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel, the mean and population std, NaN left out, from the `frame_sums` [S, T, C, 5] of frames of
+    `cells` values."""
+    count = cells * sums.shape[0] * sums.shape[1] - sums[..., 2].sum(axis=(0, 1))
+    mean = sums[..., 3].sum(axis=(0, 1)) / count
+    return mean, np.sqrt(np.maximum(sums[..., 4].sum(axis=(0, 1)) / count - mean**2, 0.0))
 
 
 def _change_std(sums: np.ndarray, cells: int) -> list[float] | None:
-    """Per channel, the population std of the step changes from their `frame_sums` [S, T - 1, C, 5] over frames
-    of `cells` values; None where there is no change to measure (a split of one frame, or a channel that never
-    changes: a model cannot scale its output by zero)."""
-    count = cells * sums.shape[0] * sums.shape[1] - sums[..., 2].sum(axis=(0, 1))
-    if sums.shape[1] == 0 or np.any(count <= 0):
+    """Per channel, the population std of the step changes from their `frame_sums` [S, T - 1, C, 5]; None where
+    there is no change to measure (a split of one frame, a channel all NaN, or one that never changes: a model
+    cannot scale its output by zero)."""
+    if sums.shape[1] == 0:
         return None
-    mean = sums[..., 3].sum(axis=(0, 1)) / count
-    std = np.sqrt(np.maximum(sums[..., 4].sum(axis=(0, 1)) / count - mean**2, 0.0))
-    return std.tolist() if np.all(std > 0) else None
+    with np.errstate(divide="ignore", invalid="ignore"):  # no change counted: 0 / 0, refused below
+        std = _mean_std(sums, cells)[1]
+    return std.tolist() if np.all(np.isfinite(std) & (std > 0)) else None
