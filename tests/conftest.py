@@ -33,6 +33,17 @@ def no_leaked_ray_address():
         pytest.fail(f"this module left RAY_ADDRESS={after!r} in the environment (it was {before!r})")
 
 
+@pytest.fixture(scope="module")
+def ray_session():
+    """A Ray of this module's own, 2 CPUs, stopped after it: `address="local"` never joins another (a stale
+    `ray_current_cluster` file or RAY_ADDRESS)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def s3_options():
     """storage_options for a moto server started here; stopped after the session."""

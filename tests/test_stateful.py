@@ -11,7 +11,6 @@ from pathlib import Path
 import cloudpickle
 import numpy as np
 import pytest
-import ray
 import torch
 from torch.utils.data import DataLoader
 
@@ -200,13 +199,6 @@ def store(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("store") / "era5.zarr")
     write_synthetic_era5(path, start="2015-01-01", end="2015-02-10", nlat=16, nlon=32)
     return path
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a stale address file
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,6 @@ import cloudpickle
 import mlflow
 import numpy as np
 import pytest
-import ray
 import torch
 import xarray as xr
 import zarr
@@ -76,13 +75,6 @@ def store(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("store") / "era5.zarr")
     write_synthetic_era5(path, start="2015-01-01", end="2015-03-01", nlat=16, nlon=32)
     return path
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a stale address file
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
