@@ -14,21 +14,14 @@ variable) and leaves the evaluation's plots in the work folder (and in $OUT when
 """
 from __future__ import annotations
 
-import argparse
-import datetime
-import os
-import shutil
 import sys
 from pathlib import Path
-
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.gpu_e2e import Session  # noqa: E402
-from benchmarks.row_runs import evaluate, forecast_rows, run_name, table, train_rows  # noqa: E402
-from minconv_dist.train.local_ray import local_ray_head  # noqa: E402
+from benchmarks import row_runs  # noqa: E402
+from benchmarks.row_runs import run_name  # noqa: E402
 
 FORCINGS = "data.forcings=[local_solar_time, day_of_year, toa_insolation, cos_latitude, longitude]"
 STATIC = "data.static=[geopotential_at_surface, land_sea_mask]"
@@ -64,39 +57,26 @@ def budget(steps: int, cpu: bool) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, required=True, help="MLflow store, runs and forecasts (reused)")
+    parser = row_runs.parser(__doc__, init_every="4D", lead_steps=120)
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
     parser.add_argument("--steps", type=int, default=1650, help="optimiser steps per row (the budget)")
-    parser.add_argument("--cpu", action="store_true", help="2 gloo CPU workers in fp32 instead of 1 GPU")
     parser.add_argument("--evaluate-only", action="store_true", help="forecast and score the trained rows")
-    parser.add_argument("--train-only", action="store_true", help="train the rows, forecast nothing")
-    parser.add_argument("--init-every", default="4D", help="spacing of the test init times")
-    parser.add_argument("--lead-steps", type=int, default=120, help="forecast length in hours")
     args = parser.parse_args()
-    args.work.mkdir(parents=True, exist_ok=True)
-    device = "CPU (gloo, 2 workers)" if args.cpu else torch.cuda.get_device_name(0)
-    print(f"# forecast grade: `{' '.join(sys.argv)}`, {device}, torch {torch.__version__}, "
-          f"{datetime.date.today().isoformat()}", flush=True)
-    gpus, workers = (0, 2) if args.cpu else (1, 1)
-    with local_ray_head(num_cpus=2 if args.cpu else 8, num_gpus=gpus) as head:
-        s = Session(head, gpus, workers, args.work)
-        s.registered = "forecast-grade"
+    with row_runs.session(args, "forecast grade", "forecast-grade", gpu_cpus=8) as s:
         if not args.evaluate_only:
-            train_rows(s, {row: [*budget(args.steps, args.cpu), *ROWS[row]] for row in args.rows}, "fg", args.cpu)
+            row_runs.train_rows(s, {row: [*budget(args.steps, args.cpu), *ROWS[row]] for row in args.rows}, "fg",
+                                args.cpu)
         if args.train_only:
             return
         rows = [row for row in ROWS if s.version(run_name(row, "fg"))]
         forecast = ["--coarsen", "2", "--init-start", TEST[0], "--init-end", TEST[1], "--init-every", args.init_every,
                     "--steps", str(args.lead_steps), "--context", "20", "--batch-size", "16",
-                    "--device", "cpu" if args.cpu else "cuda"]
-        stores = forecast_rows(s, {row: (run_name(row, "fg"), forecast) for row in rows})
-    metrics = evaluate(s, rows, stores, "--climatology-range", "2015-01-01", "2015-12-31", "--map-leads", "24", "72",
-                       "120")
-    print(table(metrics, rows, LEADS_H), flush=True)
-    if os.environ.get("OUT"):
-        shutil.copytree(args.work / "eval", Path(os.environ["OUT"]) / "forecast_grade", dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("*.zarr"))
+                    *row_runs.device_args(args.cpu)]
+        stores = row_runs.forecast_rows(s, {row: (run_name(row, "fg"), forecast) for row in rows})
+    metrics = row_runs.evaluate(s, rows, stores, "--climatology-range", "2015-01-01", "2015-12-31", "--map-leads",
+                                "24", "72", "120")
+    print(row_runs.table(metrics, rows, LEADS_H), flush=True)
+    row_runs.publish(args.work, "forecast_grade")
 
 
 if __name__ == "__main__":

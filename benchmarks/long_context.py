@@ -21,25 +21,20 @@ checkpoint when the script runs again on the same warm machine (`row_runs.train_
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import math
-import os
-import shutil
 import sys
 from pathlib import Path
 
-import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.gpu_e2e import Session  # noqa: E402
-from benchmarks.row_runs import evaluate, forecast_rows, run_name, table, train_rows  # noqa: E402
+from benchmarks import row_runs  # noqa: E402
+from benchmarks.row_runs import run_name  # noqa: E402
 from minconv_dist.data import write_synthetic_era5  # noqa: E402
 from minconv_dist.train.config import flatten  # noqa: E402
-from minconv_dist.train.local_ray import local_ray_head  # noqa: E402
 
 PERIOD = ("2010-01-01", "2017-01-01")  # the store, [start, end)
 TRAIN = ("2010-01-01", "2014-12-31")  # 43824 hours
@@ -82,48 +77,34 @@ def schedule(row: str, frames: int, cpu: bool) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, required=True, help="store, MLflow, runs and forecasts (reused)")
+    parser = row_runs.parser(__doc__, init_every="6D", lead_steps=360)
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
     parser.add_argument("--frames", type=int, default=16 * 24 * 1638, help="frames seen by every row")
-    parser.add_argument("--cpu", action="store_true", help="2 gloo CPU workers in fp32 instead of 1 GPU")
-    parser.add_argument("--train-only", action="store_true", help="train the rows, forecast nothing")
-    parser.add_argument("--init-every", default="6D", help="spacing of the test init times")
-    parser.add_argument("--lead-steps", type=int, default=360, help="forecast length in hours")
     args = parser.parse_args()
-    args.work.mkdir(parents=True, exist_ok=True)
-    device = "CPU (gloo, 2 workers)" if args.cpu else torch.cuda.get_device_name(0)
-    print(f"# long context: `{' '.join(sys.argv)}`, {device}, torch {torch.__version__}, "
-          f"{datetime.date.today().isoformat()}", flush=True)
     store = args.work / "era5_2010-2016_16x32.zarr"
-    if not store.exists():
-        write_synthetic_era5(str(store), start=PERIOD[0], end=PERIOD[1], nlat=16, nlon=32, chunks=240,
-                             layout="weatherbench2")
     data = [f"data.url={store}", "data.coarsen=1", f"data.train_range=[{TRAIN[0]}, {TRAIN[1]}]",
             f"data.val_range=[{VAL[0]}, {VAL[1]}]", "model.arch=minconvgru"]
-    gpus, workers = (0, 2) if args.cpu else (1, 1)
-    with local_ray_head(num_cpus=2 if args.cpu else 12, num_gpus=gpus) as head:
-        s = Session(head, gpus, workers, args.work)
-        s.registered = "long-context"
-        train_rows(s, {row: [*data, *recipe(), *schedule(row, args.frames, args.cpu)] for row in args.rows}, "lc",
-                   args.cpu)
+    with row_runs.session(args, "long context", "long-context", gpu_cpus=12) as s:
+        if not store.exists():
+            write_synthetic_era5(str(store), start=PERIOD[0], end=PERIOD[1], nlat=16, nlon=32, chunks=240,
+                                 layout="weatherbench2")
+        row_runs.train_rows(s, {row: [*data, *recipe(), *schedule(row, args.frames, args.cpu)] for row in args.rows},
+                            "lc", args.cpu)
         if args.train_only:
             return
         common = ["--data", str(store), "--init-start", TEST[0], "--init-end", TEST[1], "--init-every",
                   args.init_every, "--steps", str(args.lead_steps), "--batch-size", "8",
-                  "--device", "cpu" if args.cpu else "cuda"]
+                  *row_runs.device_args(args.cpu)]
         forecasts = {}
         for row in args.rows:
             forecasts[f"{row}, context {ROWS[row][0]}"] = (run_name(row, "lc"), [*common, "--context", str(ROWS[row][0])])
             forecasts[f"{row}, warmup all"] = (run_name(row, "lc"), [*common, "--warmup", "all"])
-        stores = forecast_rows(s, forecasts)
+        stores = row_runs.forecast_rows(s, forecasts)
     labels = list(forecasts)
-    metrics = evaluate(s, labels, stores, "--truth", str(store), "--climatology-range", *TRAIN,
-                       "--map-leads", "24", "120", "360")
-    print(table(metrics, labels, LEADS_H), flush=True)
-    if os.environ.get("OUT"):
-        shutil.copytree(args.work / "eval", Path(os.environ["OUT"]) / "long_context", dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("*.zarr"))
+    metrics = row_runs.evaluate(s, labels, stores, "--truth", str(store), "--climatology-range", *TRAIN,
+                                "--map-leads", "24", "120", "360")
+    print(row_runs.table(metrics, labels, LEADS_H), flush=True)
+    row_runs.publish(args.work, "long_context")
 
 
 if __name__ == "__main__":

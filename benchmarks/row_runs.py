@@ -5,20 +5,64 @@ the table. Each step skips what the work folder already holds, so a table can be
 on one warm machine: a row whose run was cut off (the call's time ran out) resumes from its newest checkpoint."""
 from __future__ import annotations
 
+import argparse
+import datetime
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.gpu_e2e import Session  # noqa: E402
 from minconv_dist.train.checkpoint import latest  # noqa: E402
+from minconv_dist.train.local_ray import local_ray_head  # noqa: E402
+
+
+def parser(doc: str, init_every: str, lead_steps: int) -> argparse.ArgumentParser:
+    """The options every table shares: --work, --cpu, --train-only, --init-every, --lead-steps; add --rows."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, required=True, help="MLflow store, runs and forecasts (reused)")
+    p.add_argument("--cpu", action="store_true", help="2 gloo CPU workers in fp32 instead of 1 GPU")
+    p.add_argument("--train-only", action="store_true", help="train the rows, forecast nothing")
+    p.add_argument("--init-every", default=init_every, help="spacing of the test init times")
+    p.add_argument("--lead-steps", type=int, default=lead_steps, help="forecast length in hours")
+    return p
+
+
+@contextmanager
+def session(args: argparse.Namespace, title: str, registered: str, gpu_cpus: int) -> Iterator[Session]:
+    """Print the table's header line (command, device, torch, date), then a local Ray head (1 GPU, `gpu_cpus`
+    CPUs; with --cpu 2 CPUs) and a `Session` on --work that registers its models as `registered`."""
+    args.work.mkdir(parents=True, exist_ok=True)
+    device = "CPU (gloo, 2 workers)" if args.cpu else torch.cuda.get_device_name(0)
+    print(f"# {title}: `{' '.join(sys.argv)}`, {device}, torch {torch.__version__}, "
+          f"{datetime.date.today().isoformat()}", flush=True)
+    gpus, workers = (0, 2) if args.cpu else (1, 1)
+    with local_ray_head(num_cpus=2 if args.cpu else gpu_cpus, num_gpus=gpus) as head:
+        s = Session(head, gpus, workers, args.work)
+        s.registered = registered
+        yield s
+
+
+def device_args(cpu: bool) -> list[str]:
+    return ["--device", "cpu" if cpu else "cuda"]
+
+
+def publish(work: Path, name: str) -> None:
+    """The evaluation's tables and plots (not its stores) into $OUT/`name`, when $OUT is set (the device)."""
+    if os.environ.get("OUT"):
+        shutil.copytree(work / "eval", Path(os.environ["OUT"]) / name, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("*.zarr"))
 
 
 def run_name(row: str, prefix: str) -> str:
