@@ -7,6 +7,8 @@ so that a year-long window fits in a split): MinConvGRU with the forecast-grade 
 `model.chunk_size`) and on stateful windows of 24 (`data.stateful`: the state carried from window to window),
 each with 4 closed-loop steps and **the same number of frames seen** (`--frames`, 629k by default: what
 `forecast_grade.py` gives its T = 24 rows); batches shrink with T (16, 4, 1, 1) and so do the optimiser steps.
+The ablation of item 4 adds rows that give the closed loop the short window's share of the loss ("cl-share")
+and rows whose retain gates start with time constants up to 30 days ("chrono", `model.chrono_max`).
 Every model forecasts 15 days from the same init times twice: with `--context T` (its training window) and with
 `--warmup all` (one pass over the record from 2010). One `jobs/evaluate.py --definition weatherbench2` scores
 them all beside persistence and the climatology of the training years. Prints the table (WB2 RMSE and ACC at
@@ -42,13 +44,30 @@ VAL = ("2015-01-01", "2016-03-31")  # longer than a year: one validation window 
 TEST = ("2016-04-08", "2016-12-10")  # init times; 15 days after the last stay inside the store
 LEADS_H = (24, 72, 120, 168, 240, 360)
 CLOSED_LOOP = 4  # closed-loop steps of every training window (data.teacher_steps = T - 4)
+SHORT_T = 24  # the default window, the rows' baseline
+
+
+def closed_loop_share(T: int) -> list[str]:
+    """`loss.lead_weights` that give a window of T the default window's split of the loss: its T - 4 one-step
+    predictions weigh, in all, 20/4 of its 4 closed-loop steps (uniform weights give the closed loop 4/T of the
+    loss: 17% at T = 24, 0.6% at T = 720). Ablation of item 4's "loss weighting of early vs late frames"."""
+    teacher = (SHORT_T - CLOSED_LOOP) / (T - CLOSED_LOOP)
+    return [f"loss.lead_weights=[{teacher:.6g}{', 1' * CLOSED_LOOP}]"]
+
+
+CHRONO = "model.chrono_max=720"  # retain gates' time constants spread over 2 h .. 30 days (item 4's gate init)
 # row -> (T, windows per batch, extra settings)
 ROWS: dict[str, tuple[int, int, list[str]]] = {
-    "T=24": (24, 16, []),
-    "stateful T=24": (24, 16, ["data.stateful=true"]),
+    "T=24": (SHORT_T, 16, []),
+    "stateful T=24": (SHORT_T, 16, ["data.stateful=true"]),
     "T=168": (168, 4, []),
     "T=720": (720, 1, []),
     "T=8760": (8760, 1, ["model.chunk_size=730"]),
+    "T=168 cl-share": (168, 4, closed_loop_share(168)),
+    "T=720 cl-share": (720, 1, closed_loop_share(720)),
+    "T=24 chrono": (SHORT_T, 16, [CHRONO]),
+    "stateful T=24 chrono": (SHORT_T, 16, ["data.stateful=true", CHRONO]),
+    "T=720 cl-share chrono": (720, 1, [*closed_loop_share(720), CHRONO]),
 }
 
 

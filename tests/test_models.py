@@ -317,3 +317,43 @@ def test_weight_check_scales_each_parameter_and_wants_buffers_exact():
         got.normalizer.mean += 1.0  # 2e-5 of the mean: tiny, but a buffer is copied, never trained
     with pytest.raises(AssertionError, match="buffer normalizer.mean differs by 1"):
         check_weights(got, want, rel_tol=1e-2)
+
+
+@pytest.mark.parametrize("kind", MIN_KINDS)
+def test_chrono_init_spreads_the_retain_gates_time_constants(kind):
+    """At zero input the retain gate is a = u / (1 + u), u ~ U(1, max - 1) per channel (Tallec & Ollivier), so the
+    time constants 1 / (1 - a) = 1 + u lie in [2, max], spread over it, in every kind; the default is a = 0.5."""
+    from minconv_dist.ops.gates import gate_rule
+
+    hidden, longest = 256, 720
+    cell = MinConvCell(kind, hidden).double()
+    zero = torch.zeros(1, hidden, 1, 1, dtype=torch.float64)
+    with torch.no_grad():
+        cell.conv.weight.zero_()
+        cell.conv.bias.zero_()
+        assert torch.allclose(gate_rule(kind)(cell.conv(zero))[0], torch.full_like(zero, 0.5), rtol=0, atol=1e-15)
+        cell.chrono_init_(longest, generator=torch.Generator().manual_seed(3))
+        tau = 1 / (1 - gate_rule(kind)(cell.conv(zero))[0].flatten())
+    u = torch.rand(hidden, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * (longest - 2) + 1
+    torch.testing.assert_close(tau, 1 + u, rtol=1e-9, atol=0)  # 1e-9: the gate's float64 rounding, scaled by tau
+    assert tau.min() >= 2 and tau.max() <= longest
+    assert tau.min() < 0.1 * longest and tau.max() > 0.9 * longest  # spread over the range, not bunched
+    with pytest.raises(ValueError, match="max_steps must be >= 3"):
+        cell.chrono_init_(2)
+
+
+def test_chrono_init_is_what_training_builds():
+    """`model.chrono_max` reaches every cell of the network a run trains; without it the gate biases keep torch's
+    default init (small, both signs)."""
+    from minconv_dist.data.stats import NormStats
+    from minconv_dist.train.config import load_config
+    from minconv_dist.train.datasets import build_network
+
+    stats = NormStats(["geopotential@500", "temperature@850"], [5e4, 270.0], [300.0, 10.0])
+    for chrono, expect_long in ((None, False), (500, True)):
+        torch.manual_seed(0)
+        cfg = load_config(overrides=["model.layers=2", *([f"model.chrono_max={chrono}"] if chrono else [])])
+        net = build_network(cfg, stats, (4, 8))
+        for cell in net.cells:
+            retain_logit = -cell.conv.bias[:cell.hidden]  # minconvgru: a = sigmoid(-k)
+            assert (retain_logit.max() > 5) == expect_long  # tau = 1 + e^logit > 149 somewhere only with chrono

@@ -50,10 +50,16 @@ def test_defaults_yaml_and_overrides(tmp_path):
     ("run.name=my run ü", r"run.name: got 'my run ü', expected 1-100 ASCII letters, digits, '.', '_' or '-'"),
     ("run.name=-resume", r"run.name: got '-resume', expected .* starting with a letter or digit"),
     ("run.name=a/b", r"run.name: got 'a/b', expected"),
+    ("model.chrono_max=2", r"model.chrono_max: got 2, expected >= 3"),
 ])
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(overrides=[override])
+
+
+def test_chrono_init_needs_a_min_cell():
+    with pytest.raises(ConfigError, match=r"model.chrono_max: got 100, expected null for model.arch='convlstm'"):
+        load_config(overrides=["model.arch=convlstm", "model.chrono_max=100"])
 
 
 @pytest.mark.parametrize("override, match", [

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from minconv_dist.models.padding import PaddedConv2d
-from minconv_dist.ops.gates import gate_blocks, gate_rule
+from minconv_dist.ops.gates import gate_blocks, gate_kind, gate_rule
 from minconv_dist.ops.scan import gate_scan, run_chunked
 from minconv_dist.ops.scan.sequence_parallel import sequence_parallel_run
 
@@ -64,6 +64,20 @@ class MinConvCell(nn.Module):
     def _gates(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(a, b) of the recurrence `_conv_scan` solves."""
         return gate_rule(self.kind)(self.conv(x))
+
+    @torch.no_grad()
+    def chrono_init_(self, max_steps: int, generator: torch.Generator | None = None) -> None:
+        """Chrono initialisation (Tallec & Ollivier, ICLR 2018): each state channel's retain gate starts, at zero
+        input, at a = u / (1 + u), u ~ U(1, max_steps - 1), so its state decays with a time constant 1 / (1 - a)
+        spread over [2, max_steps] frames, where the default bias (0) gives every channel a = 0.5, a memory of
+        about 2 frames. For states meant to hold for weeks (issue 24's ablation). Sets the conv's gate biases."""
+        if max_steps < 3:
+            raise ValueError(f"chrono_init_: max_steps must be >= 3 (time constants up to it), got {max_steps}")
+        u = torch.rand(self.hidden, generator=generator, dtype=torch.float64) * (max_steps - 2) + 1
+        logit = u.log().to(self.conv.bias.dtype)
+        blocks = self.conv.bias.view(gate_blocks(self.kind), self.hidden)
+        for block, weight in gate_kind(self.kind).retain:
+            blocks[block] = weight * logit
 
     def step(self, x: Tensor, h: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Step form. x: [B, hidden, H, W], h: [B, hidden, H, W] -> (h_new, h_new)."""

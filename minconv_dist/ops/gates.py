@@ -77,6 +77,9 @@ class GateKind(NamedTuple):
     log: BlockRule  # the gate blocks -> (log a, log b)
     name: str
     kernel: int  # KIND constant of the fused Triton kernels (0 there is the plain scan)
+    # The retain gate a at pre = 0 plus a bias: a = sigmoid(sum of weight * bias of each (block, weight) here).
+    # A bias that gives a = sigmoid(l) is l * weight in each named block (`MinConvCell.chrono_init_`).
+    retain: tuple[tuple[int, float], ...]
 
     def hidden(self, channels: int) -> int:
         """The state's channels from those of `pre`, which must split into equal gate blocks."""
@@ -96,9 +99,9 @@ class GateKind(NamedTuple):
 GATES: dict[str, GateKind] = {
     kind.name: kind
     for kind in (
-        GateKind(2, _gru, _gru_log, "gru", 1),
-        GateKind(3, _lstm, _lstm_log, "lstm", 2),
-        GateKind(3, _explstm, _explstm_log, "explstm", 3),
+        GateKind(2, _gru, _gru_log, "gru", 1, ((0, -1.0),)),  # a = 1 - sigmoid(k) = sigmoid(-k)
+        GateKind(3, _lstm, _lstm_log, "lstm", 2, ((0, 1.0), (1, -1.0))),  # s(l) / (s(l) + s(-l)) = s(l)
+        GateKind(3, _explstm, _explstm_log, "explstm", 3, ((0, 0.5), (1, -0.5))),  # sigmoid(f - i)
     )
 }
 

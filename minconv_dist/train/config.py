@@ -92,6 +92,9 @@ class ModelConfig:
     # What the decoder predicts (docs/models.md, "State or tendency"): state, the next frame (the paper's); or
     # tendency, its change from the frame read in units of the change's std (GraphCast's, anemoi's).
     predict: Literal[PREDICTS] = "state"
+    # Min cells: chrono initialisation of the retain gates (MinConvCell.chrono_init_), their time constants spread
+    # over [2, chrono_max] frames, so states can hold for weeks from the start. null: biases 0 (a = 0.5).
+    chrono_max: Annotated[int, Bounds(ge=3)] | None = None
 
 
 @dataclass
@@ -299,6 +302,9 @@ class TrainConfig:
         """Checks across sections: the loss's weights against the channels and the window, stateful training and
         time parallelism (docs/training.md, "Stateful training", "Time parallelism")."""
         self._check_loss()
+        if self.model.chrono_max is not None:
+            _check("model.chrono_max", self.model.arch not in SEQUENTIAL_ARCHS, self.model.chrono_max,
+                   f"null for model.arch={self.model.arch!r}: only Min cells have a retain gate to initialise")
         S = self.parallel.sequence_parallel
         if self.data.stateful:
             _check("parallel.sequence_parallel", S == 1, S,

@@ -47,6 +47,9 @@ def build_network(cfg: TrainConfig, stats: NormStats, grid: tuple[int, int], sta
                         grid=grid, tanh_encoder=m.tanh_encoder, scan_method=m.scan_method, chunk_size=m.chunk_size,
                         forcings=forcing_channels(d.forcings), static=d.static, predict=m.predict)
     model.normalizer.set_stats(stats.mean, stats.std)
+    if m.chrono_max is not None:
+        for cell in model.cells:
+            cell.chrono_init_(m.chrono_max)
     if m.predict == "tendency":
         model.normalizer.set_tendency_std(stats.tendency_std)
     if d.static:
