@@ -8,11 +8,13 @@ so that a year-long window fits in a split): MinConvGRU with the forecast-grade 
 each with 4 closed-loop steps and **the same number of frames seen** (`--frames`, 629k by default: what
 `forecast_grade.py` gives its T = 24 rows); batches shrink with T (16, 4, 1, 1) and so do the optimiser steps.
 The ablation of item 4 adds rows that give the closed loop the short window's share of the loss ("cl-share")
-and rows whose retain gates start with time constants up to 30 days ("chrono", `model.chrono_max`).
+and rows whose retain gates start with time constants up to 30 days ("chrono", `model.chrono_max`) or a week
+("chrono168"), and a T = 720 row at 3x the learning rate (it takes a third of the T = 24 row's optimiser steps).
 Every model forecasts 15 days from the same init times twice: with `--context T` (its training window) and with
 `--warmup all` (one pass over the record from 2010). One `jobs/evaluate.py --definition weatherbench2` scores
 them all beside persistence and the climatology of the training years. Prints the table (WB2 RMSE and ACC at
-1-15 days per variable) and leaves the skill-vs-lead plots in the work folder's eval/ (and $OUT/long_context).
+1-15 days per variable) and leaves the skill-vs-lead plots in the work folder's eval/ (and $OUT/long_context):
+windows_*.png, a panel per training window.
 
     python benchmarks/long_context.py --work /tmp/lc             # on the GPU machine; run again to continue
     python benchmarks/long_context.py --work /tmp/lc --rows T=24 T=168 --cpu --frames 4000 --lead-steps 48
@@ -28,7 +30,9 @@ import math
 import sys
 from pathlib import Path
 
+import pandas as pd
 import yaml
+from matplotlib.figure import Figure
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -68,6 +72,8 @@ ROWS: dict[str, tuple[int, int, list[str]]] = {
     "T=24 chrono": (SHORT_T, 16, [CHRONO]),
     "stateful T=24 chrono": (SHORT_T, 16, ["data.stateful=true", CHRONO]),
     "T=720 cl-share chrono": (720, 1, [*closed_loop_share(720), CHRONO]),
+    "stateful T=24 chrono168": (SHORT_T, 16, ["data.stateful=true", "model.chrono_max=168"]),  # up to a week
+    "T=720 cl-share lr 3e-3": (720, 1, [*closed_loop_share(720), "optim.lr=3e-3"]),  # its 873 steps, 3x the lr
 }
 
 
@@ -93,6 +99,37 @@ def schedule(row: str, frames: int, cpu: bool) -> list[str]:
             f"data.stride={T if stateful else 1}", f"optim.epochs={epochs}", f"optim.steps_per_epoch={per_epoch}",
             f"checkpoint.val_every={per_epoch}", "checkpoint.val_batches=2", "tracking.log_every=20",
             "tracking.plot=false", *(["parallel.precision=fp32"] if cpu else []), *extra]
+
+
+def plot_windows(metrics: pd.DataFrame, channel: str, path: Path) -> None:
+    """RMSE vs lead, one panel per trained row: its `--context T` and `--warmup all` forecasts beside the T = 24
+    row's (the baseline), persistence and climatology. The y axis stops at 2.5x climatology's RMSE."""
+    rmse = metrics[(metrics.metric == "weighted_rmse") & (metrics.channel == channel)]
+
+    def curve(source: str) -> pd.Series:
+        return rmse[rmse.source == source].set_index("lead_time_h").value.sort_index()
+
+    rows = [row for row in ROWS if not curve(f"{row}, warmup all").empty]
+    top = 2.5 * curve("climatology").mean()
+    fig = Figure(figsize=(16, 3.2 * math.ceil(len(rows) / 4)), layout="constrained")
+    axes = fig.subplots(math.ceil(len(rows) / 4), 4, sharex=True, sharey=True, squeeze=False).ravel()
+    for ax, row in zip(axes, rows):
+        baseline = curve(f"T={SHORT_T}, context {SHORT_T}")
+        ax.plot(baseline.index, baseline, color="black", lw=1, label=f"T={SHORT_T}, context {SHORT_T}")
+        for source, style in ((f"{row}, context {ROWS[row][0]}", "-"), (f"{row}, warmup all", "--")):
+            line = curve(source)
+            ax.plot(line.index, line, style, color="tab:blue" if style == "-" else "tab:red",
+                    label=source.removeprefix(f"{row}, "))
+        for source, style in (("persistence", ":"), ("climatology", "-.")):
+            line = curve(source)
+            ax.plot(line.index, line, style, color="grey", lw=1, label=source)
+        ax.set(title=row, ylim=(0, top), xlabel="lead [h]")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes[len(rows):]:
+        ax.set_visible(False)
+    fig.suptitle(f"{channel}: WeatherBench2 RMSE vs lead, by training window")
+    fig.savefig(path, dpi=90)
 
 
 def main() -> None:
@@ -123,6 +160,8 @@ def main() -> None:
     metrics = row_runs.evaluate(s, labels, stores, "--truth", str(store), "--climatology-range", *TRAIN,
                                 "--map-leads", "24", "120", "360")
     print(row_runs.table(metrics, labels, LEADS_H), flush=True)
+    for channel in metrics.channel.unique():
+        plot_windows(metrics, channel, args.work / "eval" / f"windows_{channel.replace('@', '_')}.png")
     row_runs.publish(args.work, "long_context")
 
 

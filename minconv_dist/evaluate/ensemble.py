@@ -114,11 +114,10 @@ def _perturbed(model: torch.nn.Module, frames: torch.Tensor, state: list | None,
     tensors = [frames] if target == "frames" else state
     scale = [model.normalizer.std.to(frames.device, frames.dtype).view(-1, 1, 1) * std] if target == "frames" \
         else [std] * len(tensors)
-    pairs = [(t, k) for t in inits for k in members]
-    for row, (t, k) in enumerate(pairs):
-        noise = member_noise(seed, k, t, [tuple(x.shape[1:]) for x in tensors])
-        for x, eps, s in zip(tensors, noise, scale):
-            x[row] += s * torch.from_numpy(eps).to(x.device, x.dtype)
+    shapes = [tuple(x.shape[1:]) for x in tensors]
+    noise = [member_noise(seed, k, t, shapes) for t in inits for k in members]  # a row per (init, member)
+    for i, (x, s) in enumerate(zip(tensors, scale)):  # one copy to the device per tensor, not per row
+        x += s * torch.from_numpy(np.stack([row[i] for row in noise])).to(x.device, x.dtype)
     return frames, state
 
 
