@@ -31,7 +31,6 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-import yaml
 from matplotlib.figure import Figure
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +39,6 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import row_runs  # noqa: E402
 from benchmarks.row_runs import run_name  # noqa: E402
 from minconv_dist.data import write_synthetic_era5  # noqa: E402
-from minconv_dist.train.config import flatten  # noqa: E402
 
 PERIOD = ("2010-01-01", "2017-01-01")  # the store, [start, end)
 TRAIN = ("2010-01-01", "2014-12-31")  # 43824 hours
@@ -75,13 +73,6 @@ ROWS: dict[str, tuple[int, int, list[str]]] = {
     "stateful T=24 chrono168": (SHORT_T, 16, ["data.stateful=true", "model.chrono_max=168"]),  # up to a week
     "T=720 cl-share lr 3e-3": (720, 1, [*closed_loop_share(720), "optim.lr=3e-3"]),  # its 873 steps, 3x the lr
 }
-
-
-def recipe() -> list[str]:
-    """configs/era5_forecast_grade.yaml as `--set` values: the recipe of the forecast-grade table."""
-    values = yaml.safe_load((ROOT / "configs" / "era5_forecast_grade.yaml").read_text())
-    return [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
-            for key, value in flatten(values).items()]
 
 
 def schedule(row: str, frames: int, cpu: bool) -> list[str]:
@@ -144,7 +135,8 @@ def main() -> None:
         if not store.exists():
             write_synthetic_era5(str(store), start=PERIOD[0], end=PERIOD[1], nlat=16, nlon=32, chunks=240,
                                  layout="weatherbench2")
-        row_runs.train_rows(s, {row: [*data, *recipe(), *schedule(row, args.frames, args.cpu)] for row in args.rows},
+        row_runs.train_rows(s, {row: [*data, *row_runs.recipe(), *schedule(row, args.frames, args.cpu)]
+                                for row in args.rows},
                             "lc", args.cpu)
         if args.train_only:
             return

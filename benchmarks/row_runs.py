@@ -19,12 +19,14 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.gpu_e2e import Session  # noqa: E402
 from minconv_dist.train.checkpoint import latest  # noqa: E402
+from minconv_dist.train.config import flatten  # noqa: E402
 from minconv_dist.train.local_ray import local_ray_head  # noqa: E402
 
 
@@ -52,6 +54,13 @@ def session(args: argparse.Namespace, title: str, registered: str, gpu_cpus: int
         s = Session(head, gpus, workers, args.work)
         s.registered = registered
         yield s
+
+
+def recipe() -> list[str]:
+    """configs/era5_forecast_grade.yaml as `--set` values: the recipe of the forecast-grade table."""
+    values = yaml.safe_load((ROOT / "configs" / "era5_forecast_grade.yaml").read_text())
+    return [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+            for key, value in flatten(values).items()]
 
 
 def device_args(cpu: bool) -> list[str]:

@@ -154,7 +154,7 @@ def test_ctrl_c_at_any_moment_ends_the_run_killed_and_prints_how_to_go_on(tmp_pa
     assert proc.returncode == 130 and "[minconv] resumed at epoch 0 step 2" in out, out[-3000:]
     finish = f"python -m minconv_dist.train.sync {shlex.quote(str(runs / 'mid'))}"
     assert "run mid interrupted while ending; MLflow run" in out and f"finish with: {finish}" in out, out[-3000:]
-    assert run_status(uri, "mid") == "KILLED"
+    assert run_status(uri, "mid") == "KILLED", out[-3000:]
     assert_no_ray_left(ray_tmp)
 
     synced = subprocess.run([sys.executable, *shlex.split(finish)[1:]], cwd=ROOT, capture_output=True, text=True,

@@ -63,3 +63,35 @@ def test_registers_without_installed_distribution_and_loads_without_the_package(
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     assert "VERSION 1" in run_child(REGISTER.format(site=SITE, root=str(ROOT), uri=uri), tmp_path)
     assert "SHAPE (2, 4, 1, 8, 8)" in run_child(LOAD.format(site=SITE, uri=uri), tmp_path)
+
+
+def test_a_ctrl_c_during_an_mlflow_call_takes_effect_after_it():
+    """`with_backoff` holds a Ctrl-C (SIGINT) until its try ends: an MLflow write cut off mid-transaction can leave
+    a sqlite store locked, so the KILLED the interrupt then writes would fail. The try completes, and the
+    KeyboardInterrupt follows it. Without the hold the same call is cut short (so this check can fail)."""
+    import signal
+    import time
+
+    from minconv_dist.train.tracking import with_backoff
+
+    done = []
+
+    def call() -> int:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)  # the signal arrives here: Python's own handler would raise KeyboardInterrupt now
+        done.append("written")
+        return 7
+
+    with pytest.raises(KeyboardInterrupt):
+        with_backoff(call, 0)
+    assert done == ["written"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    done.clear()
+    with pytest.raises(KeyboardInterrupt):
+        call()
+    assert done == []
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # ignored (a cleanup's second Ctrl-C): left ignored
+    try:
+        assert with_backoff(call, 0) == 7 and done == ["written"]
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -48,13 +50,36 @@ def http_limits(timeout_s: int) -> Iterator[None]:
                 os.environ[key] = value
 
 
+@contextmanager
+def ctrl_c_held() -> Iterator[None]:
+    """A Ctrl-C during the block takes effect when it ends. A KeyboardInterrupt inside an MLflow call can stop
+    a sqlite store's write mid-transaction: MLflow rolls its session back on an Exception, which KeyboardInterrupt
+    is not, so the store stays locked for this process, and the KILLED that the interrupt should then write fails
+    ("database is locked"). Only where Python's own handler is set, on the main thread (signals reach no other);
+    elsewhere, and where SIGINT is ignored, a no-op."""
+    main = threading.current_thread() is threading.main_thread()
+    if not main or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    pressed: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if pressed:
+            raise KeyboardInterrupt
+
+
 def with_backoff(action: Callable[[], T], wait_s: float) -> T:
     """`action()`, tried again after 1, 2, 4, ... s while it raises and `wait_s` seconds have not passed; then
-    its last error."""
+    its last error. A Ctrl-C takes effect between MLflow's calls, not inside one (`ctrl_c_held`): each try is
+    bounded by `http_limits`, the waits between tries are not held."""
     end, pause = time.monotonic() + wait_s, 1.0
     while True:
         try:
-            return action()
+            with ctrl_c_held():
+                return action()
         except Exception:  # noqa: BLE001 - an MLflow server that does not answer raises many kinds
             left = end - time.monotonic()
             if left <= 0:

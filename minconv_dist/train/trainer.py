@@ -312,7 +312,7 @@ def _train(cfg: TrainConfig, run: _Run, resume_from: str | None, position: dict[
     name, directory, spool = run.name, run.directory, run.spool
     uri, run_id, t = spool.uri, spool.server_run_id, cfg.tracking
     if position:  # a resume: the run is RUNNING again; best effort, one bounded try: its end sets the status
-        with tracking.http_limits(t.timeout_s), suppress(Exception):
+        with tracking.http_limits(t.timeout_s), tracking.ctrl_c_held(), suppress(Exception):
             tracking.set_status(uri, run_id, "RUNNING")
     print(f"[minconv] run {name}: {directory}; MLflow {redact(uri)} run {run_id}; {steps_per_epoch} steps/epoch "
           f"x {cfg.optim.epochs} epochs on {cfg.parallel.num_workers} workers, ZeRO-{cfg.parallel.zero_stage}",
