@@ -41,3 +41,24 @@ def test_maps_name_latitude_longitude_and_the_colour_bars_unit():
     assert {ax.get_xlabel() for ax in panels} == {"longitude [°E]"} and {ax.get_ylabel() for ax in panels} == {
         "latitude [°N]"}
     assert {ax.get_ylabel() for ax in bars} == {"s-1"}
+
+
+def test_an_ensemble_sources_line_has_one_colour_in_every_panel():
+    """The spread/skill panel leaves deterministic sources out; their absence must not shift the ensembles'
+    colours, or the panels' legends disagree."""
+    from minconv_dist.evaluate.ensemble_report import ensemble_skill_figure
+    from minconv_dist.evaluate.layout import LEAD
+
+    sources = ["deterministic", "ensemble A", "ensemble B", "persistence"]
+    metrics = ["crps", "spread_skill_ratio", "ensemble_mean_rmse"]
+    leads = pd.to_timedelta([6, 12, 24], unit="h")
+    values = np.random.default_rng(0).uniform(1, 2, (len(sources), len(metrics), len(leads)))
+    skill = xr.Dataset({"geopotential@500": (("source", "metric", LEAD), values)},
+                       coords={"source": sources, "metric": metrics, LEAD: leads,
+                               "members": ("source", [1, 8, 8, 1])})
+    fig = ensemble_skill_figure(skill, "geopotential@500")
+    colours = [{line.get_label(): line.get_color() for line in ax.get_lines()} for ax in fig.axes]
+    assert "ensemble A (8 members)" in colours[1] and "deterministic" not in colours[1]
+    for label in ("ensemble A (8 members)", "ensemble B (8 members)"):
+        assert len({panel[label] for panel in colours}) == 1, [panel[label] for panel in colours]
+    assert colours[0]["ensemble A (8 members)"] != colours[0]["ensemble B (8 members)"]

@@ -64,26 +64,28 @@ def rank_frame(hist: xr.Dataset) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)[columns]
 
 
-def plot_ensemble_skill(skill: xr.Dataset, variable: str, path: str | Path, unit: str | None = None) -> Path:
+def ensemble_skill_figure(skill: xr.Dataset, variable: str, unit: str | None = None) -> Figure:
     """CRPS, spread-skill ratio (the ideal line at 1) and ensemble-mean RMSE against lead time, one line per
-    source: a deterministic forecast's CRPS is its MAE and its ensemble-mean RMSE its RMSE; the spread-skill
-    panel shows the ensembles (`members` > 1) only. CRPS and RMSE axes carry `unit` (default: `layout.units`
-    of the channel), as `plots.skill_figure`'s do."""
+    source, in the same colour in every panel: a deterministic forecast's CRPS is its MAE and its ensemble-mean
+    RMSE its RMSE; the spread-skill panel shows the ensembles (`members` > 1) only. CRPS and RMSE axes carry
+    `unit` (default: `layout.units` of the channel), as `plots.skill_figure`'s do."""
     unit = unit or units(variable)
     metrics = [m for m in PANELS if m in skill["metric"].values]
     members = dict(zip(map(str, skill["source"].values), skill["members"].values)) if "members" in skill.coords \
         else {}
+    sources = list(map(str, skill["source"].values))
+    color = {source: f"C{i % 10}" for i, source in enumerate(sources)}  # a source's colour in every panel
     fig = Figure(figsize=(5 * len(metrics), 3.6))
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     for ax, metric in zip(axes, metrics):
-        for source in map(str, skill["source"].values):
+        for source in sources:
             if metric == "spread_skill_ratio" and members.get(source, 1) < 2:
                 continue
             curve = skill[variable].sel(source=source, metric=metric)
             defined = np.isfinite(curve.values)
             n = members.get(source, 1)
             ax.plot(curve[LEAD].values[defined] / np.timedelta64(1, "h"), curve.values[defined],
-                    "--" if source in BASELINES else "-", marker=".",
+                    "--" if source in BASELINES else "-", marker=".", color=color[source],
                     label=f"{source} ({n} members)" if n > 1 else source)
         if metric == "spread_skill_ratio":
             ax.axhline(1.0, color="k", lw=0.8, label="ideal")
@@ -94,7 +96,12 @@ def plot_ensemble_skill(skill: xr.Dataset, variable: str, path: str | Path, unit
         ax.legend(fontsize=8)
     fig.suptitle(f"{label(variable)}: ensemble skill vs lead time")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    return fig
+
+
+def plot_ensemble_skill(skill: xr.Dataset, variable: str, path: str | Path, unit: str | None = None) -> Path:
+    """`ensemble_skill_figure`, saved to `path`."""
+    ensemble_skill_figure(skill, variable, unit).savefig(path, dpi=110)
     return Path(path)
 
 
