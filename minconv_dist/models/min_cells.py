@@ -69,8 +69,8 @@ class MinConvCell(nn.Module):
     def chrono_init_(self, max_steps: int, generator: torch.Generator | None = None) -> None:
         """Chrono initialisation (Tallec & Ollivier, ICLR 2018): each state channel's retain gate starts, at zero
         input, at a = u / (1 + u), u ~ U(1, max_steps - 1), so its state decays with a time constant 1 / (1 - a)
-        spread over [2, max_steps] frames, where the default bias (0) gives every channel a = 0.5, a memory of
-        about 2 frames. For states meant to hold for weeks (issue 24's ablation). Sets the conv's gate biases."""
+        spread over [2, max_steps] frames, where torch's default init (biases near 0) gives every channel a near
+        0.5, a memory of about 2 frames. For states meant to hold for weeks (issue 24's ablation). Sets the conv's gate biases."""
         if max_steps < 3:
             raise ValueError(f"chrono_init_: max_steps must be >= 3 (time constants up to it), got {max_steps}")
         u = torch.rand(self.hidden, generator=generator, dtype=torch.float64) * (max_steps - 2) + 1

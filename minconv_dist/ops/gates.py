@@ -77,8 +77,8 @@ class GateKind(NamedTuple):
     log: BlockRule  # the gate blocks -> (log a, log b)
     name: str
     kernel: int  # KIND constant of the fused Triton kernels (0 there is the plain scan)
-    # The retain gate a at pre = 0 plus a bias: a = sigmoid(sum of weight * bias of each (block, weight) here).
-    # A bias that gives a = sigmoid(l) is l * weight in each named block (`MinConvCell.chrono_init_`).
+    # How biases set the retain gate a: where the conv's weights contribute 0, a bias of l * weight on each
+    # (block, weight) here gives a = sigmoid(l) (`MinConvCell.chrono_init_`).
     retain: tuple[tuple[int, float], ...]
 
     def hidden(self, channels: int) -> int:

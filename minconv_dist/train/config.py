@@ -93,7 +93,7 @@ class ModelConfig:
     # tendency, its change from the frame read in units of the change's std (GraphCast's, anemoi's).
     predict: Literal[PREDICTS] = "state"
     # Min cells: chrono initialisation of the retain gates (MinConvCell.chrono_init_), their time constants spread
-    # over [2, chrono_max] frames, so states can hold for weeks from the start. null: biases 0 (a = 0.5).
+    # over [2, chrono_max] frames, so states can hold for weeks from the start. null: torch's init (a near 0.5).
     chrono_max: Annotated[int, Bounds(ge=3)] | None = None
 
 
