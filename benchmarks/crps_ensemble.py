@@ -24,8 +24,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pandas as pd
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -34,6 +32,8 @@ from benchmarks.row_runs import run_name  # noqa: E402
 
 TEST = ("2016-04-08", "2016-12-20")  # after data.val_range (2016-01-01 .. 2016-03-31) and its 20-frame context
 LEADS_H = (6, 24, 72)
+COLUMNS = {"crps": ("CRPS", ".4g"), "ensemble_mean_rmse": ("RMSE of mean", ".4g"),
+           "spread_skill_ratio": ("spread/skill", ".4g")}
 
 
 def rows(members: int, noise: float) -> dict[str, list[str]]:
@@ -49,24 +49,6 @@ def budget(steps: int, cpu: bool) -> list[str]:
     return ["model.arch=minconvgru", "data.stride=1", "optim.epochs=3", f"optim.steps_per_epoch={per_epoch}",
             f"checkpoint.val_every={per_epoch}", "checkpoint.val_batches=2", "tracking.log_every=25",
             "tracking.plot=false", *(["parallel.precision=fp32"] if cpu else [])]
-
-
-def table(metrics: pd.DataFrame, sources: list[str]) -> str:
-    """Markdown: a row per (variable, source), CRPS, ensemble-mean RMSE and spread/skill at `LEADS_H`."""
-    names = {"crps": "CRPS", "ensemble_mean_rmse": "RMSE of mean", "spread_skill_ratio": "spread/skill"}
-    cells = metrics[metrics.lead_time_h.isin(LEADS_H) & metrics.metric.isin(names)]
-    header = [f"{name} {h} h" for name in names.values() for h in LEADS_H]
-    lines = ["| variable | source | " + " | ".join(header) + " |", "|---|---|" + "---|" * len(header)]
-    for channel in sorted(cells.channel.unique()):
-        for source in [*sources, "persistence", "climatology"]:
-            these = cells[(cells.channel == channel) & (cells.source == source)]
-            value = {(m, h): v for m, h, v in zip(these.metric, these.lead_time_h, these.value)}
-            if these.empty:
-                continue
-            numbers = [value.get((m, h)) for m in names for h in LEADS_H]
-            lines.append(f"| {channel} | {source} | "
-                         + " | ".join("—" if v is None else f"{v:.4g}" for v in numbers) + " |")
-    return "\n".join(lines)
 
 
 def main() -> None:
@@ -96,7 +78,7 @@ def main() -> None:
     labels = list(forecasts)
     metrics = row_runs.evaluate(s, labels, stores, "--climatology-range", "2015-01-01", "2015-12-31",
                                 "--rank-leads", "24", "72")
-    print(table(metrics, labels), flush=True)
+    print(row_runs.table(metrics, labels, LEADS_H, COLUMNS), flush=True)
     row_runs.publish(args.work, "crps_ensemble")
 
 

@@ -146,18 +146,24 @@ def evaluate(s: Session, labels: list[str], stores: list[Path], *args: str) -> p
     return pd.read_csv(out / "metrics.csv")
 
 
-def table(metrics: pd.DataFrame, sources: list[str], leads_h: tuple[int, ...]) -> str:
-    """Markdown: a row per (source, variable), WB2 RMSE then ACC at `leads_h`; persistence and climatology last."""
-    wanted = metrics[metrics.lead_time_h.isin(leads_h) & metrics.metric.isin(["weighted_rmse", "acc"])]
-    lines = ["| source | variable | " + " | ".join(f"RMSE {h} h" for h in leads_h) + " | "
-             + " | ".join(f"ACC {h} h" for h in leads_h) + " |", "|---|---|" + "---|" * 2 * len(leads_h)]
+# metric -> (column name, format) of `table`'s default: the deterministic tables' WB2 RMSE then ACC
+SKILL_COLUMNS = {"weighted_rmse": ("RMSE", ".4g"), "acc": ("ACC", ".3f")}
+
+
+def table(metrics: pd.DataFrame, sources: list[str], leads_h: tuple[int, ...],
+          columns: dict[str, tuple[str, str]] = SKILL_COLUMNS) -> str:
+    """Markdown: a row per (source, variable), each of `columns`' metrics at `leads_h` in turn; persistence and
+    climatology last."""
+    wanted = metrics[metrics.lead_time_h.isin(leads_h) & metrics.metric.isin(columns)]
+    lines = ["| source | variable | " + " | ".join(f"{name} {h} h" for name, _ in columns.values() for h in leads_h)
+             + " |", "|---|---|" + "---|" * len(columns) * len(leads_h)]
     for channel in sorted(wanted.channel.unique()):
         for source in [*sources, "persistence", "climatology"]:
             cells = wanted[(wanted.source == source) & (wanted.channel == channel)]
             if cells.empty:
                 continue
             value = {(m, h): v for m, h, v in zip(cells.metric, cells.lead_time_h, cells.value)}
-            rmse = [f"{value.get(('weighted_rmse', h), float('nan')):.4g}" for h in leads_h]
-            acc = [f"{value.get(('acc', h), float('nan')):.3f}" for h in leads_h]
-            lines.append(f"| {source} | {channel} | " + " | ".join(rmse + acc) + " |")
+            numbers = [format(value.get((metric, h), float("nan")), spec) for metric, (_, spec) in columns.items()
+                       for h in leads_h]
+            lines.append(f"| {source} | {channel} | " + " | ".join(numbers) + " |")
     return "\n".join(lines)
