@@ -104,8 +104,8 @@ def plot_windows(metrics: pd.DataFrame, channel: str, path: Path) -> None:
     top = 2.5 * curve("climatology").mean()
     fig = Figure(figsize=(16, 3.2 * math.ceil(len(rows) / 4)), layout="constrained")
     axes = fig.subplots(math.ceil(len(rows) / 4), 4, sharex=True, sharey=True, squeeze=False).ravel()
+    baseline = curve(f"T={SHORT_T}, context {SHORT_T}")
     for ax, row in zip(axes, rows):
-        baseline = curve(f"T={SHORT_T}, context {SHORT_T}")
         ax.plot(baseline.index, baseline, color="black", lw=1, label=f"T={SHORT_T}, context {SHORT_T}")
         for source, style in ((f"{row}, context {ROWS[row][0]}", "-"), (f"{row}, warmup all", "--")):
             line = curve(source)
