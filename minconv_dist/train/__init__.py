@@ -1,15 +1,18 @@
 """Training: one typed config, the per-worker DeepSpeed loop under Ray Train, checkpoints, MLflow tracking.
 
-`fit` and its types load on first use: importing the config (a job's `--help`) does not start Ray,
-DeepSpeed or MLflow."""
+Everything loads on first use: importing the config (a job's `--help`) does not start Ray, DeepSpeed or MLflow,
+and a module of this package that Ray Train's controller unpickles (`failures`) loads neither the data layer nor
+torch."""
 from typing import Any
-
-from minconv_dist.train.config import ConfigError, TrainConfig, load_config
 
 __all__ = ["ConfigError", "FitResult", "TrainConfig", "TrainingError", "fit", "load_config"]
 
 
 def __getattr__(name: str) -> Any:
+    if name in ("ConfigError", "TrainConfig", "load_config"):
+        from minconv_dist.train import config
+
+        return getattr(config, name)
     if name in ("FitResult", "TrainingError", "fit"):
         from minconv_dist.train import trainer
 

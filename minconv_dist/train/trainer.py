@@ -28,6 +28,7 @@ from minconv_dist.data.store import is_local, redact
 from minconv_dist.train import checkpoint, runs, sync, tracking
 from minconv_dist.train.config import ConfigError, TrainConfig
 from minconv_dist.train.datasets import split_of, window_dataset
+from minconv_dist.train.failures import StopOnDeterministicError
 from minconv_dist.train.head import HeadLost, HeadWatch
 from minconv_dist.train.loop import StepCallback, worker_loop
 from minconv_dist.train.losses import LossWeights, loss_weights
@@ -202,24 +203,8 @@ def _fit_beside_main_thread(trainer: TorchTrainer, head: HeadWatch) -> ray.train
     return result
 
 
-# Failures that repeat exactly on a retry from the last checkpoint: bad data, a diverging loss, a checkpoint that
-# cannot be written (a full disk) or read (altered files).
-NOT_RETRIED = (DataError, NonFiniteLossError, checkpoint.StorageError, checkpoint.CheckpointError)
-
-
-class _StopOnDeterministicError(ray.train.UserCallback):
-    """Ray restarts a failed worker group `parallel.max_failures` times, for faults that pass (a lost node). Bad
-    data and a non-finite loss fail the same way every time: one of them from any worker ends the run at once,
-    as a ControllerError, which Ray's failure policy does not retry."""
-
-    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
-        for _, error in sorted(worker_exceptions.items()):
-            if isinstance(error, NOT_RETRIED):
-                raise ray.train.ControllerError(error)
-
-
 def _worker_cause(err: ray.train.TrainingFailedError) -> BaseException:
-    """The exception behind a failed run: the one `_StopOnDeterministicError` stopped it for, or the lowest rank's,
+    """The exception behind a failed run: the one `StopOnDeterministicError` stopped it for, or the lowest rank's,
     unwrapped from Ray's task error; else `err`."""
     if isinstance(err, ray.train.ControllerError):
         return err.controller_failure
@@ -336,7 +321,7 @@ def _train(cfg: TrainConfig, run: _Run, resume_from: str | None, position: dict[
         run_config=ray.train.RunConfig(
             name=name, storage_path=run.storage,
             failure_config=ray.train.FailureConfig(max_failures=p.max_failures),
-            callbacks=[_StopOnDeterministicError()],
+            callbacks=[StopOnDeterministicError()],
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.checkpoint.keep, checkpoint_score_attribute="val_loss",
                 checkpoint_score_order="min"),
