@@ -44,6 +44,34 @@ def queued_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 20) -> floa
     return start.elapsed_time(end) / reps
 
 
+def graph_ms(fn: Callable[[], object], warmup: int = 3, reps: int = 20, replays: int = 5) -> float:
+    """Device time per call of fn() in ms with no host work in it: `reps` calls captured in one CUDA graph, replayed
+    `replays` times between CUDA events (median). `queued_ms` measures the host instead where one call's launch path
+    takes longer than its kernels (a forward+backward through autograd costs the H200 machine's host 0.4-0.6 ms:
+    docs/benchmarks.md, "Speed II, item 1"). fn must not synchronise; warm-up (autotuning) runs before the capture,
+    on a side stream as capture requires."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    return statistics.median(times)
+
+
 def interleaved_ms(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int = 2,
                    repeats: int = 7, clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Median wall time in ms of each fn, called in turn (A, B, C, A, B, C, ...) so drifts of clock and

@@ -1,4 +1,6 @@
 """Triton scans (GPU only): forward and backward against a float64 reference, fused gates vs gates + scan."""
+import contextlib
+
 import pytest
 import torch
 
@@ -117,3 +119,36 @@ def test_auto_keeps_float64_in_float64_on_cuda():
     h, _ = scan(a, b)
     want, _ = scan(a.cpu(), b.cpu(), method="sequential")
     torch.testing.assert_close(h.cpu(), want, rtol=1e-12, atol=1e-12)
+
+
+@contextlib.contextmanager
+def _forced(kernel, config):
+    """Run `kernel` (an autotuned Triton kernel) with `config` alone: no timing, no choice."""
+    saved = kernel.configs, kernel.cache
+    kernel.configs, kernel.cache = [config], {}
+    try:
+        yield
+    finally:
+        kernel.configs, kernel.cache = saved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bits_do_not_depend_on_the_tuned_config(dtype):
+    """A restarted process tunes again: every config the autotuner may pick for these inputs (block width, warps,
+    pipeline depth) gives the same bits, forward and backward."""
+    from minconv_dist.ops.scan import triton_scan as ts
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    B, T, D = 2, 70, 3000  # T and D multiples of no tile
+    a = (torch.rand(B, T, D, device="cuda", generator=gen) * 0.9 + 0.05).to(dtype)
+    b = torch.randn(B, T, D, device="cuda", generator=gen).to(dtype)
+    dh = torch.randn(B, T, D, device="cuda", generator=gen).to(dtype)
+    results = []
+    for kernel, configs in ((ts._fwd_kernel, ts._FWD_CONFIGS), (ts._bwd_kernel, ts._CONFIGS)):
+        for config in ts._prune(configs, {"X": a, "D": D}):
+            with _forced(kernel, config):
+                x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+                h, _ = ts.scan_triton(x, y)
+                results.append((h, *torch.autograd.grad(h, (x, y), dh)))
+    for got in results[1:]:
+        assert all(torch.equal(g, w) for g, w in zip(got, results[0]))

@@ -5,11 +5,12 @@ Why linear space: every Min cell has a_t in (0, 1), so the recurrence only shrin
 where the log form streams five full-size intermediates through memory.
 
 Layout: a, b viewed as [B, T, D] (D = C*H*W). A program owns BD consecutive elements of D for one
-batch row and one time chunk. It loads [BT, BD] tiles (coalesced over D, BT*BD independent loads in
-flight), scans each tile along time with `tl.associative_scan`, and carries the state to the next
-tile. When B*D alone cannot fill the GPU, time is split into chunks too: pass 1 reduces each chunk
-to its affine map (prod a, end state from 0), a tiny scan over the chunks gives each chunk its initial
-state, pass 2 scans again from it.
+batch row and one time chunk. It loads [BT, BD] tiles (coalesced over D, 16 bytes a thread and row, the
+next tiles' loads in flight while one is scanned), scans each tile along time with `tl.associative_scan`
+(within each thread: every warp lies along D), and carries the state to the next tile. When B*D alone
+cannot fill the GPU, time is split into chunks too: pass 1 reduces each chunk to its affine map (prod a,
+end state from 0), a tiny scan over the chunks gives each chunk its initial state, pass 2 scans again
+from it.
 
 KIND says where (a, b) come from: PLAIN = given a and b; a Min cell's KIND (ops/gates.py `GATES`,
 with its number of gate blocks NB) = its conv pre-activations [B, T, NB*D], gate blocks stacked on
@@ -34,22 +35,31 @@ PLAIN = 0  # KIND of the plain scan: x = a, y = b, one block per row
 _PLAIN = tl.constexpr(PLAIN)
 _GRU = tl.constexpr(GATES["gru"].kernel)
 _LSTM = tl.constexpr(GATES["lstm"].kernel)
-# (BT, BD, num_warps): tiles that won somewhere in benchmarks/scan_tiles.py's sweep on an H100 (plain and fused,
-# fp32 and bf16, walks of 64 to 8192 steps; docs/benchmarks.md); the autotuner picks among them per D. One BT per
-# kernel: a tile of BT steps is scanned as a tree, so the bits depend on BT (and on nothing else of the config:
-# benchmarks/scan_determinism.py on an H200). With one BT, whatever config a new process's autotuning picks, a
-# run restarted from a checkpoint (a killed worker, --resume) redoes the same arithmetic, bit for bit.
+# (BT, BD, num_warps, NS): BT steps x BD columns a tile; NS - 1 tiles' loads in flight (copied asynchronously to
+# shared memory) while one is scanned. The pipelined tiles (NS 2-3) won benchmarks/scan_tiles.py's sweep of the plain
+# scan on an H200 (fp32 and bf16, walks of 24 to 8192 steps: docs/benchmarks.md, "Speed II, item 1"); the NS = 1
+# ones are the earlier lists' (which the fused Min-cell kernels picked). The autotuner picks among them per D.
+# One BT per kernel: a tile of BT steps is scanned as a tree, so the bits depend on BT (and on nothing else of the
+# config: benchmarks/scan_determinism.py on an H200). With one BT, whatever config a new process's autotuning
+# picks, a run restarted from a checkpoint (a killed worker, --resume) redoes the same arithmetic, bit for bit.
 _FWD_BT, _BWD_BT = 8, 4
-_FWD_CONFIGS = [triton.Config({"BT": _FWD_BT, "BD": bd}, num_warps=w) for bd, w in [(512, 4), (1024, 4), (256, 2)]]
-_CONFIGS = [triton.Config({"BT": _BWD_BT, "BD": bd}, num_warps=w) for bd, w in [
-    (1024, 8), (512, 4), (256, 2), (1024, 4), (512, 2)]]
+_FWD_CONFIGS = [triton.Config({"BT": _FWD_BT, "BD": bd, "NS": ns}, num_warps=w) for bd, w, ns in [
+    (512, 4, 3), (512, 2, 3), (1024, 4, 3), (512, 2, 2), (1024, 4, 2), (512, 4, 1), (1024, 4, 1), (256, 2, 1)]]
+_CONFIGS = [triton.Config({"BT": _BWD_BT, "BD": bd, "NS": ns}, num_warps=w) for bd, w, ns in [
+    (512, 4, 3), (1024, 8, 3), (512, 2, 3), (1024, 4, 3), (512, 2, 2), (1024, 4, 2),
+    (1024, 8, 1), (512, 4, 1), (256, 2, 1), (1024, 4, 1), (512, 2, 1)]]
 _MIN_CHUNK = 64  # time steps per chunk when time is split
 
 
 def _prune(configs, named_args, **kwargs):
-    """Skip blocks far wider than D (tiny D: they only cost compile time)."""
+    """Keep the blocks whose warps all lie along D, and skip blocks far wider than D (tiny D: they only cost compile
+    time). A thread loads 16 bytes of a row, so a block narrower than num_warps * 32 threads * 16 bytes puts warps
+    along time, and the tile's scan then crosses warps through shared memory and barriers (bf16 at BD = 512 with 4
+    warps: docs/benchmarks.md, "Speed II, item 1")."""
+    per_thread = 16 // named_args["X"].element_size()
+    along_d = [c for c in configs if c.kwargs["BD"] >= 32 * c.num_warps * per_thread] or configs
     width = max(256, triton.next_power_of_2(named_args["D"]))
-    return [c for c in configs if c.kwargs["BD"] <= width] or configs
+    return [c for c in along_d if c.kwargs["BD"] <= width] or along_d
 
 
 @triton.jit
@@ -201,7 +211,7 @@ def _bwd_loads(X, DH, H, bi, T, t, valid, offs_d, D, BS, KIND: tl.constexpr, NB:
     made of, dh_t and, unless only reducing, h_{t-1} (0 before step 0)."""
     off = _x_off(bi, T, t, offs_d, D, NB)
     if KIND == _PLAIN:  # b does not enter the backward
-        r0 = tl.load(X + off, mask=valid, other=1.0)
+        r0 = tl.load(X + off, mask=valid, other=0.0)
         r1 = r0
         r2 = r0
     else:
@@ -255,17 +265,16 @@ def _adjoint_tile(DX, DY, r0, r1, r2, dh, hp, h0, u, prod, bi, T, t, valid, offs
 @triton.jit
 def _fwd_kernel(X, Y, H0, OUT, CA, CB, T, D, BS, chunk_len,
                 KIND: tl.constexpr, NB: tl.constexpr, HAS_H0: tl.constexpr, REDUCE: tl.constexpr,
-                BT: tl.constexpr, BD: tl.constexpr):
+                BT: tl.constexpr, BD: tl.constexpr, NS: tl.constexpr):
     """h_t = a_t h_{t-1} + b_t over one time chunk. H0: initial states [B, n_chunks, D].
-    REDUCE: store the chunk's (prod a, end state from 0) to CA, CB instead of h.
-    (Prefetching tile i+1 here was measured slower in bf16 and no faster in fp32: see docs/benchmarks.md.)"""
+    REDUCE: store the chunk's (prod a, end state from 0) to CA, CB instead of h."""
     bi, c, offs_d, dm, rows, t_lo, t_hi, state_off = _program(T, D, chunk_len, BT, BD)
     if HAS_H0:
         h = tl.load(H0 + state_off, mask=dm, other=0.0).to(tl.float32)
     else:
         h = tl.zeros([BD], dtype=tl.float32)
     prod = tl.full([BD], 1.0, tl.float32)
-    for t0 in range(t_lo, t_hi, BT):
+    for t0 in tl.range(t_lo, t_hi, BT, num_stages=NS):
         t = (t0 + rows).to(tl.int64)
         m = (t < t_hi)[:, None] & dm[None, :]
         r0, r1, r2 = _raw(X, Y, _x_off(bi, T, t, offs_d, D, NB), m, BS, KIND, NB)
@@ -284,13 +293,12 @@ def _fwd_kernel(X, Y, H0, OUT, CA, CB, T, D, BS, chunk_len,
 @triton.jit
 def _bwd_kernel(X, Y, H0, H, DH, DX, DY, DH0, CA, CB, T, D, BS, chunk_len,
                 KIND: tl.constexpr, NB: tl.constexpr, HAS_H0: tl.constexpr, REDUCE: tl.constexpr,
-                CARRY: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+                CARRY: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, NS: tl.constexpr):
     """Adjoint g_t = dh_t + a_{t+1} g_{t+1}, scanned backwards over one time chunk.
 
     The carry between tiles and chunks is v = a_lo * g_lo (what step lo passes to step lo - 1). REDUCE: store
     the chunk's map of its carry-in to its carry-out (CA * v + CB). Else: carry-in from CB when CARRY, store the
-    gradients and, for chunk 0, dL/dh0 = a_0 g_0. PLAIN: tile i+1's loads are issued before tile i is scanned
-    (measured faster for the plain scan in bf16, slower for the fused gates)."""
+    gradients and, for chunk 0, dL/dh0 = a_0 g_0."""
     bi, c, offs_d, dm, rows, t_lo, t_hi, state_off = _program(T, D, chunk_len, BT, BD)
     if CARRY:
         u = tl.load(CB + state_off, mask=dm, other=0.0)
@@ -301,24 +309,12 @@ def _bwd_kernel(X, Y, H0, H, DH, DX, DY, DH0, CA, CB, T, D, BS, chunk_len,
     else:
         h0 = u  # never read: HAS_H0 is off
     prod = tl.full([BD], 1.0, tl.float32)
-    t = (t_hi - 1 - rows).to(tl.int64)  # row 0 is the latest step
-    valid = (t >= t_lo)[:, None] & dm[None, :]
-    if KIND == _PLAIN:
+    for i in tl.range(0, tl.cdiv(t_hi - t_lo, BT), num_stages=NS):
+        t = (t_hi - 1 - i * BT - rows).to(tl.int64)  # row 0 is the latest step
+        valid = (t >= t_lo)[:, None] & dm[None, :]
         r0, r1, r2, dh, hp = _bwd_loads(X, DH, H, bi, T, t, valid, offs_d, D, BS, KIND, NB, not REDUCE)
-        for i in range(0, tl.cdiv(t_hi - t_lo, BT)):
-            tn = t - BT
-            validn = (tn >= t_lo)[:, None] & dm[None, :]
-            r0n, r1n, r2n, dhn, hpn = _bwd_loads(X, DH, H, bi, T, tn, validn, offs_d, D, BS, KIND, NB, not REDUCE)
-            u, prod = _adjoint_tile(DX, DY, r0, r1, r2, dh, hp, h0, u, prod, bi, T, t, valid, offs_d, rows, D, BS,
-                                    KIND, NB, HAS_H0, REDUCE, BT)
-            t, valid, r0, r1, r2, dh, hp = tn, validn, r0n, r1n, r2n, dhn, hpn
-    else:
-        for i in range(0, tl.cdiv(t_hi - t_lo, BT)):
-            r0, r1, r2, dh, hp = _bwd_loads(X, DH, H, bi, T, t, valid, offs_d, D, BS, KIND, NB, not REDUCE)
-            u, prod = _adjoint_tile(DX, DY, r0, r1, r2, dh, hp, h0, u, prod, bi, T, t, valid, offs_d, rows, D, BS,
-                                    KIND, NB, HAS_H0, REDUCE, BT)
-            t = t - BT
-            valid = (t >= t_lo)[:, None] & dm[None, :]
+        u, prod = _adjoint_tile(DX, DY, r0, r1, r2, dh, hp, h0, u, prod, bi, T, t, valid, offs_d, rows, D, BS,
+                                KIND, NB, HAS_H0, REDUCE, BT)
     if REDUCE:
         tl.store(CA + state_off, prod, mask=dm)
         tl.store(CB + state_off, u, mask=dm)
