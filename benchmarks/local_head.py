@@ -9,50 +9,38 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import signal
 import sys
 import time
-from contextlib import suppress
 from pathlib import Path
-
-import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minconv_dist.train import local_ray  # noqa: E402
 
 
-def all_at_once(procs: list[psutil.Process], grace_s: float = 15) -> None:
-    """The earlier stop: every daemon SIGTERMed together, SIGKILLed after the grace."""
-    for proc in procs:
-        with suppress(psutil.NoSuchProcess):
-            proc.send_signal(signal.SIGTERM)
-    for proc in psutil.wait_procs(procs, timeout=grace_s)[1]:
-        with suppress(psutil.NoSuchProcess):
-            proc.kill()
-
-
-def time_head(stop) -> tuple[float, float]:
-    """(start s, stop s) of one local head stopped by `stop`."""
-    staged, local_ray.stop = local_ray.stop, stop
+def time_head(all_at_once: bool) -> tuple[float, float]:
+    """(start s, stop s) of one local head; `all_at_once`: every daemon in `local_ray.stop`'s first stage."""
+    staged = local_ray._stage
+    if all_at_once:
+        local_ray._stage = lambda proc: 0
     try:
         begin = time.perf_counter()
         with local_ray.local_ray_head(num_cpus=2):
             started = time.perf_counter()
         return started - begin, time.perf_counter() - started
     finally:
-        local_ray.stop = staged
+        local_ray._stage = staged
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-    ways = {"staged (local_ray.stop)": local_ray.stop, "all at once (before)": all_at_once}
+    ways = {"staged (local_ray.stop)": False, "all at once (before)": True}
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in ways}
     for _ in range(args.repeats):
-        for name, stop in ways.items():
-            times[name].append(time_head(stop))
+        for name, all_at_once in ways.items():
+            times[name].append(time_head(all_at_once))
     print(f"`python benchmarks/local_head.py --repeats {args.repeats}`, {datetime.date.today()}\n")
     print("| stop | start s | stop s |\n|---|---|---|")
     for name, runs in times.items():
