@@ -16,6 +16,7 @@ Prints markdown tables with the command, device and date, for docs/benchmarks.md
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import itertools
@@ -112,25 +113,39 @@ def engine_rate(size: dict[str, Any], stage: int, device: torch.device, batches,
     return rate * size["batch"], peak
 
 
-def plain_rate(size: dict[str, Any], device: torch.device, batches, warmup: int, steps: int) -> float:
-    """Samples/s of a plain torch loop: the same model and loss, autocast bf16, fused AdamW, clipping."""
-    _free(device)
+def plain_step(size: dict[str, Any], device: torch.device, phases: bool = False, fuse_norm: bool = False
+               ) -> Callable[[], None]:
+    """One step of a plain torch loop on on-device batches: the same model and loss, autocast bf16, fused AdamW,
+    the same clipping. phases: label the forward, backward and step for torch.profiler."""
     model = _model(size).to(device)
+    if fuse_norm:
+        model.fuse_residual_norm()
     cuda = device.type == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=cuda)
-    k = size["T"] - size["closed"]
+    batches, k = on_device(size, device), size["T"] - size["closed"]
+    label = torch.profiler.record_function if phases else (lambda _: contextlib.nullcontext())
 
-    def step(_: int) -> None:
+    def step() -> None:
         x = next(batches)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            pred = model(x[:, :-1], teacher_steps=k)
-        loss = F.mse_loss(model.normalizer.normalize(pred), model.normalizer.normalize(x[:, 1:]))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with label("phase.forward"):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                pred = model(x[:, :-1], teacher_steps=k)
+            loss = F.mse_loss(model.normalizer.normalize(pred), model.normalizer.normalize(x[:, 1:]))
+        with label("phase.backward"):
+            loss.backward()
+        with label("phase.step"):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
-    return _rate(step, device, warmup, steps) * size["batch"]
+    return step
+
+
+def plain_rate(size: dict[str, Any], device: torch.device, warmup: int, steps: int) -> float:
+    """Samples/s of `plain_step`."""
+    _free(device)
+    step = plain_step(size, device)
+    return _rate(lambda _: step(), device, warmup, steps) * size["batch"]
 
 
 def on_device(size: dict[str, Any], device: torch.device):
@@ -166,8 +181,7 @@ def stack_worker(cfg: dict[str, Any]) -> None:
     for label, size in cfg["sizes"].items():
         if "overhead" in cfg["parts"]:
             for repeat in range(2):  # A/B interleaved: plain, then each stage, twice
-                out.setdefault(f"{label}/plain", []).append(plain_rate(size, device, on_device(size, device),
-                                                                       warmup, steps))
+                out.setdefault(f"{label}/plain", []).append(plain_rate(size, device, warmup, steps))
                 for stage in (0, 1, 2):
                     out.setdefault(f"{label}/zero{stage}", []).append(
                         engine_rate(size, stage, device, on_device(size, device), warmup, steps)[0])

@@ -1,0 +1,216 @@
+"""Where a small training step's time goes (issue 25, item 2): the worker loop's step on a DeepSpeed engine
+(ZeRO 0/1/2, bf16) against the plain torch loop of `benchmarks/gpu_stack.py`, at the paper's z500 size, on one
+GPU, in one process (a world of 1, NCCL; no Ray, which adds nothing inside a step).
+
+For each variant: ms per step (best of interleaved repeats), then over profiled steps the GPU's kernel time per
+step, and per step the kernel launches, the host waits on the device (stream/device/event synchronisations) and
+the host time of the forward, backward and optimizer step. Diagnostic variants switch one suspect off (clipping,
+the invalid-norm check's host sync) to price it; they are not configurations a run can take.
+
+    python benchmarks/step_overhead.py [--batch 4] [--steps 40] [--repeats 3] [--variants ...]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
+
+from benchmarks.gpu_stack import _model, on_device, plain_step  # noqa: E402
+from minconv_dist.train.engine import build_engine  # noqa: E402
+from minconv_dist.train.loop import train_step  # noqa: E402
+from minconv_dist.train.meter import LossMeter  # noqa: E402
+
+Z500 = {"layers": 3, "hidden": 24, "grid": (16, 32), "T": 24, "closed": 4, "batch": 4}
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
+
+
+@contextlib.contextmanager
+def no_norm_check() -> Iterator[None]:
+    """DeepSpeed's optimizers read the gradient norm's finiteness on the host every step (`is_invalid_grad_norm`:
+    a device->host copy, so the host waits for the backward). Diagnostic only: report every norm as valid."""
+    import deepspeed.runtime.bf16_optimizer as bf16
+    import deepspeed.runtime.zero.stage_1_and_2 as zero12
+
+    saved = bf16.is_invalid_grad_norm, zero12.is_invalid_grad_norm
+    bf16.is_invalid_grad_norm = zero12.is_invalid_grad_norm = lambda norm: False
+    try:
+        yield
+    finally:
+        bf16.is_invalid_grad_norm, zero12.is_invalid_grad_norm = saved
+
+
+def _phases(engine: Any) -> None:
+    """Label the engine's forward, backward and step in the profile (instance attributes; the engine is ours)."""
+    for name in ("forward", "backward", "step"):
+        method = getattr(engine, name)
+
+        def labelled(*args, _method=method, _name=name, **kwargs):
+            with record_function(f"phase.{_name}"):
+                return _method(*args, **kwargs)
+
+        setattr(engine, name, labelled)
+
+
+@contextlib.contextmanager
+def tweaked(ds: dict[str, Any], adam: dict[str, Any]) -> Iterator[None]:
+    """While building an engine: `ds` merged into DeepSpeed's config (one level deep), `adam` into AdamW's
+    arguments."""
+    import minconv_dist.train.engine as engine_module
+
+    config, adamw = engine_module.deepspeed_config, torch.optim.AdamW
+
+    def merged(*args, **kwargs) -> dict[str, Any]:
+        out = config(*args, **kwargs)
+        for key, value in ds.items():
+            out[key] = {**out.get(key, {}), **value} if isinstance(value, dict) else value
+        return out
+
+    engine_module.deepspeed_config = merged
+    torch.optim.AdamW = lambda params, **kwargs: adamw(params, **{**kwargs, **adam})
+    try:
+        yield
+    finally:
+        engine_module.deepspeed_config, torch.optim.AdamW = config, adamw
+
+
+def engine_step(size: dict[str, Any], stage: int, device: torch.device, overrides: list[str],
+                ds: dict[str, Any] | None = None, adam: dict[str, Any] | None = None
+                ) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(step, teardown) of the worker loop's step on a fresh DeepSpeed engine; `overrides` are config keys, `ds`
+    and `adam` tweaks of DeepSpeed's config and AdamW's arguments."""
+    from minconv_dist.train import load_config
+
+    cfg = load_config(overrides=[f"data.batch_size={size['batch']}", f"parallel.zero_stage={stage}",
+                                 "parallel.precision=bf16", "optim.warmup_steps=0", *overrides])
+    model = _model(size)
+    if cfg.model.fuse_norm:
+        model.fuse_residual_norm()
+    with tweaked(ds or {}, adam or {}):
+        engine = build_engine(cfg, model, total_steps=10**6, bf16=True)
+    _phases(engine)
+    batches, meter, k = on_device(size, device), LossMeter(device), size["T"] - size["closed"]
+    count = iter(range(1, 10**9))
+    return (lambda: meter.update(train_step(engine, next(batches), k, 0.0)[0], next(count))), engine.destroy
+
+
+NO_OVERFLOW_CHECK = {"bf16": {"check_grad_overflow": False}}
+VARIANTS: dict[str, Callable[[dict[str, Any], torch.device], tuple[Callable[[], None], Callable[[], None]]]] = {
+    "plain torch": lambda size, device: (plain_step(size, device, phases=True), lambda: None),
+    "ZeRO-0": lambda size, device: engine_step(size, 0, device, []),
+    "ZeRO-1": lambda size, device: engine_step(size, 1, device, []),
+    "ZeRO-2": lambda size, device: engine_step(size, 2, device, []),
+    "ZeRO-0, no clipping": lambda size, device: engine_step(size, 0, device, ["optim.grad_clip=0"]),
+    "ZeRO-0, fused AdamW": lambda size, device: engine_step(size, 0, device, [], adam={"fused": True}),
+    "ZeRO-1, no overflow check": lambda size, device: engine_step(size, 1, device, [], ds=NO_OVERFLOW_CHECK),
+    "ZeRO-2, no overflow check": lambda size, device: engine_step(size, 2, device, [], ds=NO_OVERFLOW_CHECK),
+    "ZeRO-2, no overflow check, fused AdamW": lambda size, device: engine_step(
+        size, 2, device, [], ds=NO_OVERFLOW_CHECK, adam={"fused": True}),
+    "ZeRO-0, fuse_norm": lambda size, device: engine_step(size, 0, device, ["model.fuse_norm=true"]),
+    "plain torch, fuse_norm": lambda size, device: (plain_step(size, device, phases=True, fuse_norm=True),
+                                                    lambda: None),
+}
+PATCHED = {"ZeRO-0, no norm check": "ZeRO-0"}
+
+
+def build(name: str, size: dict[str, Any], device: torch.device):
+    if name in PATCHED:
+        with no_norm_check():
+            step, teardown = VARIANTS[PATCHED[name]](size, device)
+
+        def patched() -> None:
+            with no_norm_check():
+                step()
+        return patched, teardown
+    return VARIANTS[name](size, device)
+
+
+def ms_per_step(step: Callable[[], None], steps: int) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps * 1e3
+
+
+def profiled(step: Callable[[], None], steps: int) -> dict[str, float]:
+    """Per step: GPU kernel ms, kernel launches, host waits, and host ms of each labelled phase."""
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    out = {"gpu_ms": sum(e.self_device_time_total for e in events) / 1e3 / steps,
+           "launches": sum(e.count for e in events if e.key in LAUNCH_CALLS) / steps,
+           "syncs": sum(e.count for e in events if e.key in SYNC_CALLS) / steps}
+    for e in events:
+        if e.key.startswith("phase."):
+            out[e.key] = e.cpu_time_total / 1e3 / steps
+    out["table"] = events.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=50)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, nargs="+", default=[4])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--variants", nargs="+", default=[*VARIANTS, *PATCHED], choices=[*VARIANTS, *PATCHED])
+    parser.add_argument("--tables", nargs="*", default=["plain torch", "ZeRO-0", "ZeRO-2", "ZeRO-2, no overflow check"],
+                        help="variants whose top host ops are printed")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA device")
+    import deepspeed
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29517")
+    deepspeed.init_distributed(dist_backend="nccl", auto_mpi_discovery=False)
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    print(f"# `{' '.join(sys.argv)}`: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, DeepSpeed "
+          f"{deepspeed.__version__}, {datetime.date.today().isoformat()}\n", flush=True)
+    for batch in args.batch:
+        size = {**Z500, "batch": batch}
+        built = {name: build(name, size, device) for name in args.variants}
+        for step, _ in built.values():
+            for _ in range(8):  # warm-up: autotuning, compilation, the optimizer's lazy state
+                step()
+        times: dict[str, list[float]] = {name: [] for name in built}
+        for _ in range(args.repeats):  # interleaved
+            for name, (step, _) in built.items():
+                times[name].append(ms_per_step(step, args.steps))
+        prof = {name: profiled(step, 10) for name, (step, _) in built.items()}
+        plain = min(times["plain torch"]) if "plain torch" in times else float("nan")
+        print(f"## z500 size (3 x 24, 16x32, T=24, 4 closed-loop), batch {batch}, bf16\n")
+        print("| variant | ms/step (best of %d x %d) | plain / this | GPU kernel ms/step | launches/step | host waits/step"
+              " | host ms: forward | backward | step |" % (args.repeats, args.steps))
+        print("|---|---|---|---|---|---|---|---|---|")
+        for name in built:
+            p, best = prof[name], min(times[name])
+            print(f"| {name} | {best:.2f} | {plain / best:.2f} | {p['gpu_ms']:.2f} | {p['launches']:.0f} | "
+                  f"{p['syncs']:.1f} | {p.get('phase.forward', float('nan')):.2f} | "
+                  f"{p.get('phase.backward', float('nan')):.2f} | {p.get('phase.step', float('nan')):.2f} |")
+        for name in args.tables:
+            if name in prof:
+                print(f"\n### top host ops, {name}, batch {batch} (10 steps)\n\n```\n{prof[name]['table']}\n```")
+        for _, teardown in built.values():
+            teardown()
+        print(flush=True)
+
+
+if __name__ == "__main__":
+    main()
