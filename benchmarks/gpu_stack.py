@@ -48,7 +48,7 @@ from benchmarks.sp_scan import sp_scan_check  # noqa: E402
 from minconv_dist.data import WindowDataset, write_synthetic_era5  # noqa: E402
 from minconv_dist.models import build_model  # noqa: E402
 from minconv_dist.train import load_config  # noqa: E402
-from minconv_dist.train.engine import build_engine  # noqa: E402
+from minconv_dist.train.engine import build_engine, resolve_precision  # noqa: E402
 from minconv_dist.train.loop import train_step  # noqa: E402
 from minconv_dist.train.meter import LossMeter  # noqa: E402
 
@@ -93,17 +93,18 @@ def _model(size: dict[str, Any]) -> torch.nn.Module:
     return model
 
 
-def _cfg(size: dict[str, Any], stage: int, bf16: bool):
+def _cfg(size: dict[str, Any], stage: int):
+    """The default config at `size`'s batch and `stage` (its precision: auto)."""
     return load_config(overrides=[f"data.batch_size={size['batch']}", f"parallel.zero_stage={stage}",
-                                  f"parallel.precision={'bf16' if bf16 else 'fp32'}", "optim.warmup_steps=0"])
+                                  "optim.warmup_steps=0"])
 
 
 def engine_rate(size: dict[str, Any], stage: int, device: torch.device, batches, warmup: int, steps: int
                 ) -> tuple[float, float]:
     """(samples/s per rank, peak GiB) of the worker loop's step on a DeepSpeed engine."""
     _free(device)
-    bf16 = device.type == "cuda"
-    engine = build_engine(_cfg(size, stage, bf16), _model(size), total_steps=10**6, bf16=bf16)
+    cfg = _cfg(size, stage)
+    engine = build_engine(cfg, _model(size), total_steps=10**6, precision=resolve_precision(cfg, device))
     meter, k = LossMeter(device), size["T"] - size["closed"]
     _free(device)
     rate = _rate(lambda i: meter.update(train_step(engine, next(batches), k, 0.0)[0], i + 1), device, warmup, steps)
@@ -213,7 +214,8 @@ def profile_table(size: dict[str, Any], device: torch.device) -> str:
         return "(no CUDA)"
     from torch.profiler import ProfilerActivity, profile
 
-    engine = build_engine(_cfg(size, 0, True), _model(size), total_steps=10**6, bf16=True)
+    cfg = _cfg(size, 0)
+    engine = build_engine(cfg, _model(size), total_steps=10**6, precision=resolve_precision(cfg, device))
     batches, k = on_device(size, device), size["T"] - size["closed"]
     for _ in range(3):
         train_step(engine, next(batches), k, 0.0)

@@ -50,9 +50,10 @@ def loads(monkeypatch) -> list[dict]:
     return seen
 
 
-@pytest.mark.parametrize("stage, precision", [(0, "fp32"), (1, "bf16"), (2, "fp32"), (3, "bf16")])
+@pytest.mark.parametrize("stage, precision", [(0, "fp32"), (1, "bf16"), (2, "fp32"), (3, "bf16"), (0, "bf16-mixed"),
+                                              (2, "bf16-mixed")])
 def test_restore_is_exact_and_loads_data_only(stage, precision, process_group, tmp_path, loads):
-    """Every file DeepSpeed wrote (ZeRO 0-3, fp32 and bf16: the classes of DEEPSPEED_CLASSES) reads back
+    """Every file DeepSpeed wrote (ZeRO 0-3, fp32, bf16 and bf16-mixed: the classes of DEEPSPEED_CLASSES) reads back
     weights-only, and the restored engine and RNG streams continue exactly as the saved ones."""
     engine = engine_for(stage, precision)
     data = batches(4)

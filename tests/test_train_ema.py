@@ -114,12 +114,14 @@ def _worker(rank: int, world: int, port: int, cases: list[tuple[int, str, int]])
 
 @pytest.mark.timeout(600)
 def test_ema_of_the_fp32_masters_at_zero_0():
-    """Whole on every rank: the module's fp32 weights, or the bf16 optimizer's fp32 copies; with gradient
-    accumulation the EMA moves once per optimizer step."""
-    mp.spawn(_worker, args=(2, free_port(), [(0, "fp32", 2), (0, "bf16", 1)]), nprocs=2, join=True)
+    """Whole on every rank: the module's fp32 weights (fp32, bf16-mixed), or the bf16 optimizer's fp32 copies; with
+    gradient accumulation the EMA moves once per optimizer step."""
+    mp.spawn(_worker, args=(2, free_port(), [(0, "fp32", 2), (0, "bf16", 1), (0, "bf16-mixed", 1)]), nprocs=2,
+             join=True)
 
 
 @pytest.mark.timeout(600)
 def test_ema_of_the_sharded_fp32_masters_at_zero_1_to_3():
     """Each rank keeps the EMA of its shard; export and validation assemble it."""
-    mp.spawn(_worker, args=(2, free_port(), [(1, "bf16", 1), (2, "fp32", 1), (3, "bf16", 1)]), nprocs=2, join=True)
+    cases = [(1, "bf16", 1), (2, "fp32", 1), (2, "bf16-mixed", 1), (3, "bf16", 1), (3, "bf16-mixed", 1)]
+    mp.spawn(_worker, args=(2, free_port(), cases), nprocs=2, join=True)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -35,7 +35,17 @@ def bucket_size(model: torch.nn.Module) -> int:
     return int(min(DEFAULT_BUCKET, max(max(sizes), sum(sizes) // 8)))
 
 
-def deepspeed_config(cfg: TrainConfig, bf16: bool, bucket: int = DEFAULT_BUCKET) -> dict[str, Any]:
+Precision = Literal["fp32", "bf16", "bf16-mixed"]
+
+
+def resolve_precision(cfg: TrainConfig, device: torch.device) -> Precision:
+    """`parallel.precision`, with auto made concrete: bf16 on a GPU, fp32 elsewhere (gloo on CPUs)."""
+    if cfg.parallel.precision != "auto":
+        return cfg.parallel.precision
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def deepspeed_config(cfg: TrainConfig, precision: Precision, bucket: int = DEFAULT_BUCKET) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": cfg.parallel.zero_stage}
     if cfg.parallel.zero_stage:
         zero.update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
@@ -47,15 +57,17 @@ def deepspeed_config(cfg: TrainConfig, bf16: bool, bucket: int = DEFAULT_BUCKET)
         "gradient_accumulation_steps": cfg.optim.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": bf16},
+        "bf16": {"enabled": precision == "bf16"},
+        "torch_autocast": {"enabled": precision == "bf16-mixed", "dtype": "bfloat16"},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
     }
 
 
-def build_engine(cfg: TrainConfig, model: torch.nn.Module, total_steps: int, bf16: bool) -> Any:
+def build_engine(cfg: TrainConfig, model: torch.nn.Module, total_steps: int, precision: Precision) -> Any:
     """AdamW (a torch optimizer: DeepSpeed would JIT-build its fused Adam) with the warm-up + cosine schedule,
-    wrapped by DeepSpeed per `cfg.parallel` (ZeRO stage, bf16 with fp32 master weights)."""
+    wrapped by DeepSpeed per `cfg.parallel` (ZeRO stage) in `precision` (bf16: bf16 weights with fp32 masters in
+    the optimizer; bf16-mixed: fp32 weights under autocast)."""
     import deepspeed
 
     o = cfg.optim
@@ -63,5 +75,5 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, total_steps: int, bf1
     optimizer_steps = max(1, total_steps // o.grad_accum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, optimizer_steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, bf16, bucket_size(model)))
+                                           config=deepspeed_config(cfg, precision, bucket_size(model)))
     return engine
