@@ -25,10 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 from benchmarks.gpu_stack import _model, on_device, plain_step  # noqa: E402
-from minconv_dist.train.engine import build_engine  # noqa: E402
+from minconv_dist.train.engine import build_engine, resolve_precision  # noqa: E402
 from minconv_dist.train.loop import train_step  # noqa: E402
 from minconv_dist.train.meter import LossMeter  # noqa: E402
 
@@ -99,7 +100,7 @@ def engine_step(size: dict[str, Any], stage: int, device: torch.device, override
     if cfg.model.fuse_norm:
         model.fuse_residual_norm()
     with tweaked(ds or {}, adam or {}):
-        engine = build_engine(cfg, model, total_steps=10**6, bf16=True)
+        engine = build_engine(cfg, model, total_steps=10**6, precision=resolve_precision(cfg, device))
     _phases(engine)
     batches, meter, k = on_device(size, device), LossMeter(device), size["T"] - size["closed"]
     count = iter(range(1, 10**9))
@@ -107,6 +108,7 @@ def engine_step(size: dict[str, Any], stage: int, device: torch.device, override
 
 
 NO_OVERFLOW_CHECK = {"bf16": {"check_grad_overflow": False}}
+MIXED = "parallel.precision=bf16-mixed"  # fp32 weights under autocast, as the plain loop (no BF16_Optimizer)
 VARIANTS: dict[str, Callable[[dict[str, Any], torch.device], tuple[Callable[[], None], Callable[[], None]]]] = {
     "plain torch": lambda size, device: (plain_step(size, device, phases=True), lambda: None),
     "ZeRO-0": lambda size, device: engine_step(size, 0, device, []),
@@ -118,6 +120,11 @@ VARIANTS: dict[str, Callable[[dict[str, Any], torch.device], tuple[Callable[[], 
     "ZeRO-2, no overflow check": lambda size, device: engine_step(size, 2, device, [], ds=NO_OVERFLOW_CHECK),
     "ZeRO-2, no overflow check, fused AdamW": lambda size, device: engine_step(
         size, 2, device, [], ds=NO_OVERFLOW_CHECK, adam={"fused": True}),
+    "ZeRO-0, bf16-mixed": lambda size, device: engine_step(size, 0, device, [MIXED]),
+    "ZeRO-1, bf16-mixed": lambda size, device: engine_step(size, 1, device, [MIXED]),
+    "ZeRO-2, bf16-mixed": lambda size, device: engine_step(size, 2, device, [MIXED]),
+    "ZeRO-0, bf16-mixed, fused AdamW": lambda size, device: engine_step(size, 0, device, [MIXED],
+                                                                       adam={"fused": True}),
     "ZeRO-0, fuse_norm": lambda size, device: engine_step(size, 0, device, ["model.fuse_norm=true"]),
     "plain torch, fuse_norm": lambda size, device: (plain_step(size, device, phases=True, fuse_norm=True),
                                                     lambda: None),
@@ -154,11 +161,14 @@ def profiled(step: Callable[[], None], steps: int) -> dict[str, float]:
             step()
         torch.cuda.synchronize()
     events = prof.key_averages()
-    out = {"gpu_ms": sum(e.self_device_time_total for e in events) / 1e3 / steps,
+    # Kernels are the device-side rows; a CPU op's "self device time" repeats its kernels', and a record_function
+    # has a device-side twin spanning its kernels: counting either would count a kernel twice.
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+    out = {"gpu_ms": sum(e.self_device_time_total for e in kernels) / 1e3 / steps,
            "launches": sum(e.count for e in events if e.key in LAUNCH_CALLS) / steps,
            "syncs": sum(e.count for e in events if e.key in SYNC_CALLS) / steps}
     for e in events:
-        if e.key.startswith("phase."):
+        if e.key.startswith("phase.") and e.device_type == DeviceType.CPU:
             out[e.key] = e.cpu_time_total / 1e3 / steps
     out["table"] = events.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=50)
     return out
@@ -170,7 +180,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--variants", nargs="+", default=[*VARIANTS, *PATCHED], choices=[*VARIANTS, *PATCHED])
-    parser.add_argument("--tables", nargs="*", default=["plain torch", "ZeRO-0", "ZeRO-2", "ZeRO-2, no overflow check"],
+    parser.add_argument("--tables", nargs="*",
+                        default=["plain torch", "ZeRO-0", "ZeRO-0, bf16-mixed", "ZeRO-2, no overflow check"],
                         help="variants whose top host ops are printed")
     args = parser.parse_args()
     if not torch.cuda.is_available():
