@@ -1,7 +1,7 @@
 """The GPU training path end to end, as a user runs it, on a local Ray head bound to 127.0.0.1:
 
-  `ray job submit -- python jobs/train_era5.py --gpu true` at ZeRO 0, 2 and 3 in bf16 (each SUCCEEDED with a
-  registered model version); forecast and evaluate from that `models:/` URI; `--resume` of a stopped run and a
+  `ray job submit -- python jobs/train_era5.py --gpu true` at ZeRO 0, 2 and 3 in bf16 (or `--precision
+  bf16-mixed`), each SUCCEEDED with a registered model version; forecast and evaluate from that `models:/` URI; `--resume` of a stopped run and a
   worker killed mid-epoch (each compared with the uninterrupted ZeRO-2 run); and `model.chunk_size` training
   at T = 8760 through the job itself. The small runs train the area-weighted loss on the embedded store's two
   prognostic variables with every forcing and its two static fields as inputs, predict tendencies, and keep an
@@ -53,15 +53,15 @@ def row(gpus: int, check: str, ok: bool, detail: str) -> bool:
 class Session:
     """One local Ray head with `gpus` GPUs (0: CPU workers) and one MLflow store / run folder under `work`."""
 
-    def __init__(self, head, gpus: int, workers: int, work: Path):
-        self.head, self.gpus, self.workers, self.work = head, gpus, workers, work
+    def __init__(self, head, gpus: int, workers: int, work: Path, precision: str):
+        self.head, self.gpus, self.workers, self.work, self.precision = head, gpus, workers, work, precision
         self.mlflow = f"sqlite:///{work}/mlflow.db"
         self.registered = f"e2e-{gpus}gpu"
 
     def settings(self, name: str, *extra: str) -> list[str]:
         gpu = self.gpus > 0
         return [f"parallel.num_workers={self.workers}", f"parallel.use_gpu={str(gpu).lower()}",
-                "parallel.precision=bf16", f"tracking.uri={self.mlflow}", f"tracking.registered_model={self.registered}",
+                f"parallel.precision={self.precision}", f"tracking.uri={self.mlflow}", f"tracking.registered_model={self.registered}",
                 f"run.storage_path={self.work}/runs", f"run.name={name}", *extra]
 
     def submit(self, sets: list[str], resume: str | None = None, wait: bool = True) -> tuple[str, str, float]:
@@ -137,7 +137,7 @@ def run_training(s: Session, small: list[str], cpu: bool) -> None:
     # the almost-fair CRPS of 2 members a window (each from its own input noise) under ZeRO-2
     _, status, sec = s.submit(s.settings("crps", *small, "parallel.zero_stage=2", "loss.kind=crps", "loss.members=2",
                                          "data.input_noise=0.05"))
-    row(n, "train ZeRO-2 bf16, `loss.kind=crps` (2 members)", status == "SUCCEEDED" and s.version("crps") is not None,
+    row(n, f"train ZeRO-2 {s.precision}, `loss.kind=crps` (2 members)", status == "SUCCEEDED" and s.version("crps") is not None,
         f"{status}, {sec:.0f} s, val_loss {s.metric('crps', 'val_loss')}, val_mse {s.metric('crps', 'val_mse')}")
     version = s.version("zero2")
     env = dict(s.head.env, MLFLOW_TRACKING_URI=s.mlflow)
@@ -157,12 +157,12 @@ def run_training(s: Session, small: list[str], cpu: bool) -> None:
 
 
 def train(s: Session, small: list[str], stage: int) -> None:
-    """One registered training run `zero{stage}` in bf16."""
+    """One registered training run `zero{stage}` in the session's precision."""
     name = f"zero{stage}"
     _, status, sec = s.submit(s.settings(name, *small, f"parallel.zero_stage={stage}"))
     version = s.version(name) if status == "SUCCEEDED" else None
     ok = status == "SUCCEEDED" and version is not None
-    row(s.gpus or s.workers, f"train ZeRO-{stage} bf16 (`ray job submit`)", ok,
+    row(s.gpus or s.workers, f"train ZeRO-{stage} {s.precision} (`ray job submit`)", ok,
         f"{status}, {sec:.0f} s, model `models:/{s.registered}/{version}`, val_loss {s.metric(name, 'val_loss')}")
 
 
@@ -227,6 +227,8 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                         help="train: ZeRO 0/2/3, forecast, evaluate; recover: resume and a killed worker; "
                              "long: the model.chunk_size job at long T (one part fits a 10-minute call)")
+    parser.add_argument("--precision", choices=["bf16", "bf16-mixed"], default="bf16",
+                        help="parallel.precision of every run (on --cpu too: autocast on the CPU)")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout still stops the Ray head (finally)
     work = Path(tempfile.mkdtemp(prefix="gpu-e2e-"))
@@ -252,7 +254,7 @@ def main() -> None:
         workers = 2 if args.cpu else gpus
         with local_ray_head(num_cpus=max(2, 4 * workers) if not args.cpu else 2, num_gpus=gpus, env=env) as head:
             row(gpus or workers, "local Ray head on 127.0.0.1", True, head.address)
-            session = Session(head, gpus, workers, work / f"g{gpus}")
+            session = Session(head, gpus, workers, work / f"g{gpus}", args.precision)
             if "train" in args.parts:
                 run_training(session, small, args.cpu)
             if "recover" in args.parts:
