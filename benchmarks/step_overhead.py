@@ -192,6 +192,10 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend="nccl", auto_mpi_discovery=False)
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
+    # `model.fuse_norm` compiles one function, whose graphs every model in this process shares: 2 ranks (window,
+    # closed-loop step) x grad mode x autocast x dtype. A run has one precision; this process holds several, which
+    # would pass Dynamo's default limit of 8 and send the later variants back to eager (as on 2026-12-05).
+    torch._dynamo.config.recompile_limit = 64
     print(f"# `{' '.join(sys.argv)}`: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, DeepSpeed "
           f"{deepspeed.__version__}, {datetime.date.today().isoformat()}\n", flush=True)
     for batch in args.batch:
