@@ -127,7 +127,9 @@ class Network(nn.Module):
     def fuse_residual_norm(self) -> None:
         """Run each layer's residual add + post-norm (and autocast's casts around them) as kernels fused by
         `torch.compile`, the rest of the network eager: 1.15x the bf16 MinConvGRU training step on an H100
-        (docs/benchmarks.md, issue 14). Same numbers up to the order of the norm's reductions."""
+        (docs/benchmarks.md, issue 14). Same numbers up to the order of the norm's reductions. Every model of a
+        process shares the compiled function's graphs (one per rank x grad mode x autocast x dtype, 4 in a run):
+        past Dynamo's recompile limit (8), later variants run eager."""
         self.residual_norm = torch.compile(residual_norm, dynamic=False)
 
     def _check(self, x: Tensor, name: str, rank: int) -> None:
