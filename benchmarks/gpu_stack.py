@@ -48,7 +48,7 @@ from benchmarks.sp_scan import sp_scan_check  # noqa: E402
 from minconv_dist.data import WindowDataset, write_synthetic_era5  # noqa: E402
 from minconv_dist.models import build_model  # noqa: E402
 from minconv_dist.train import load_config  # noqa: E402
-from minconv_dist.train.engine import build_engine, resolve_precision  # noqa: E402
+from minconv_dist.train.engine import build_engine  # noqa: E402
 from minconv_dist.train.loop import train_step  # noqa: E402
 from minconv_dist.train.meter import LossMeter  # noqa: E402
 
@@ -103,8 +103,7 @@ def engine_rate(size: dict[str, Any], stage: int, device: torch.device, batches,
                 ) -> tuple[float, float]:
     """(samples/s per rank, peak GiB) of the worker loop's step on a DeepSpeed engine."""
     _free(device)
-    cfg = _cfg(size, stage)
-    engine = build_engine(cfg, _model(size), total_steps=10**6, precision=resolve_precision(cfg, device))
+    engine = build_engine(_cfg(size, stage), _model(size), total_steps=10**6, device=device)
     meter, k = LossMeter(device), size["T"] - size["closed"]
     _free(device)
     rate = _rate(lambda i: meter.update(train_step(engine, next(batches), k, 0.0)[0], i + 1), device, warmup, steps)
@@ -214,8 +213,7 @@ def profile_table(size: dict[str, Any], device: torch.device) -> str:
         return "(no CUDA)"
     from torch.profiler import ProfilerActivity, profile
 
-    cfg = _cfg(size, 0)
-    engine = build_engine(cfg, _model(size), total_steps=10**6, precision=resolve_precision(cfg, device))
+    engine = build_engine(_cfg(size, 0), _model(size), total_steps=10**6, device=device)
     batches, k = on_device(size, device), size["T"] - size["closed"]
     for _ in range(3):
         train_step(engine, next(batches), k, 0.0)

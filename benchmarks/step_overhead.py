@@ -29,7 +29,7 @@ from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 from benchmarks.gpu_stack import _model, on_device, plain_step  # noqa: E402
-from minconv_dist.train.engine import build_engine, resolve_precision  # noqa: E402
+from minconv_dist.train.engine import build_engine  # noqa: E402
 from minconv_dist.train.loop import train_step  # noqa: E402
 from minconv_dist.train.meter import LossMeter  # noqa: E402
 
@@ -100,7 +100,7 @@ def engine_step(size: dict[str, Any], stage: int, device: torch.device, override
     if cfg.model.fuse_norm:
         model.fuse_residual_norm()
     with tweaked(ds or {}, adam or {}):
-        engine = build_engine(cfg, model, total_steps=10**6, precision=resolve_precision(cfg, device))
+        engine = build_engine(cfg, model, total_steps=10**6, device=device)
     _phases(engine)
     batches, meter, k = on_device(size, device), LossMeter(device), size["T"] - size["closed"]
     count = iter(range(1, 10**9))

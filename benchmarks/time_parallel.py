@@ -96,7 +96,7 @@ def _check(args, device: torch.device, time_split: TimeSplit, dtype: torch.dtype
     reference = copy.deepcopy(model) if dist.get_rank() == 0 else None
     floor = copy.deepcopy(model) if dist.get_rank() == 0 else None
     split = TimeSplit(time_split.index, time_split.count, T, time_split.group)
-    engine = build_engine(cfg, model, total_steps=1, precision="fp32") if dtype == torch.float32 else _Mean(model)
+    engine = build_engine(cfg, model, total_steps=1, device=device) if dtype == torch.float32 else _Mean(model)
     loss, _, _ = normalized_mse(engine, _window(T, args, device, split.frames(k)).to(dtype), k, time=split)
     engine.backward(loss)  # ZeRO-0: the gradients, averaged over the ranks, are in .grad
     grads = {n: p.grad.detach().clone() for n, p in engine.module.named_parameters()}
@@ -158,7 +158,7 @@ def _throughput(args, device: torch.device, time_split: TimeSplit | None) -> str
     torch.backends.cudnn.allow_tf32 = True
     cfg, model = _setup(args.T, args, precision)
     k = cfg.data.teacher_steps
-    engine = build_engine(cfg, model.to(device), total_steps=args.steps + 1, precision=precision)
+    engine = build_engine(cfg, model.to(device), total_steps=args.steps + 1, device=device)
     frames = time_split.frames(k) if time_split else (0, args.T + 1)
     x = _window(args.T, args, device, frames)
     if device.type == "cuda":

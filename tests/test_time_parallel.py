@@ -84,7 +84,7 @@ def _worker(rank: int, world: int, S: int, port: int, cases: list[tuple[str, int
             torch.manual_seed(0)
             model = build_network(cfg, STATS, GRID, STATIC if inputs else None)
             reference = copy.deepcopy(model)
-            engine = build_engine(cfg, model, total_steps=10, precision="fp32")
+            engine = build_engine(cfg, model, total_steps=10, device=torch.device("cpu"))
             loss, _, _ = normalized_mse(engine, mine, k, time=time, forcings=forcings)
             engine.backward(loss)
             grads = {n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()}

@@ -72,7 +72,7 @@ def engine_for(stage: int, precision: str, lr: float = 1e-2, *overrides: str):
     torch.manual_seed(0)
     model = build_model("minconvgru", ["z"], 4, 2, padding="circular", grid=(8, 8))
     model.normalizer.set_stats([0.5], [2.0])
-    return build_engine(cfg, model, total_steps=10, precision=precision)
+    return build_engine(cfg, model, total_steps=10, device=torch.device("cpu"))
 
 
 def batches(n: int) -> list[torch.Tensor]:
@@ -166,7 +166,7 @@ def test_fused_residual_norm_trains_as_the_eager_network(process_group):
         torch.manual_seed(0)
         model = build_network(cfg, NormStats(["z"], [0.5], [2.0]), (8, 8))
         assert (model.residual_norm is not residual_norm) == fuse
-        engine = build_engine(cfg, model, total_steps=10, precision="fp32")
+        engine = build_engine(cfg, model, total_steps=10, device=torch.device("cpu"))
         losses = [train_step(engine, x, 4, 0.0)[0].item() for x in batches(3)]
         runs[fuse] = losses, {k: v.clone() for k, v in engine.module.state_dict().items()}
     torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-5, atol=0)

@@ -64,16 +64,16 @@ def deepspeed_config(cfg: TrainConfig, precision: Precision, bucket: int = DEFAU
     }
 
 
-def build_engine(cfg: TrainConfig, model: torch.nn.Module, total_steps: int, precision: Precision) -> Any:
+def build_engine(cfg: TrainConfig, model: torch.nn.Module, total_steps: int, device: torch.device) -> Any:
     """AdamW (a torch optimizer: DeepSpeed would JIT-build its fused Adam) with the warm-up + cosine schedule,
-    wrapped by DeepSpeed per `cfg.parallel` (ZeRO stage) in `precision` (bf16: bf16 weights with fp32 masters in
-    the optimizer; bf16-mixed: fp32 weights under autocast)."""
+    wrapped by DeepSpeed per `cfg.parallel`: the ZeRO stage, and the precision on `device` (bf16: bf16 weights
+    with fp32 masters in the optimizer; bf16-mixed: fp32 weights under autocast)."""
     import deepspeed
 
     o = cfg.optim
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
     optimizer_steps = max(1, total_steps // o.grad_accum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, optimizer_steps))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, precision, bucket_size(model)))
+    config = deepspeed_config(cfg, resolve_precision(cfg, device), bucket_size(model))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
     return engine

@@ -39,7 +39,7 @@ from minconv_dist.train.carry import Carry
 from minconv_dist.train.config import TrainConfig, build_config
 from minconv_dist.train.datasets import build_network, window_dataset
 from minconv_dist.train.ema import WeightEMA
-from minconv_dist.train.engine import build_engine, resolve_precision
+from minconv_dist.train.engine import build_engine
 from minconv_dist.train.losses import PLAIN_MSE, LossWeights, WeightedMSE, training_loss
 from minconv_dist.train.meter import LossMeter
 from minconv_dist.train.metric_logger import MetricLogger
@@ -244,7 +244,7 @@ def _train(loop_config: dict[str, Any], closing: ExitStack) -> None:
     steps_per_epoch = loop_config["steps_per_epoch"]
     last_step = cfg.optim.epochs * steps_per_epoch
     engine = build_engine(cfg, build_network(cfg, stats, train_ds.grid, loop_config.get("static")), last_step,
-                          resolve_precision(cfg, device))
+                          device)
     loss = training_loss(cfg, LossWeights(**loop_config["loss_weights"]), device)
     val_noise = d.input_noise if loss.members > 1 else 0.0  # an ensemble is validated as one
     ema = WeightEMA(engine, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
