@@ -1,7 +1,7 @@
 """The GPU training path end to end, as a user runs it, on a local Ray head bound to 127.0.0.1:
 
-  `ray job submit -- python jobs/train_era5.py --gpu true` at ZeRO 0, 2 and 3 in bf16 (or `--precision
-  bf16-mixed`), each SUCCEEDED with a registered model version; forecast and evaluate from that `models:/` URI;
+  `ray job submit -- python jobs/train_era5.py --gpu true` at ZeRO 0, 2 and 3 in the default precision (auto:
+  bf16-mixed on a GPU; or `--precision bf16|bf16-mixed`), each SUCCEEDED with a registered model version; forecast and evaluate from that `models:/` URI;
   `--resume` of a stopped run and a worker killed mid-epoch (each compared with the uninterrupted ZeRO-2 run); and
   `model.chunk_size` training at T = 8760 through the job itself. The small runs train the area-weighted loss on
   the embedded store's two prognostic variables with every forcing and its two static fields as inputs, predict
@@ -228,8 +228,9 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                         help="train: ZeRO 0/2/3, forecast, evaluate; recover: resume and a killed worker; "
                              "long: the model.chunk_size job at long T (one part fits a 10-minute call)")
-    parser.add_argument("--precision", choices=["bf16", "bf16-mixed"], default="bf16",
-                        help="parallel.precision of every run (on --cpu too: autocast on the CPU)")
+    parser.add_argument("--precision", choices=["auto", "bf16", "bf16-mixed"], default="auto",
+                        help="parallel.precision of every run (auto: bf16-mixed on a GPU, fp32 on --cpu; the others "
+                             "on --cpu too, under autocast on the CPU)")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout still stops the Ray head (finally)
     work = Path(tempfile.mkdtemp(prefix="gpu-e2e-"))

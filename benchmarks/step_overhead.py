@@ -1,13 +1,14 @@
 """Where a small training step's time goes (issue 25, item 2): the worker loop's step on a DeepSpeed engine
-(ZeRO 0/1/2, bf16) against the plain torch loop of `benchmarks/gpu_stack.py`, at the paper's z500 size, on one
-GPU, in one process (a world of 1, NCCL; no Ray, which adds nothing inside a step).
+(ZeRO 0/1/2, built as a run builds it) against the plain torch loop of `benchmarks/gpu_stack.py`, at the paper's
+z500 size, on one GPU, in one process (a world of 1, NCCL; no Ray, which adds nothing inside a step).
 
 For each variant: ms per step (best of interleaved repeats), then over profiled steps the GPU's kernel time per
 step, and per step the kernel launches, the host waits on the device (stream/device/event synchronisations) and
-the host time of the forward, backward and optimizer step. Diagnostic variants switch one suspect off (clipping,
-the invalid-norm check's host sync) to price it; they are not configurations a run can take.
+the host time of the forward, backward and optimizer step. `--sync-sites` lists where a variant's host waits
+come from. Diagnostic variants change one thing (the precision, clipping, a DeepSpeed setting) to price it;
+"before" is the engine as built until 2026-12-06.
 
-    python benchmarks/step_overhead.py [--batch 4] [--steps 40] [--repeats 3] [--variants ...]
+    python benchmarks/step_overhead.py [--batch 4] [--steps 40] [--repeats 3] [--variants ...] [--sync-sites ...]
 """
 from __future__ import annotations
 
@@ -36,21 +37,6 @@ from minconv_dist.train.meter import LossMeter  # noqa: E402
 Z500 = {"layers": 3, "hidden": 24, "grid": (16, 32), "T": 24, "closed": 4, "batch": 4}
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
-
-
-@contextlib.contextmanager
-def no_norm_check() -> Iterator[None]:
-    """DeepSpeed's optimizers read the gradient norm's finiteness on the host every step (`is_invalid_grad_norm`:
-    a device->host copy, so the host waits for the backward). Diagnostic only: report every norm as valid."""
-    import deepspeed.runtime.bf16_optimizer as bf16
-    import deepspeed.runtime.zero.stage_1_and_2 as zero12
-
-    saved = bf16.is_invalid_grad_norm, zero12.is_invalid_grad_norm
-    bf16.is_invalid_grad_norm = zero12.is_invalid_grad_norm = lambda norm: False
-    try:
-        yield
-    finally:
-        bf16.is_invalid_grad_norm, zero12.is_invalid_grad_norm = saved
 
 
 def _phases(engine: Any) -> None:
@@ -88,60 +74,69 @@ def tweaked(ds: dict[str, Any], adam: dict[str, Any]) -> Iterator[None]:
 
 
 def engine_step(size: dict[str, Any], stage: int, device: torch.device, overrides: list[str],
-                ds: dict[str, Any] | None = None, adam: dict[str, Any] | None = None
-                ) -> tuple[Callable[[], None], Callable[[], None]]:
-    """(step, teardown) of the worker loop's step on a fresh DeepSpeed engine; `overrides` are config keys, `ds`
-    and `adam` tweaks of DeepSpeed's config and AdamW's arguments."""
+                ds: dict[str, Any] | None = None, adam: dict[str, Any] | None = None,
+                alter: Callable[[Any], None] | None = None) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(step, teardown) of the worker loop's step on a fresh DeepSpeed engine built as a run builds it; `overrides`
+    are config keys, `ds` and `adam` tweaks of DeepSpeed's config and AdamW's arguments, `alter` a change of the
+    built engine."""
     from minconv_dist.train import load_config
 
     cfg = load_config(overrides=[f"data.batch_size={size['batch']}", f"parallel.zero_stage={stage}",
-                                 "parallel.precision=bf16", "optim.warmup_steps=0", *overrides])
+                                 "optim.warmup_steps=0", *overrides])
     model = _model(size)
     if cfg.model.fuse_norm:
         model.fuse_residual_norm()
     with tweaked(ds or {}, adam or {}):
         engine = build_engine(cfg, model, total_steps=10**6, device=device)
+    if alter is not None:
+        alter(engine)
     _phases(engine)
     batches, meter, k = on_device(size, device), LossMeter(device), size["T"] - size["closed"]
     count = iter(range(1, 10**9))
     return (lambda: meter.update(train_step(engine, next(batches), k, 0.0)[0], next(count))), engine.destroy
 
 
+def one_rank_all_reduce(engine: Any) -> None:
+    """Put back ZeRO-0's all-reduce of the gradients after each backward, which `build_engine` drops in a world
+    of one rank (where it copies every gradient)."""
+    engine.enable_backward_allreduce = True
+
+
+BF16 = "parallel.precision=bf16"  # bf16 weights (at ZeRO-0 DeepSpeed's fp16 optimizer; at 1/2 its ZeRO one)
+CONTIGUOUS = {"zero_optimization": {"contiguous_gradients": True}}
 NO_OVERFLOW_CHECK = {"bf16": {"check_grad_overflow": False}}
-MIXED = "parallel.precision=bf16-mixed"  # fp32 weights under autocast, as the plain loop (no BF16_Optimizer)
+FOREACH = {"fused": False}
+
+
+def before(stage: int) -> Callable[[dict[str, Any], torch.device], tuple[Callable[[], None], Callable[[], None]]]:
+    """The engine as built until 2026-12-06: bf16 weights, foreach AdamW, contiguous gradients at ZeRO-1/2, the
+    all-reduce over one rank at ZeRO-0."""
+    return lambda size, device: engine_step(size, stage, device, [BF16], ds=CONTIGUOUS if stage else None,
+                                            adam=FOREACH, alter=one_rank_all_reduce if stage == 0 else None)
+
+
+# "ZeRO-k": the default config (precision auto: bf16-mixed on a GPU). Diagnostic variants change one thing.
 VARIANTS: dict[str, Callable[[dict[str, Any], torch.device], tuple[Callable[[], None], Callable[[], None]]]] = {
     "plain torch": lambda size, device: (plain_step(size, device, phases=True), lambda: None),
     "ZeRO-0": lambda size, device: engine_step(size, 0, device, []),
     "ZeRO-1": lambda size, device: engine_step(size, 1, device, []),
     "ZeRO-2": lambda size, device: engine_step(size, 2, device, []),
+    "ZeRO-0, before": before(0),
+    "ZeRO-1, before": before(1),
+    "ZeRO-2, before": before(2),
+    "ZeRO-0, bf16": lambda size, device: engine_step(size, 0, device, [BF16]),
+    "ZeRO-1, bf16": lambda size, device: engine_step(size, 1, device, [BF16]),
+    "ZeRO-2, bf16": lambda size, device: engine_step(size, 2, device, [BF16]),
+    "ZeRO-0, 1-rank all-reduce": lambda size, device: engine_step(size, 0, device, [], alter=one_rank_all_reduce),
+    "ZeRO-0, foreach AdamW": lambda size, device: engine_step(size, 0, device, [], adam=FOREACH),
     "ZeRO-0, no clipping": lambda size, device: engine_step(size, 0, device, ["optim.grad_clip=0"]),
-    "ZeRO-0, fused AdamW": lambda size, device: engine_step(size, 0, device, [], adam={"fused": True}),
-    "ZeRO-1, no overflow check": lambda size, device: engine_step(size, 1, device, [], ds=NO_OVERFLOW_CHECK),
-    "ZeRO-2, no overflow check": lambda size, device: engine_step(size, 2, device, [], ds=NO_OVERFLOW_CHECK),
-    "ZeRO-2, no overflow check, fused AdamW": lambda size, device: engine_step(
-        size, 2, device, [], ds=NO_OVERFLOW_CHECK, adam={"fused": True}),
-    "ZeRO-0, bf16-mixed": lambda size, device: engine_step(size, 0, device, [MIXED]),
-    "ZeRO-1, bf16-mixed": lambda size, device: engine_step(size, 1, device, [MIXED]),
-    "ZeRO-2, bf16-mixed": lambda size, device: engine_step(size, 2, device, [MIXED]),
-    "ZeRO-0, bf16-mixed, fused AdamW": lambda size, device: engine_step(size, 0, device, [MIXED],
-                                                                       adam={"fused": True}),
+    "ZeRO-2, contiguous gradients": lambda size, device: engine_step(size, 2, device, [], ds=CONTIGUOUS),
+    "ZeRO-2, bf16, no overflow check": lambda size, device: engine_step(size, 2, device, [BF16],
+                                                                        ds=NO_OVERFLOW_CHECK),
     "ZeRO-0, fuse_norm": lambda size, device: engine_step(size, 0, device, ["model.fuse_norm=true"]),
     "plain torch, fuse_norm": lambda size, device: (plain_step(size, device, phases=True, fuse_norm=True),
                                                     lambda: None),
 }
-PATCHED = {"ZeRO-0, no norm check": "ZeRO-0"}
-
-
-def build(name: str, size: dict[str, Any], device: torch.device):
-    if name in PATCHED:
-        with no_norm_check():
-            step, teardown = VARIANTS[PATCHED[name]](size, device)
-
-        def patched() -> None:
-            with no_norm_check():
-                step()
-        return patched, teardown
-    return VARIANTS[name](size, device)
 
 
 def ms_per_step(step: Callable[[], None], steps: int) -> float:
@@ -174,15 +169,47 @@ def profiled(step: Callable[[], None], steps: int) -> dict[str, float]:
     return out
 
 
+def sync_sites(step: Callable[[], None], steps: int = 3) -> list[tuple[int, str]]:
+    """Where the host waits on the device, per step: torch's sync debug mode warns at each synchronising op (an
+    .item(), a pageable host->device copy, a bool of a device tensor); each warning's Python stack is reduced to
+    its innermost frames outside torch. Explicit `torch.cuda.synchronize()` calls are not flagged."""
+    import collections
+    import traceback
+    import warnings
+
+    sites: collections.Counter[str] = collections.Counter()
+    shown = warnings.showwarning
+
+    def record(message, category, filename, lineno, file=None, line=None) -> None:
+        frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename
+                  and "warnings.py" not in f.filename]
+        sites[" < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames[-3:][::-1])] += 1
+
+    torch.cuda.synchronize()
+    warnings.showwarning = record
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            for _ in range(steps):
+                step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = shown
+    return [(count / steps, site) for site, count in sites.most_common()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, nargs="+", default=[4])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--variants", nargs="+", default=[*VARIANTS, *PATCHED], choices=[*VARIANTS, *PATCHED])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--tables", nargs="*",
-                        default=["plain torch", "ZeRO-0", "ZeRO-0, bf16-mixed", "ZeRO-2, no overflow check"],
+                        default=["plain torch", "ZeRO-0", "ZeRO-2"],
                         help="variants whose top host ops are printed")
+    parser.add_argument("--sync-sites", nargs="*", default=[], help="variants whose synchronising calls are listed")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA device")
@@ -200,7 +227,7 @@ def main() -> None:
           f"{deepspeed.__version__}, {datetime.date.today().isoformat()}\n", flush=True)
     for batch in args.batch:
         size = {**Z500, "batch": batch}
-        built = {name: build(name, size, device) for name in args.variants}
+        built = {name: VARIANTS[name](size, device) for name in args.variants}
         for step, _ in built.values():
             for _ in range(8):  # warm-up: autotuning, compilation, the optimizer's lazy state
                 step()
@@ -210,7 +237,7 @@ def main() -> None:
                 times[name].append(ms_per_step(step, args.steps))
         prof = {name: profiled(step, 10) for name, (step, _) in built.items()}
         plain = min(times["plain torch"]) if "plain torch" in times else float("nan")
-        print(f"## z500 size (3 x 24, 16x32, T=24, 4 closed-loop), batch {batch}, bf16\n")
+        print(f"## z500 size (3 x 24, 16x32, T=24, 4 closed-loop), batch {batch}\n")
         print("| variant | ms/step (best of %d x %d) | plain / this | GPU kernel ms/step | launches/step | host waits/step"
               " | host ms: forward | backward | step |" % (args.repeats, args.steps))
         print("|---|---|---|---|---|---|---|---|---|")
@@ -222,6 +249,11 @@ def main() -> None:
         for name in args.tables:
             if name in prof:
                 print(f"\n### top host ops, {name}, batch {batch} (10 steps)\n\n```\n{prof[name]['table']}\n```")
+        for name in args.sync_sites:
+            if name in built:
+                print(f"\n### where {name} waits on the device, batch {batch} (per step)\n")
+                for count, site in sync_sites(built[name][0]):
+                    print(f"- {count:.1f} x {site}")
         for _, teardown in built.values():
             teardown()
         print(flush=True)

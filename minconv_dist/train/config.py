@@ -233,7 +233,7 @@ class ParallelConfig:
     gpus_per_worker: Annotated[float, Bounds(gt=0)] = 1.0
     zero_stage: Literal[0, 1, 2, 3] = 0
     # bf16: bf16 weights and activations, fp32 masters in the optimizer (DeepSpeed's bf16); bf16-mixed: fp32
-    # weights, bf16 compute under torch.autocast (DeepSpeed's torch_autocast). auto: bf16 on GPU, fp32 on CPU
+    # weights, bf16 compute under torch.autocast (DeepSpeed's torch_autocast). auto: bf16-mixed on GPU, fp32 on CPU
     precision: Literal["auto", "fp32", "bf16", "bf16-mixed"] = "auto"
     max_failures: Annotated[int, Bounds(ge=-1)] = 2  # -1: retry forever
     allow_autoscale: bool = False  # True: do not refuse a request larger than the cluster is now

@@ -39,16 +39,26 @@ Precision = Literal["fp32", "bf16", "bf16-mixed"]
 
 
 def resolve_precision(cfg: TrainConfig, device: torch.device) -> Precision:
-    """`parallel.precision`, with auto made concrete: bf16 on a GPU, fp32 elsewhere (gloo on CPUs)."""
+    """`parallel.precision`, with auto made concrete: bf16-mixed on a GPU, fp32 elsewhere (gloo on CPUs).
+
+    bf16-mixed (fp32 weights, bf16 compute under autocast) rather than bf16 weights: at ZeRO-0 DeepSpeed wraps a
+    torch optimizer over bf16 weights in its fp16 optimizer, which reads an overflow flag on the host for each
+    parameter every step (16 of the 23 waits of a z500-size step, docs/benchmarks.md) and accumulates gradients
+    in bf16; and fp32 weights, gradients and Adam moments take 16 bytes a parameter against bf16's 18-20."""
     if cfg.parallel.precision != "auto":
         return cfg.parallel.precision
-    return "bf16" if device.type == "cuda" else "fp32"
+    return "bf16-mixed" if device.type == "cuda" else "fp32"
 
 
 def deepspeed_config(cfg: TrainConfig, precision: Precision, bucket: int = DEFAULT_BUCKET) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": cfg.parallel.zero_stage}
     if cfg.parallel.zero_stage:
         zero.update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
+    if cfg.parallel.zero_stage in (1, 2):
+        # Copying each gradient into the reduce bucket as it is made (the default) costs a hook call per parameter
+        # on the host: 0.67 -> 0.82 of the plain step at ZeRO-1, the z500 size (docs/benchmarks.md). It saves
+        # fragmentation, which models of this size do not feel.
+        zero.update(contiguous_gradients=False)
     if cfg.parallel.zero_stage == 3:  # gathered parameters and the optimizer's fp32 working set: one bucket
         zero.update(stage3_prefetch_bucket_size=bucket, stage3_max_live_parameters=bucket,
                     stage3_max_reuse_distance=bucket, sub_group_size=bucket)
@@ -65,15 +75,21 @@ def deepspeed_config(cfg: TrainConfig, precision: Precision, bucket: int = DEFAU
 
 
 def build_engine(cfg: TrainConfig, model: torch.nn.Module, total_steps: int, device: torch.device) -> Any:
-    """AdamW (a torch optimizer: DeepSpeed would JIT-build its fused Adam) with the warm-up + cosine schedule,
+    """AdamW (torch's, fused on a GPU: DeepSpeed would JIT-build its own) with the warm-up + cosine schedule,
     wrapped by DeepSpeed per `cfg.parallel`: the ZeRO stage, and the precision on `device` (bf16: bf16 weights
     with fp32 masters in the optimizer; bf16-mixed: fp32 weights under autocast)."""
     import deepspeed
+    import torch.distributed as dist
 
     o = cfg.optim
-    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
+                                  fused=device.type == "cuda" or None)
     optimizer_steps = max(1, total_steps // o.grad_accum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, optimizer_steps))
     config = deepspeed_config(cfg, resolve_precision(cfg, device), bucket_size(model))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    if cfg.parallel.zero_stage == 0 and dist.get_world_size() == 1:
+        # ZeRO-0 all-reduces the gradients after each backward; over one rank that is a copy of every gradient.
+        # (At ZeRO-1/2 the same call finishes the optimizer's gradient partitions, so it stays.)
+        engine.enable_backward_allreduce = False
     return engine
