@@ -74,11 +74,10 @@ def tweaked(ds: dict[str, Any], adam: dict[str, Any]) -> Iterator[None]:
 
 
 def engine_step(size: dict[str, Any], stage: int, device: torch.device, overrides: list[str],
-                ds: dict[str, Any] | None = None, adam: dict[str, Any] | None = None,
-                alter: Callable[[Any], None] | None = None) -> tuple[Callable[[], None], Callable[[], None]]:
+                ds: dict[str, Any] | None = None, adam: dict[str, Any] | None = None
+                ) -> tuple[Callable[[], None], Callable[[], None]]:
     """(step, teardown) of the worker loop's step on a fresh DeepSpeed engine built as a run builds it; `overrides`
-    are config keys, `ds` and `adam` tweaks of DeepSpeed's config and AdamW's arguments, `alter` a change of the
-    built engine."""
+    are config keys, `ds` and `adam` tweaks of DeepSpeed's config and AdamW's arguments."""
     from minconv_dist.train import load_config
 
     cfg = load_config(overrides=[f"data.batch_size={size['batch']}", f"parallel.zero_stage={stage}",
@@ -88,18 +87,10 @@ def engine_step(size: dict[str, Any], stage: int, device: torch.device, override
         model.fuse_residual_norm()
     with tweaked(ds or {}, adam or {}):
         engine = build_engine(cfg, model, total_steps=10**6, device=device)
-    if alter is not None:
-        alter(engine)
     _phases(engine)
     batches, meter, k = on_device(size, device), LossMeter(device), size["T"] - size["closed"]
     count = iter(range(1, 10**9))
     return (lambda: meter.update(train_step(engine, next(batches), k, 0.0)[0], next(count))), engine.destroy
-
-
-def one_rank_all_reduce(engine: Any) -> None:
-    """Put back ZeRO-0's all-reduce of the gradients after each backward, which `build_engine` drops in a world
-    of one rank (where it copies every gradient)."""
-    engine.enable_backward_allreduce = True
 
 
 BF16 = "parallel.precision=bf16"  # bf16 weights (at ZeRO-0 DeepSpeed's fp16 optimizer; at 1/2 its ZeRO one)
@@ -109,10 +100,9 @@ FOREACH = {"fused": False}
 
 
 def before(stage: int) -> Callable[[dict[str, Any], torch.device], tuple[Callable[[], None], Callable[[], None]]]:
-    """The engine as built until 2026-12-06: bf16 weights, foreach AdamW, contiguous gradients at ZeRO-1/2, the
-    all-reduce over one rank at ZeRO-0."""
+    """The engine as built until 2026-12-06: bf16 weights, foreach AdamW, contiguous gradients at ZeRO-1/2."""
     return lambda size, device: engine_step(size, stage, device, [BF16], ds=CONTIGUOUS if stage else None,
-                                            adam=FOREACH, alter=one_rank_all_reduce if stage == 0 else None)
+                                            adam=FOREACH)
 
 
 # "ZeRO-k": the default config (precision auto: bf16-mixed on a GPU). Diagnostic variants change one thing.
@@ -127,7 +117,6 @@ VARIANTS: dict[str, Callable[[dict[str, Any], torch.device], tuple[Callable[[], 
     "ZeRO-0, bf16": lambda size, device: engine_step(size, 0, device, [BF16]),
     "ZeRO-1, bf16": lambda size, device: engine_step(size, 1, device, [BF16]),
     "ZeRO-2, bf16": lambda size, device: engine_step(size, 2, device, [BF16]),
-    "ZeRO-0, 1-rank all-reduce": lambda size, device: engine_step(size, 0, device, [], alter=one_rank_all_reduce),
     "ZeRO-0, foreach AdamW": lambda size, device: engine_step(size, 0, device, [], adam=FOREACH),
     "ZeRO-0, no clipping": lambda size, device: engine_step(size, 0, device, ["optim.grad_clip=0"]),
     "ZeRO-2, contiguous gradients": lambda size, device: engine_step(size, 2, device, [], ds=CONTIGUOUS),

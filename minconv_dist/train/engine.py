@@ -79,17 +79,12 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, total_steps: int, dev
     wrapped by DeepSpeed per `cfg.parallel`: the ZeRO stage, and the precision on `device` (bf16: bf16 weights
     with fp32 masters in the optimizer; bf16-mixed: fp32 weights under autocast)."""
     import deepspeed
-    import torch.distributed as dist
 
     o = cfg.optim
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
-                                  fused=device.type == "cuda" or None)
+                                  fused=True if device.type == "cuda" else None)
     optimizer_steps = max(1, total_steps // o.grad_accum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, optimizer_steps))
     config = deepspeed_config(cfg, resolve_precision(cfg, device), bucket_size(model))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
-    if cfg.parallel.zero_stage == 0 and dist.get_world_size() == 1:
-        # ZeRO-0 all-reduces the gradients after each backward; over one rank that is a copy of every gradient.
-        # (At ZeRO-1/2 the same call finishes the optimizer's gradient partitions, so it stays.)
-        engine.enable_backward_allreduce = False
     return engine
