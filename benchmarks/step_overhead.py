@@ -96,7 +96,7 @@ def engine_step(size: dict[str, Any], stage: int, device: torch.device, override
 BF16 = "parallel.precision=bf16"  # bf16 weights (at ZeRO-0 DeepSpeed's fp16 optimizer; at 1/2 its ZeRO one)
 CONTIGUOUS = {"zero_optimization": {"contiguous_gradients": True}}
 NO_OVERFLOW_CHECK = {"bf16": {"check_grad_overflow": False}}
-FOREACH = {"fused": False}
+FOREACH = {"fused": None}  # torch's default on a GPU (foreach); fused=False would mean its per-tensor loop
 
 
 def before(stage: int) -> Callable[[dict[str, Any], torch.device], tuple[Callable[[], None], Callable[[], None]]]:
