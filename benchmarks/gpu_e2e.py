@@ -1,13 +1,13 @@
 """The GPU training path end to end, as a user runs it, on a local Ray head bound to 127.0.0.1:
 
   `ray job submit -- python jobs/train_era5.py --gpu true` at ZeRO 0, 2 and 3 in the default precision (auto:
-  bf16-mixed on a GPU; or `--precision bf16|bf16-mixed`), each SUCCEEDED with a registered model version; forecast and evaluate from that `models:/` URI;
-  `--resume` of a stopped run and a worker killed mid-epoch (each compared with the uninterrupted ZeRO-2 run); and
-  `model.chunk_size` training at T = 8760 through the job itself. The small runs train the area-weighted loss on
-  the embedded store's two prognostic variables with every forcing and its two static fields as inputs, predict
-  tendencies, and keep an EMA of the weights (validated and registered), so training, registration, forecast,
-  evaluation and the recovery checks cover them all; one more ZeRO-2 run trains the CRPS loss of a 2-member
-  ensemble.
+  bf16-mixed on a GPU; or `--precision bf16|bf16-mixed`), each SUCCEEDED with a registered model version; forecast
+  and evaluate from that `models:/` URI; `--resume` of a stopped run and a worker killed mid-epoch (each compared
+  with the uninterrupted ZeRO-2 run); and `model.chunk_size` training at T = 8760 through the job itself. The small
+  runs train the area-weighted loss on the embedded store's two prognostic variables with every forcing and its two
+  static fields as inputs, predict tendencies, and keep an EMA of the weights (validated and registered), so
+  training, registration, forecast, evaluation and the recovery checks cover them all; one more ZeRO-2 run trains
+  the CRPS loss of a 2-member ensemble.
 
     python benchmarks/gpu_e2e.py --gpus 1 2        # on the GPU machine (see benchmarks/gpu_e2e.sh)
     python benchmarks/gpu_e2e.py --cpu             # the same steps on 2 gloo CPU workers, small (smoke test)

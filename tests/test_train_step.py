@@ -4,6 +4,7 @@ are the fp32 masters.
 """
 from __future__ import annotations
 
+import copy
 import glob
 
 import pytest
@@ -70,10 +71,15 @@ def engine_for(stage: int, precision: str, lr: float = 1e-2, *overrides: str):
     cfg = load_config(overrides=["data.batch_size=2", f"parallel.zero_stage={stage}",
                                  f"parallel.precision={precision}", f"optim.lr={lr}", "optim.warmup_steps=0",
                                  "optim.grad_clip=0", *overrides])
+    return build_engine(cfg, tiny_model(), total_steps=10, device=torch.device("cpu"))
+
+
+def tiny_model() -> torch.nn.Module:
+    """A 2-layer MinConvGRU on an 8x8 grid, its weights from seed 0."""
     torch.manual_seed(0)
     model = build_model("minconvgru", ["z"], 4, 2, padding="circular", grid=(8, 8))
     model.normalizer.set_stats([0.5], [2.0])
-    return build_engine(cfg, model, total_steps=10, device=torch.device("cpu"))
+    return model
 
 
 def batches(n: int) -> list[torch.Tensor]:
@@ -99,12 +105,9 @@ def test_one_rank_engine_steps_as_plain_torch(stage, process_group):
     reduction order); a 1% larger learning rate in the plain loop is about 100 times further off."""
     cfg = load_config(overrides=["data.batch_size=2", f"parallel.zero_stage={stage}", "parallel.precision=fp32",
                                  "optim.lr=1e-2", "optim.warmup_steps=2", "optim.grad_clip=0.05"])
-    torch.manual_seed(0)
-    model = build_model("minconvgru", ["z"], 4, 2, padding="circular", grid=(8, 8))
-    model.normalizer.set_stats([0.5], [2.0])
+    model = tiny_model()
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
-    plain = Bare(build_model("minconvgru", ["z"], 4, 2, padding="circular", grid=(8, 8)))
-    plain.module.load_state_dict(model.state_dict())
+    plain = Bare(copy.deepcopy(model))
     o = cfg.optim
     optimizer = torch.optim.AdamW(plain.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, 10))
